@@ -1,0 +1,1 @@
+"""Compute-node side of orch: the training job and its components."""

@@ -1,0 +1,170 @@
+"""The run registry. A run directory is the single source of truth for a run:
+
+    run.json       what was asked (id, profile, recipe, steps) - written once by `orch submit`
+    profile.yaml   the resolved profile, recipe.yaml the resolved recipe
+    jobs.json      the scheduler jobs of this run, oldest first - written by the orchestrator
+    progress.json  the job's heartbeat (state, step, loss, checkpoint, MLflow run id) - written by rank 0
+
+Each file has one writer and is replaced atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import OrchError
+
+TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+
+def orch_home() -> Path:
+    return Path(os.environ.get("ORCH_HOME") or Path.home() / ".orch").expanduser().resolve()
+
+
+def runs_root() -> Path:
+    return orch_home() / "runs"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+def new_run_id(recipe: str) -> str:
+    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A handle on one run directory."""
+
+    dir: Path
+
+    @property
+    def id(self) -> str:
+        return self.dir.name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return read_json(self.dir / "run.json", {})
+
+    @property
+    def jobs(self) -> list[dict[str, Any]]:
+        return read_json(self.dir / "jobs.json", [])
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return read_json(self.dir / "progress.json", {})
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.dir / "submitit"
+
+    def add_job(self, job_id: str, executor: str) -> None:
+        jobs = self.jobs + [{"job_id": job_id, "executor": executor, "submitted": time.time()}]
+        write_json_atomic(self.dir / "jobs.json", jobs)
+
+    def state(self) -> str:
+        """queued, running, completed, failed or cancelled; a job that vanished mid-run counts as failed."""
+        reported = self.progress.get("state")
+        if reported in TERMINAL_STATES:
+            return reported
+        jobs = self.jobs
+        if jobs and job_alive(jobs[-1]):
+            return reported or "queued"
+        return "failed" if jobs else "queued"
+
+    def summary(self) -> dict[str, Any]:
+        info, progress = self.info, self.progress
+        return {
+            "run_id": self.id,
+            "state": self.state(),
+            "step": progress.get("step", 0),
+            "steps": info.get("steps"),
+            "loss": progress.get("loss"),
+            "tokens_per_s": progress.get("tokens_per_s"),
+            "last_checkpoint_step": progress.get("last_checkpoint_step"),
+            "mlflow_run_id": progress.get("mlflow_run_id"),
+            "job_ids": [job["job_id"] for job in self.jobs],
+            "run_dir": str(self.dir),
+            "profile": info.get("profile"),
+            "recipe": info.get("recipe"),
+            "created": info.get("created"),
+            "error": progress.get("error"),
+        }
+
+
+def job_alive(job: dict[str, Any]) -> bool:
+    """Ask the scheduler (or the OS, for local jobs) whether a job is still queued or running."""
+    if job["executor"] == "local":
+        try:
+            os.kill(int(job["job_id"]), 0)
+        except ProcessLookupError:
+            return False
+        return not _is_zombie(int(job["job_id"]))
+    out = subprocess.run(
+        ["squeue", "--noheader", "--jobs", job["job_id"], "--format=%T"], capture_output=True, text=True
+    )
+    return bool(out.stdout.strip())
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def create_run(run_id: str, info: dict[str, Any], profile_yaml: str, recipe_yaml: str) -> Run:
+    run = Run(runs_root() / run_id)
+    run.dir.mkdir(parents=True, exist_ok=False)
+    (run.dir / "profile.yaml").write_text(profile_yaml)
+    (run.dir / "recipe.yaml").write_text(recipe_yaml)
+    write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})
+    return run
+
+
+def all_runs() -> list[Run]:
+    root = runs_root()
+    if not root.is_dir():
+        return []
+    runs = [Run(d) for d in root.iterdir() if (d / "run.json").is_file()]
+    return sorted(runs, key=lambda r: r.info.get("created", 0))
+
+
+def get_run(run_id: str) -> Run:
+    run = Run(runs_root() / run_id)
+    if not (run.dir / "run.json").is_file():
+        known = [r.id for r in all_runs()][-5:]
+        hint = f" Recent runs: {', '.join(known)}." if known else " There are no runs yet."
+        raise OrchError(f"No run '{run_id}' in {runs_root()}.{hint}")
+    return run
