@@ -24,7 +24,9 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+def save(
+    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+) -> None:
     """Collective: every rank calls it at the same step."""
     final, partial = step_dir(root, step), root / f".step_{step:08d}.partial"
     model_state, optim_state = get_state_dict(model, optimizer)

@@ -93,7 +93,7 @@ class GlobalOrder:
         first = step * self.global_batch + (micro_step * self.world_size + rank) * self.micro_batch
         samples = np.arange(first, first + self.micro_batch)
         epochs = samples // self.n_blocks
-        return np.array([self.permutation(e)[s % self.n_blocks] for e, s in zip(epochs, samples)])
+        return np.array([self.permutation(e)[s % self.n_blocks] for e, s in zip(epochs, samples, strict=True)])
 
 
 class BlockLoader:

@@ -48,7 +48,9 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
         prepare_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, data_dir)
     dist.barrier()
     blocks = load_blocks(data_dir)
-    order = GlobalOrder(len(blocks), recipe.train.global_batch_size, recipe.train.micro_batch_size, world, recipe.train.seed)
+    order = GlobalOrder(
+        len(blocks), recipe.train.global_batch_size, recipe.train.micro_batch_size, world, recipe.train.seed
+    )
     loader = BlockLoader(blocks, order, rank, device)
 
     attention = attention_implementation(recipe.train.attention, device)
@@ -67,11 +69,24 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
     tracker = None
     if rank == 0:
         params = {"recipe": recipe.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
-        params["run"] = {"steps": plan.steps, "world_size": world, "grad_accum": plan.grad_accum, "attention": attention}
+        params["run"] = {
+            "steps": plan.steps,
+            "world_size": world,
+            "grad_accum": plan.grad_accum,
+            "attention": attention,
+        }
         tracker = Tracker(tracking_uri(profile.tracking_uri), mlflow_run_id, run.id, params)
         mlflow_run_id = tracker.run_id
     heartbeat = Heartbeat(run, plan.steps, mlflow_run_id, resume_from) if rank == 0 else None
-    log.info("rank %d/%d: %d steps from %d, grad accum %d, attention %s", rank, world, plan.steps, start_step, plan.grad_accum, attention)
+    log.info(
+        "rank %d/%d: %d steps from %d, grad accum %d, attention %s",
+        rank,
+        world,
+        plan.steps,
+        start_step,
+        plan.grad_accum,
+        attention,
+    )
 
     try:
         for step in range(start_step, plan.steps):
@@ -92,14 +107,24 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
             done = step + 1
 
             if done % recipe.checkpoint.every_steps == 0 or done == plan.steps:
-                checkpoint.save(run.checkpoints_dir, done, model, optimizer,
-                                {"scheduler": scheduler.state_dict(), "mlflow_run_id": mlflow_run_id})
+                checkpoint.save(
+                    run.checkpoints_dir,
+                    done,
+                    model,
+                    optimizer,
+                    {"scheduler": scheduler.state_dict(), "mlflow_run_id": mlflow_run_id},
+                )
                 if heartbeat:
                     heartbeat.last_checkpoint_step = done
             elapsed = time.perf_counter() - started
             if tracker and heartbeat:
-                metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                           "tokens_per_s": plan.tokens_per_step / elapsed, "step_time_s": elapsed}
+                metrics = {
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": plan.tokens_per_step / elapsed,
+                    "step_time_s": elapsed,
+                }
                 tracker.log(done, metrics)
                 heartbeat.beat("running", done, metrics)
     except BaseException as err:
@@ -122,8 +147,16 @@ class Heartbeat:
 
     def beat(self, state: str, step: int, metrics: dict[str, float] | None = None, error: str | None = None) -> None:
         self.step, self.metrics = step, metrics or self.metrics
-        write_json_atomic(self.path, {
-            "state": state, "step": step, "steps": self.steps, "mlflow_run_id": self.mlflow_run_id,
-            "last_checkpoint_step": self.last_checkpoint_step, "updated": time.time(), "error": error,
-            **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr")},
-        })
+        write_json_atomic(
+            self.path,
+            {
+                "state": state,
+                "step": step,
+                "steps": self.steps,
+                "mlflow_run_id": self.mlflow_run_id,
+                "last_checkpoint_step": self.last_checkpoint_step,
+                "updated": time.time(),
+                "error": error,
+                **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr")},
+            },
+        )

@@ -12,8 +12,12 @@ from rich.table import Table
 
 from orchestrator.errors import OrchError
 
-app = typer.Typer(help="orch: pretraining jobs on Slurm clusters, and on this machine.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="orch: pretraining jobs on Slurm clusters, and on this machine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 console = Console()
 errors = Console(stderr=True)
 
@@ -43,10 +47,14 @@ def finish(run) -> None:
     summary = run.summary()
     if state != "completed":
         logs = run.submitit_dir
-        raise OrchError(f"Run {run.id} {state} at step {summary['step']}: {summary['error'] or 'the job ended early'}. "
-                        f"Job logs: {logs}")
-    console.print(f"Run {run.id} completed {summary['step']} steps; last checkpoint at step "
-                  f"{summary['last_checkpoint_step']}; MLflow run {summary['mlflow_run_id']}.")
+        raise OrchError(
+            f"Run {run.id} {state} at step {summary['step']}: {summary['error'] or 'the job ended early'}. "
+            f"Job logs: {logs}"
+        )
+    console.print(
+        f"Run {run.id} completed {summary['step']} steps; last checkpoint at step "
+        f"{summary['last_checkpoint_step']}; MLflow run {summary['mlflow_run_id']}."
+    )
 
 
 @app.command()
@@ -63,10 +71,16 @@ def status(
         return
     table = Table("run", "state", "step", "loss", "tok/s", "checkpoint", "profile", "recipe")
     for s in summaries:
-        table.add_row(s["run_id"], s["state"], f"{s['step']}/{s['steps']}",
-                      f"{s['loss']:.4f}" if s["loss"] is not None else "-",
-                      f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "-",
-                      str(s["last_checkpoint_step"] or "-"), s["profile"], s["recipe"])
+        table.add_row(
+            s["run_id"],
+            s["state"],
+            f"{s['step']}/{s['steps']}",
+            f"{s['loss']:.4f}" if s["loss"] is not None else "-",
+            f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "-",
+            str(s["last_checkpoint_step"] or "-"),
+            s["profile"],
+            s["recipe"],
+        )
     console.print(table)
 
 
@@ -74,5 +88,5 @@ def main() -> None:
     try:
         app()
     except OrchError as err:
-        errors.print(f"[bold red]error:[/] {err}", highlight=False)
+        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -168,8 +168,10 @@ def describe_validation_error(path: Path, schema: type[BaseModel], err: Validati
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            allowed = ", ".join(allowed_fields(schema, item["loc"][:-1]))
-            problems.append(f"unknown field '{field}' (allowed here: {allowed})")
+            allowed = allowed_fields(schema, item["loc"][:-1])
+            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"unknown field '{field}' ({hint}allowed here: {', '.join(allowed)})")
         elif item["type"] == "missing":
             problems.append(f"field '{field}' is required")
         else:

@@ -13,16 +13,23 @@ from orchestrator.runs import TERMINAL_STATES, Run
 def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
     """Returns the run's final state."""
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tokens_per_s]} tok/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tokens_per_s]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(run.id, total=run.info["steps"], loss="-", tokens_per_s="-")
         while True:
             state, beat = run.state(), run.progress
             progress.update(
-                task, completed=beat.get("step", 0), description=f"{run.id} [{state}]",
+                task,
+                completed=beat.get("step", 0),
+                description=f"{run.id} [{state}]",
                 loss=f"{beat['loss']:.4f}" if beat.get("loss") is not None else "-",
                 tokens_per_s=f"{beat['tokens_per_s']:,.0f}" if beat.get("tokens_per_s") else "-",
             )

@@ -16,11 +16,15 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
     """Paths the job will read must exist before anything is queued."""
     for field, value in (("data.source", recipe.data.source), ("data.tokenizer", recipe.data.tokenizer)):
         if value != "demo" and not Path(value).is_dir():
-            raise OrchError(f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. "
-                            "Allowed: 'demo' or an existing folder.")
+            raise OrchError(
+                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. "
+                "Allowed: 'demo' or an existing folder."
+            )
     if recipe.model.init_from and not Path(recipe.model.init_from).is_dir():
-        raise OrchError(f"{recipe_path}: field 'model.init_from' names {recipe.model.init_from!r}, which is not a "
-                        "folder. Allowed: a local Hugging Face model directory, or leave it out to start from scratch.")
+        raise OrchError(
+            f"{recipe_path}: field 'model.init_from' names {recipe.model.init_from!r}, which is not a "
+            "folder. Allowed: a local Hugging Face model directory, or leave it out to start from scratch."
+        )
 
 
 def prepare(profile_name: str, recipe_name: str, steps: int) -> tuple[Profile, Recipe, Plan, dict]:
@@ -29,8 +33,13 @@ def prepare(profile_name: str, recipe_name: str, steps: int) -> tuple[Profile, R
     recipe_path, recipe = load_recipe(recipe_name)
     plan = make_plan(profile, recipe, steps)
     check_data(recipe, recipe_path)
-    info = {"profile": profile_path.stem, "recipe": recipe_path.stem, "steps": steps,
-            "profile_file": str(profile_path), "recipe_file": str(recipe_path)}
+    info = {
+        "profile": profile_path.stem,
+        "recipe": recipe_path.stem,
+        "steps": steps,
+        "profile_file": str(profile_path),
+        "recipe_file": str(recipe_path),
+    }
     return profile, recipe, plan, info
 
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The software environment for jobs on this machine (the `local` and `local-slurm` profiles):
+# a virtual environment in .venv with orch, its test tools and the CPU build of PyTorch.
+# Usage: bash envs/local.sh          (idempotent; re-run after pulling)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+echo "orch environment ready: $(pwd)/.venv (activate with: source .venv/bin/activate)"
