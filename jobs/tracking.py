@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import mlflow
 
-from orchestrator.runs import orch_home
-
 EXPERIMENT = "orch"
-
-
-def tracking_uri(profile_uri: str | None) -> str:
-    """MLFLOW_TRACKING_URI, else the profile's, else the embedded SQLite store in ORCH_HOME."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or profile_uri or f"sqlite:///{orch_home() / 'mlflow.db'}"
 
 
 def flatten(prefix: str, data: Any) -> dict[str, str]:

@@ -16,7 +16,7 @@ from jobs import checkpoint
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, prepare_data
 from jobs.model import attention_implementation, build_model, shard
 from jobs.optim import build_optimizer, build_scheduler
-from jobs.tracking import Tracker, tracking_uri
+from jobs.tracking import Tracker
 from orchestrator.config import Profile, Recipe
 from orchestrator.plan import make_plan
 from orchestrator.runs import Run, write_json_atomic
@@ -75,7 +75,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
             "grad_accum": plan.grad_accum,
             "attention": attention,
         }
-        tracker = Tracker(tracking_uri(profile.tracking_uri), mlflow_run_id, run.id, params)
+        tracker = Tracker(run.info["tracking_uri"], mlflow_run_id, run.id, params)
         mlflow_run_id = tracker.run_id
     heartbeat = Heartbeat(run, plan.steps, mlflow_run_id, resume_from) if rank == 0 else None
     log.info(

@@ -27,17 +27,55 @@ def submit(
     profile: Annotated[str, typer.Option(help="cluster profile: a name in cluster_profiles/ or a YAML path")] = "local",
     recipe: Annotated[str, typer.Option(help="training recipe: a name in recipes/ or a YAML path")] = "tiny",
     steps: Annotated[int, typer.Option(help="optimizer steps to train (the schedule's length is the recipe's)")] = 200,
+    account: Annotated[Optional[str], typer.Option(help="Slurm account (project id), e.g. OPEN-29-12")] = None,
+    nodes: Annotated[Optional[int], typer.Option(help="number of nodes")] = None,
+    time: Annotated[Optional[str], typer.Option(help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM")] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="override any profile field: FIELD=VALUE (repeatable)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the plan and the job script; submit nothing")] = False,
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
-    """Validate, create a run and submit its training job."""
+    """Validate, plan, create a run and submit its training job."""
+    from orchestrator.config import parse_assignment
+    from orchestrator.submit import prepare
     from orchestrator.submit import submit as submit_run
 
-    run = submit_run(profile, recipe, steps)
+    overrides = [parse_assignment(text) for text in set_ or []]
+    overrides += [{"slurm": {"account": account}}] if account else []
+    overrides += [{"nodes": nodes}] if nodes is not None else []
+    overrides += [{"time_limit_min": parse_minutes(time)}] if time else []
+    request = prepare(profile, recipe, steps, overrides)
+    if dry_run:
+        from orchestrator.show import show_plan
+
+        show_plan(request, console)
+        return
+    run = submit_run(request)
     console.print(f"Submitted run [bold]{run.id}[/] (job {run.jobs[-1]['job_id']}), run directory {run.dir}")
     if wait:
         finish(run)
     else:
         console.print(f"Follow it with: orch status {run.id}")
+
+
+def parse_minutes(text: str) -> float:
+    """Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        day_count = int(days)
+    except ValueError:
+        raise OrchError(f"--time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS.") from None
+    if "-" in text:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts[-3:]
+    return day_count * 1440 + hours * 60 + minutes + seconds / 60
 
 
 def finish(run) -> None:

@@ -6,12 +6,14 @@ Every error names the file, the field and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import OrchError
 
@@ -28,6 +30,11 @@ class Strict(BaseModel):
 
 # --- cluster profiles -------------------------------------------------------------------------
 
+# Values that reach the generated job script: no whitespace, quotes, newlines, NUL or shell metacharacters.
+SAFE = r"^[A-Za-z0-9_.,:/=@+%{}-]*$"
+SAFE_TEXT = "letters, digits and _ . , : / = @ + % { } -"
+SBATCH_ALLOWED = ("constraint", "exclusive", "mail-type", "mail-user", "reservation", "comment", "exclude", "nodelist")
+
 
 class Launch(Strict):
     """How ranks are laid out: one task (process) per accelerator, or per CPU slot locally."""
@@ -37,21 +44,91 @@ class Launch(Strict):
     backend: Literal["gloo", "nccl"]
 
 
+class Node(Strict):
+    """The hardware of one node: used for the plan's resource request, memory check and MFU."""
+
+    cores: int = Field(ge=1)
+    memory_gb: float = Field(gt=0)
+    gpus: int = Field(default=0, ge=0)
+    gpu_model: str | None = None
+    gpu_memory_gb: float | None = Field(default=None, gt=0)
+    peak_bf16_tflops: float | None = Field(default=None, gt=0, description="dense bf16 peak per GPU")
+    cores_per_gpu: int | None = Field(default=None, ge=1)
+
+
+class Slurm(Strict):
+    """The partition and its limits; every string here ends up in the sbatch script."""
+
+    partition: str = Field(pattern=SAFE)
+    account: str | None = Field(default=None, pattern=SAFE)
+    account_required: bool = False
+    qos: str | None = Field(default=None, pattern=SAFE)
+    max_walltime_min: float = Field(gt=0)
+    max_nodes: int = Field(ge=1)
+    cpus_per_task: int = Field(default=1, ge=1)
+    extra_sbatch: dict[str, str] = Field(default_factory=dict, description=f"allowed keys: {SBATCH_ALLOWED}")
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _allowed_directives(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if key not in SBATCH_ALLOWED:
+                raise ValueError(f"sbatch directive '{key}' is not allowed; allowed: {', '.join(SBATCH_ALLOWED)}")
+            if not re.match(SAFE, item):
+                raise ValueError(f"value {item!r} of '{key}' may only contain {SAFE_TEXT}")
+        return value
+
+
+class Paths(Strict):
+    """Where run directories and the job environment live; `{account_lower}` and `{user}` are filled in.
+    Unset `runs` means $ORCH_HOME/runs."""
+
+    runs: str | None = Field(default=None, pattern=SAFE)
+    venv: str | None = Field(default=None, pattern=SAFE, description="the environment env_script builds/activates")
+
+
 class Profile(Strict):
     """Where and how a run's job executes."""
 
     description: str = ""
+    extends: str | None = Field(default=None, description="a profile whose fields this one overrides")
     executor: Literal["local", "slurm"]
     nodes: int = Field(default=1, ge=1)
     time_limit_min: float = Field(gt=0, description="wall-clock limit of one allocation")
-    signal_delay_s: int = Field(default=30, ge=1, description="warning signal this long before the limit")
+    signal_delay_s: int = Field(default=30, ge=1, description="warning signal at least this long before the limit")
     launch: Launch
-    env_setup: list[str] = Field(default_factory=list, description="shell lines run before the job starts")
+    node: Node
+    slurm: Slurm | None = None
+    paths: Paths = Paths()
+    env_script: str | None = Field(default=None, pattern=SAFE, description="a script in envs/ sourced before start")
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    python: str = Field(default="", pattern=SAFE, description="python on the compute nodes; empty: this one")
     tracking_uri: str | None = None
+    expected_mfu: float = Field(default=0.4, gt=0, le=1, description="model FLOPs utilisation for estimates")
+
+    @field_validator("env_vars")
+    @classmethod
+    def _safe_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or not re.match(SAFE, item):
+                raise ValueError(f"{name}={item!r}: names are identifiers, values may only contain {SAFE_TEXT}")
+        return value
+
+    @model_validator(mode="after")
+    def _slurm_section(self) -> Profile:
+        if self.executor == "slurm" and self.slurm is None:
+            raise ValueError("executor 'slurm' needs a 'slurm' section (partition, max_walltime_min, max_nodes)")
+        if self.env_script and not (PROJECT_ROOT / self.env_script).is_file():
+            raise ValueError(f"env_script '{self.env_script}' is not a file under {PROJECT_ROOT}")
+        return self
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.launch.tasks_per_node
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.node.gpus
 
 
 # --- recipes ------------------------------------------------------------------------------------
@@ -174,8 +251,15 @@ def describe_validation_error(path: Path, schema: type[BaseModel], err: Validati
             problems.append(f"unknown field '{field}' ({hint}allowed here: {', '.join(allowed)})")
         elif item["type"] == "missing":
             problems.append(f"field '{field}' is required")
+        elif item["type"] == "string_pattern_mismatch":
+            problems.append(
+                f"field '{field}': {item['input']!r} may only contain {SAFE_TEXT} (it reaches the job script)"
+            )
+        elif not item["loc"]:
+            problems.append(item["msg"].removeprefix("Value error, "))
         else:
-            problems.append(f"field '{field}': {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"field '{field}': {message} (got {item.get('input')!r})")
     return f"{path}: " + "; ".join(problems) + "."
 
 
@@ -184,7 +268,7 @@ def allowed_fields(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     model: Any = schema
     for part in loc:
         annotation = model.model_fields[part].annotation
-        model = annotation
+        model = next(t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel))
     return list(model.model_fields)
 
 
@@ -195,9 +279,46 @@ def validate(path: Path, schema: type[BaseModel], data: dict[str, Any]) -> Any:
         raise OrchError(describe_validation_error(path, schema, err)) from None
 
 
-def load_profile(name: str) -> tuple[Path, Profile]:
+def profile_data(name: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """A profile's fields with those of the profile it `extends` underneath."""
     path = resolve_file("profile", name, PROFILES_DIR)
-    return path, validate(path, Profile, read_yaml(path))
+    data = read_yaml(path)
+    base = data.get("extends")
+    if base is None:
+        return path, data
+    if not isinstance(base, str) or base in seen + (path.stem,):
+        raise OrchError(f"{path}: field 'extends' must name another profile, without cycles (got {base!r}).")
+    _, merged = profile_data(base, seen + (path.stem,))
+    return path, deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_assignment(text: str) -> dict[str, Any]:
+    """`a.b.c=value` (value read as YAML) as a nested mapping."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not all(key.split(".")):
+        raise OrchError(f"--set {text!r}: expected FIELD=VALUE with a dotted field, e.g. --set slurm.qos=normal.")
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_profile(name: str, overrides: list[dict[str, Any]] = ()) -> tuple[Path, Profile]:
+    """The profile, after `extends` and the command line's overrides (later ones win)."""
+    path, data = profile_data(name)
+    for override in overrides:
+        data = deep_merge(data, override)
+    return path, validate(path, Profile, data)
 
 
 def load_recipe(name: str) -> tuple[Path, Recipe]:

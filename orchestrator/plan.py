@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from orchestrator.config import Profile, Recipe
 from orchestrator.errors import OrchError
+from orchestrator.estimate import flops_per_token, parameter_count, peak_memory_gb
+
+STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
+SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
+SLURM_SIGNAL_SLACK_S = 60  # Slurm may signal up to a minute early
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -24,22 +30,60 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
 @dataclass(frozen=True)
 class Plan:
     steps: int
+    nodes: int
     world_size: int
+    micro_batch: int
     grad_accum: int
     tokens_per_step: int
+    parameters: int
+    flops_per_token: float
+    peak_memory_gb: float
+    tokens_per_s: float | None  # estimated from the profile's peak and expected MFU; None without a peak
+    signal_delay_s: int
+    usable_min_per_allocation: float
 
     @property
     def total_tokens(self) -> int:
         return self.steps * self.tokens_per_step
 
+    @property
+    def hours(self) -> float | None:
+        return self.total_tokens / self.tokens_per_s / 3600 if self.tokens_per_s else None
+
+    @property
+    def allocations(self) -> int:
+        """Jobs of one time limit each that the run needs (each requeue is one more)."""
+        return max(1, math.ceil(self.hours * 60 / self.usable_min_per_allocation)) if self.hours else 1
+
 
 def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
     if steps < 1:
         raise OrchError(f"--steps must be a positive number of optimizer steps, got {steps}.")
-    train = recipe.train
+    train, world = recipe.train, profile.world_size
+    grad_accum = gradient_accumulation(train.global_batch_size, train.micro_batch_size, world)
+    flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
+    node = profile.node
+    tokens_per_s = profile.gpus * node.peak_bf16_tflops * 1e12 * profile.expected_mfu / flops if node.gpus else None
+    tokens_per_step = train.global_batch_size * recipe.data.max_seq_len
+    parameters = sum(parameter_count(recipe.model).values())
+    # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
+    step_s = tokens_per_step / tokens_per_s if tokens_per_s else 0.0
+    save_s = 8 * parameters / world / (SAVE_BANDWIDTH_GB_S * 1e9)
+    signal_delay = max(profile.signal_delay_s, math.ceil(2 * (step_s + save_s)) + SLURM_SIGNAL_SLACK_S)
+    if profile.executor == "local":
+        signal_delay = profile.signal_delay_s
+    usable = profile.time_limit_min - STARTUP_MIN - signal_delay / 60
     return Plan(
         steps=steps,
-        world_size=profile.world_size,
-        grad_accum=gradient_accumulation(train.global_batch_size, train.micro_batch_size, profile.world_size),
-        tokens_per_step=train.global_batch_size * recipe.data.max_seq_len,
+        nodes=profile.nodes,
+        world_size=world,
+        micro_batch=train.micro_batch_size,
+        grad_accum=grad_accum,
+        tokens_per_step=tokens_per_step,
+        parameters=parameters,
+        flops_per_token=flops,
+        peak_memory_gb=peak_memory_gb(recipe, world),
+        tokens_per_s=tokens_per_s,
+        signal_delay_s=signal_delay,
+        usable_min_per_allocation=max(usable, 1.0),
     )

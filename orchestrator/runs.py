@@ -144,9 +144,18 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def create_run(run_id: str, info: dict[str, Any], profile_yaml: str, recipe_yaml: str) -> Run:
-    run = Run(runs_root() / run_id)
-    run.dir.mkdir(parents=True, exist_ok=False)
+def create_run(
+    run_id: str, info: dict[str, Any], profile_yaml: str, recipe_yaml: str, location: Path | None = None
+) -> Run:
+    """A new run directory; when the profile keeps runs elsewhere (a cluster filesystem), ORCH_HOME links to it."""
+    entry = runs_root() / run_id
+    if location is None:
+        entry.mkdir(parents=True, exist_ok=False)
+    else:
+        (location / run_id).mkdir(parents=True, exist_ok=False)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.symlink_to(location / run_id, target_is_directory=True)
+    run = Run(entry)
     (run.dir / "profile.yaml").write_text(profile_yaml)
     (run.dir / "recipe.yaml").write_text(recipe_yaml)
     write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})

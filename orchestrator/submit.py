@@ -2,14 +2,75 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from orchestrator.config import Profile, Recipe, load_profile, load_recipe
+from orchestrator.config import PROJECT_ROOT, Profile, Recipe, load_profile, load_recipe
 from orchestrator.errors import OrchError
 from orchestrator.plan import Plan, make_plan
-from orchestrator.runs import Run, create_run, new_run_id
+from orchestrator.runs import Run, create_run, new_run_id, orch_home
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything `orch submit` was asked, resolved and checked; nothing written yet."""
+
+    profile: Profile
+    recipe: Recipe
+    plan: Plan
+    info: dict[str, Any]
+
+
+def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dict[str, Any]] = ()) -> Request:
+    """Load and check everything before anything is written or submitted."""
+    profile_path, profile = load_profile(profile_name, overrides)
+    recipe_path, recipe = load_recipe(recipe_name)
+    plan = make_plan(profile, recipe, steps)
+    check_resources(profile, profile_path, plan)
+    check_data(recipe, recipe_path)
+    info = {
+        "profile": profile_path.stem,
+        "recipe": recipe_path.stem,
+        "steps": steps,
+        "profile_file": str(profile_path),
+        "recipe_file": str(recipe_path),
+        "tracking_uri": tracking_uri(profile),
+    }
+    return Request(profile, recipe, plan, info)
+
+
+def check_resources(profile: Profile, path: Path, plan: Plan) -> None:
+    """The partition's limits and the accelerator's memory, each with what to change."""
+    slurm = profile.slurm
+    if slurm and slurm.account_required and not slurm.account:
+        raise OrchError(
+            f"{path}: partition '{slurm.partition}' needs an account (slurm.account): pass --account PROJECT-ID "
+            "(e.g. --account OPEN-29-12), or set slurm.account in a profile that extends this one."
+        )
+    if slurm and profile.time_limit_min > slurm.max_walltime_min:
+        raise OrchError(
+            f"{path}: time limit {profile.time_limit_min:g} min is above partition '{slurm.partition}''s maximum "
+            f"of {slurm.max_walltime_min:g} min; use --time {int(slurm.max_walltime_min)} or less. Longer runs are "
+            "requeued automatically."
+        )
+    if slurm and profile.nodes > slurm.max_nodes:
+        raise OrchError(
+            f"{path}: {profile.nodes} nodes is above partition '{slurm.partition}''s limit of {slurm.max_nodes}; "
+            f"use --nodes {slurm.max_nodes} or fewer, or a profile for a larger partition."
+        )
+    gpu_memory = profile.node.gpu_memory_gb
+    if gpu_memory and plan.peak_memory_gb > gpu_memory:
+        raise OrchError(
+            f"Estimated peak memory {plan.peak_memory_gb:.1f} GB per GPU is above the {gpu_memory:g} GB of "
+            f"{profile.node.gpu_model} ({path}); lower train.micro_batch_size (now {plan.micro_batch}) in the recipe "
+            "or use more nodes."
+        )
 
 
 def check_data(recipe: Recipe, recipe_path: Path) -> None:
@@ -22,53 +83,91 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
             )
     if recipe.model.init_from and not Path(recipe.model.init_from).is_dir():
         raise OrchError(
-            f"{recipe_path}: field 'model.init_from' names {recipe.model.init_from!r}, which is not a "
-            "folder. Allowed: a local Hugging Face model directory, or leave it out to start from scratch."
+            f"{recipe_path}: field 'model.init_from' names {recipe.model.init_from!r}, which is not a folder. "
+            "Allowed: a local Hugging Face model directory, or leave it out to start from scratch."
         )
 
 
-def prepare(profile_name: str, recipe_name: str, steps: int) -> tuple[Profile, Recipe, Plan, dict]:
-    """Load and check everything; nothing is written."""
-    profile_path, profile = load_profile(profile_name)
-    recipe_path, recipe = load_recipe(recipe_name)
-    plan = make_plan(profile, recipe, steps)
-    check_data(recipe, recipe_path)
-    info = {
-        "profile": profile_path.stem,
-        "recipe": recipe_path.stem,
-        "steps": steps,
-        "profile_file": str(profile_path),
-        "recipe_file": str(recipe_path),
-    }
-    return profile, recipe, plan, info
+def tracking_uri(profile: Profile) -> str:
+    """MLFLOW_TRACKING_URI, else the profile's, else the embedded SQLite store in ORCH_HOME."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or profile.tracking_uri or f"sqlite:///{orch_home() / 'mlflow.db'}"
 
 
-def submit(profile_name: str, recipe_name: str, steps: int) -> Run:
-    profile, recipe, _, info = prepare(profile_name, recipe_name, steps)
-    run = create_run(new_run_id(info["recipe"]), info, dump(profile), dump(recipe))
-    launch(run, profile)
+def fill_path(template: str, profile: Profile) -> str:
+    account = (profile.slurm.account if profile.slurm else None) or ""
+    return template.format(account_lower=account.lower(), user=getpass.getuser())
+
+
+def submit(request: Request) -> Run:
+    profile = request.profile
+    runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
+    run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
+    job_id = make_executor(profile, request.plan, run.submitit_dir).submit(job_function(run)).job_id
+    run.add_job(job_id, profile.executor)
     return run
+
+
+def job_function(run: Run):
+    from jobs.entry import TrainJob
+
+    return TrainJob(run.dir)
 
 
 def dump(config: Profile | Recipe) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def launch(run: Run, profile: Profile) -> str:
-    """Queue one job of the run on the profile's executor; returns its job id."""
+def setup_lines(profile: Profile) -> list[str]:
+    """Shell lines run before the job starts: the environment script and variables, all quoted."""
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in profile.env_vars.items()]
+    if profile.env_script:
+        if profile.paths.venv:
+            lines.append(f"export ORCH_VENV={shlex.quote(fill_path(profile.paths.venv, profile))}")
+        lines.append(f"source {shlex.quote(str(PROJECT_ROOT / profile.env_script))}")
+    return lines
+
+
+def make_executor(profile: Profile, plan: Plan, folder: Path):
+    """A submitit executor for the profile: LocalExecutor on this machine, SlurmExecutor on a cluster."""
     import submitit
 
-    from jobs.entry import TrainJob
-
-    if profile.executor != "local":
-        raise OrchError(f"executor '{profile.executor}' is not supported yet")
-    executor = submitit.LocalExecutor(folder=run.submitit_dir / "%j")
-    executor.update_parameters(
-        tasks_per_node=profile.launch.tasks_per_node,
-        timeout_min=profile.time_limit_min,
-        signal_delay_s=profile.signal_delay_s,
-        setup=profile.env_setup,
+    # Enough requeues for every allocation the plan needs, plus two for early signals.
+    max_num_timeout = plan.allocations + 2
+    if profile.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_num_timeout)
+        executor.update_parameters(
+            tasks_per_node=profile.launch.tasks_per_node,
+            timeout_min=profile.time_limit_min,
+            signal_delay_s=plan.signal_delay_s,
+            setup=setup_lines(profile),
+        )
+        return executor
+    slurm = profile.slurm
+    executor = submitit.SlurmExecutor(
+        folder=folder / "%j", max_num_timeout=max_num_timeout, python=profile.python or None
     )
-    job = executor.submit(TrainJob(run.dir))
-    run.add_job(job.job_id, profile.executor)
-    return job.job_id
+    parameters: dict[str, Any] = {
+        "job_name": f"orch-{folder.parent.name}",
+        "nodes": profile.nodes,
+        "ntasks_per_node": profile.launch.tasks_per_node,
+        "cpus_per_task": slurm.cpus_per_task,
+        "time": int(profile.time_limit_min),
+        "partition": slurm.partition,
+        "signal_delay_s": plan.signal_delay_s,
+        "setup": setup_lines(profile),
+        "additional_parameters": dict(slurm.extra_sbatch),
+    }
+    if profile.node.gpus:
+        parameters["gpus_per_node"] = profile.node.gpus
+    if slurm.account:
+        parameters["account"] = slurm.account
+    if slurm.qos:
+        parameters["qos"] = slurm.qos
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def sbatch_script(profile: Profile, plan: Plan, run_dir: Path) -> str:
+    """The exact script `sbatch` would receive for this run (Slurm profiles)."""
+    executor = make_executor(profile, plan, run_dir / "submitit")
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")

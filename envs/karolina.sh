@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The software environment on IT4I Karolina (profiles karolina*).
+#   bash envs/karolina.sh      on a login node (internet): builds the virtual environment in $ORCH_VENV
+#   source envs/karolina.sh    in a job (no internet): loads the modules, activates it, sets NCCL for InfiniBand
+# `orch env setup --profile karolina --account ID` runs the first form with ORCH_VENV from the profile.
+
+# Module versions: the one place to change them (`ml av Python CUDA` on a login node lists the current ones).
+ORCH_MODULES=(Python/3.11.5-GCCcore-13.2.0 CUDA/12.4.0)
+ORCH_TORCH="torch==2.6.0"              # a CUDA 12 build from PyPI
+: "${ORCH_VENV:?set ORCH_VENV to the virtual environment folder, e.g. /scratch/project/<id>/orch/venv}"
+ORCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+ml purge >/dev/null 2>&1 || true
+ml "${ORCH_MODULES[@]}"
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  set -euo pipefail
+  [ -x "$ORCH_VENV/bin/python" ] || python3 -m venv "$ORCH_VENV"
+  "$ORCH_VENV/bin/python" -m pip install --upgrade pip
+  "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" -e "$ORCH_REPO"
+  # flash-attn 2 is optional: SDPA runs when it is missing.
+  "$ORCH_VENV/bin/python" -m pip install -e "$ORCH_REPO[gpu]" --no-build-isolation || \
+    echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
+  echo "Karolina environment ready in $ORCH_VENV"
+else
+  source "$ORCH_VENV/bin/activate"
+  # NCCL over the 4 × HDR InfiniBand links of each node.
+  export NCCL_IB_DISABLE=0 NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5 NCCL_NET_GDR_LEVEL=PHB
+  export OMP_NUM_THREADS=16 TOKENIZERS_PARALLELISM=false
+fi

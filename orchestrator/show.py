@@ -1,0 +1,57 @@
+"""The plan of a run as a user checks it before spending node-hours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.runs import runs_root
+from orchestrator.submit import Request, fill_path, sbatch_script
+
+
+def plan_rows(request: Request) -> list[tuple[str, str]]:
+    profile, plan = request.profile, request.plan
+    rows = [
+        ("profile / recipe", f"{request.info['profile']} / {request.info['recipe']}"),
+        ("nodes × ranks per node", f"{plan.nodes} × {profile.launch.tasks_per_node} = {plan.world_size} ranks"),
+        ("GPUs", f"{profile.gpus} × {profile.node.gpu_model}" if profile.gpus else "none (CPU)"),
+        ("micro batch × grad accumulation", f"{plan.micro_batch} × {plan.grad_accum} per rank"),
+        ("tokens per step", f"{plan.tokens_per_step:,}"),
+        ("steps / total tokens", f"{plan.steps:,} / {plan.total_tokens / 1e9:,.1f} B"),
+        ("model", f"{plan.parameters / 1e9:.3f} B parameters, {plan.flops_per_token / 1e9:.2f} GFLOP per token"),
+    ]
+    if plan.tokens_per_s:
+        node_hours = profile.gpus * plan.hours / profile.node.gpus
+        rows += [
+            (
+                "estimated throughput",
+                f"{plan.tokens_per_s:,.0f} tokens/s ({plan.tokens_per_s / profile.gpus:,.0f} "
+                f"per GPU at {profile.expected_mfu:.0%} MFU of {profile.node.peak_bf16_tflops:g} TFLOP/s)",
+            ),
+            ("estimated wall time", f"{plan.hours:,.1f} h"),
+            (
+                "allocations",
+                f"{plan.allocations} × {profile.time_limit_min / 60:g} h "
+                f"({plan.usable_min_per_allocation / 60:.1f} h of training each)",
+            ),
+            ("node-hours", f"{node_hours:,.0f} (GPUs × hours / {profile.node.gpus})"),
+        ]
+    if profile.node.gpu_memory_gb:
+        rows.append(("peak memory per GPU", f"{plan.peak_memory_gb:.1f} GB of {profile.node.gpu_memory_gb:g} GB"))
+    rows.append(("warning signal", f"{plan.signal_delay_s} s before the time limit"))
+    return rows
+
+
+def show_plan(request: Request, console: Console) -> None:
+    table = Table(title="Plan (dry run: nothing submitted)", show_header=False)
+    for name, value in plan_rows(request):
+        table.add_row(name, value)
+    console.print(table)
+    if request.profile.executor == "slurm":
+        profile = request.profile
+        root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
+        script = sbatch_script(profile, request.plan, root / "RUN_ID")
+        console.print("[bold]sbatch script:[/]")
+        console.print(script, markup=False, highlight=False, soft_wrap=True)
