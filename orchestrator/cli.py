@@ -122,6 +122,34 @@ def status(
     console.print(table)
 
 
+env_app = typer.Typer(help="The software environment where a profile's jobs run.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+
+
+@env_app.command("setup")
+def env_setup(
+    profile: Annotated[str, typer.Option(help="cluster profile whose env_script builds the environment")],
+    account: Annotated[Optional[str], typer.Option(help="Slurm account, when the environment's path uses it")] = None,
+) -> None:
+    """Build the job environment on a login node (compute nodes have no internet)."""
+    import os
+    import subprocess
+
+    from orchestrator.config import PROJECT_ROOT, load_profile
+    from orchestrator.submit import fill_path
+
+    path, resolved = load_profile(profile, [{"slurm": {"account": account}}] if account else [])
+    if not resolved.env_script:
+        raise OrchError(
+            f"{path}: profile '{profile}' has no env_script; jobs use this machine's environment "
+            "(set it up with: bash envs/local.sh)."
+        )
+    env = dict(os.environ)
+    if resolved.paths.venv:
+        env["ORCH_VENV"] = fill_path(resolved.paths.venv, resolved)
+    sys.exit(subprocess.run(["bash", str(PROJECT_ROOT / resolved.env_script)], env=env).returncode)
+
+
 def main() -> None:
     try:
         app()

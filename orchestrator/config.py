@@ -75,7 +75,7 @@ class Slurm(Strict):
             if key not in SBATCH_ALLOWED:
                 raise ValueError(f"sbatch directive '{key}' is not allowed; allowed: {', '.join(SBATCH_ALLOWED)}")
             if not re.match(SAFE, item):
-                raise ValueError(f"value {item!r} of '{key}' may only contain {SAFE_TEXT}")
+                raise ValueError(f"value {item!r} of '{key}' may only contain {SAFE_TEXT} (it reaches the job script)")
         return value
 
 
@@ -111,7 +111,10 @@ class Profile(Strict):
     def _safe_env(cls, value: dict[str, str]) -> dict[str, str]:
         for name, item in value.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or not re.match(SAFE, item):
-                raise ValueError(f"{name}={item!r}: names are identifiers, values may only contain {SAFE_TEXT}")
+                raise ValueError(
+                    f"{name}={item!r}: names are identifiers, values may only contain {SAFE_TEXT} "
+                    "(it reaches the job script)"
+                )
         return value
 
     @model_validator(mode="after")
@@ -305,6 +308,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def parse_assignment(text: str) -> dict[str, Any]:
     """`a.b.c=value` (value read as YAML) as a nested mapping."""
     key, sep, raw = text.partition("=")
+    if any(c in text for c in "\n\r\0"):
+        raise OrchError(f"--set {text!r}: a value may not contain line breaks or NUL characters.")
     if not sep or not key or not all(key.split(".")):
         raise OrchError(f"--set {text!r}: expected FIELD=VALUE with a dotted field, e.g. --set slurm.qos=normal.")
     value: Any = yaml.safe_load(raw) if raw else ""

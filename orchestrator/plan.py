@@ -14,7 +14,7 @@ SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel
 SLURM_SIGNAL_SLACK_S = 60  # Slurm may signal up to a minute early
 
 
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
+def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, hint: str = "") -> int:
     """Micro-batches each rank runs per optimizer step so that the global batch is exact."""
     per_pass = micro_batch * world_size
     if global_batch % per_pass:
@@ -22,9 +22,16 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
             f"Global batch {global_batch} is not a multiple of micro batch {micro_batch} × world size "
             f"{world_size} = {per_pass} (gradient accumulation would be {global_batch / per_pass:.3g}). "
             f"Change train.micro_batch_size in the recipe or the number of ranks so that "
-            f"{global_batch} / (micro batch × ranks) is a whole number."
+            f"{global_batch} / (micro batch × ranks) is a whole number.{hint}"
         )
     return global_batch // per_pass
+
+
+def working_node_counts(profile: Profile, recipe: Recipe) -> list[int]:
+    """Node counts up to the partition's limit for which the global batch divides evenly."""
+    per_node = recipe.train.micro_batch_size * profile.launch.tasks_per_node
+    limit = profile.slurm.max_nodes if profile.slurm else 1
+    return [n for n in range(1, limit + 1) if recipe.train.global_batch_size % (per_node * n) == 0]
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
     if steps < 1:
         raise OrchError(f"--steps must be a positive number of optimizer steps, got {steps}.")
     train, world = recipe.train, profile.world_size
-    grad_accum = gradient_accumulation(train.global_batch_size, train.micro_batch_size, world)
+    hint = f" Node counts that work with this profile: {', '.join(map(str, working_node_counts(profile, recipe)))}."
+    grad_accum = gradient_accumulation(train.global_batch_size, train.micro_batch_size, world, hint)
     flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
     node = profile.node
     tokens_per_s = profile.gpus * node.peak_bf16_tflops * 1e12 * profile.expected_mfu / flops if node.gpus else None

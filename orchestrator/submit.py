@@ -31,8 +31,9 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
     """Load and check everything before anything is written or submitted."""
     profile_path, profile = load_profile(profile_name, overrides)
     recipe_path, recipe = load_recipe(recipe_name)
+    check_partition(profile, profile_path)
     plan = make_plan(profile, recipe, steps)
-    check_resources(profile, profile_path, plan)
+    check_memory(profile, profile_path, plan)
     check_data(recipe, recipe_path)
     info = {
         "profile": profile_path.stem,
@@ -45,8 +46,8 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
     return Request(profile, recipe, plan, info)
 
 
-def check_resources(profile: Profile, path: Path, plan: Plan) -> None:
-    """The partition's limits and the accelerator's memory, each with what to change."""
+def check_partition(profile: Profile, path: Path) -> None:
+    """The partition's limits, each with what to change."""
     slurm = profile.slurm
     if slurm and slurm.account_required and not slurm.account:
         raise OrchError(
@@ -64,6 +65,9 @@ def check_resources(profile: Profile, path: Path, plan: Plan) -> None:
             f"{path}: {profile.nodes} nodes is above partition '{slurm.partition}''s limit of {slurm.max_nodes}; "
             f"use --nodes {slurm.max_nodes} or fewer, or a profile for a larger partition."
         )
+
+
+def check_memory(profile: Profile, path: Path, plan: Plan) -> None:
     gpu_memory = profile.node.gpu_memory_gb
     if gpu_memory and plan.peak_memory_gb > gpu_memory:
         raise OrchError(

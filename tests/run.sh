@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash envs/local.sh
+# The end-to-end tests need a local Slurm (root installs and starts one); CI never skips them.
+if [ "$(id -u)" -eq 0 ]; then bash envs/slurm-local.sh; fi
+if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests
 set +e
 .venv/bin/python -m pytest "$@"

@@ -1,0 +1,136 @@
+"""Cluster profiles: inheritance, overrides, the generated Slurm job, and every check before submission."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_profile, parse_assignment
+from orchestrator.errors import OrchError
+from orchestrator.submit import prepare, sbatch_script
+from tests.conftest import ROOT, orch
+from tests.test_cli_input import assert_refused
+
+KAROLINA_2_NODES = [
+    "--profile",
+    "karolina",
+    "--recipe",
+    "cstinyllama-1.2b",
+    "--steps",
+    "200000",
+    "--account",
+    "OPEN-29-12",
+    "--nodes",
+    "2",
+]
+
+
+def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
+    request = prepare("karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}])
+    script = sbatch_script(request.profile, request.plan, Path("/scratch/project/open-29-12/orch/runs/RUN"))
+    for directive in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--cpus-per-task=16",
+        "--gpus-per-node=8",
+        "--time=2880",
+        "--partition=qgpu",
+        "--account=OPEN-29-12",
+        "--signal=USR2@300",
+        "--job-name=orch-RUN",
+    ):
+        assert f"#SBATCH {directive}\n" in script
+    assert "export ORCH_VENV=/scratch/project/open-29-12/orch/venv\n" in script
+    assert f"source {ROOT}/envs/karolina.sh\n" in script
+    assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
+
+
+def test_karolina_plan_numbers():
+    plan = prepare("karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "X"}}, {"nodes": 2}]).plan
+    assert (plan.world_size, plan.grad_accum, plan.total_tokens) == (16, 4, 200_000 * 512 * 2048)
+    assert plan.allocations == 5
+    assert 30 < plan.peak_memory_gb < 40
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(orch_home: Path):
+    result = orch("submit", *KAROLINA_2_NODES, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    for text in ("16 ranks", "8 × 4 per rank", "209.7 B", "allocations", "node-hours", "of 40 GB", "#SBATCH --nodes=2"):
+        assert text in result.stdout
+    assert not (orch_home / "runs").exists()
+
+
+def test_exp_profile_inherits_hardware_and_overrides_the_partition():
+    _, exp = load_profile("karolina-exp")
+    _, base = load_profile("karolina")
+    assert (exp.slurm.partition, exp.slurm.max_walltime_min, exp.time_limit_min) == ("qgpu_exp", 60, 60)
+    assert exp.node == base.node and exp.launch == base.launch and exp.slurm.cpus_per_task == 16
+
+
+def test_command_line_overrides_win_over_the_file():
+    _, profile = load_profile("karolina", [parse_assignment("slurm.qos=normal"), parse_assignment("nodes=4")])
+    assert (profile.slurm.qos, profile.nodes, profile.world_size) == ("normal", 4, 32)
+
+
+def test_extends_cycle_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("orchestrator.config.PROFILES_DIR", tmp_path)
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(OrchError, match="without cycles"):
+        load_profile("a")
+
+
+class TestChecksBeforeSubmission:
+    def test_missing_account_says_how_to_set_it(self, orch_home):
+        args = [a for a in KAROLINA_2_NODES if a not in ("--account", "OPEN-29-12")]
+        assert_refused(orch("submit", *args), "needs an account", "--account PROJECT-ID")
+
+    def test_time_above_the_partition_maximum(self, orch_home):
+        assert_refused(orch("submit", *KAROLINA_2_NODES, "--time", "2-01:00:00"), "above partition 'qgpu''s maximum")
+
+    def test_nodes_above_the_partition_limit(self, orch_home):
+        assert_refused(orch("submit", *KAROLINA_2_NODES, "--nodes", "20"), "20 nodes is above", "limit of 16")
+
+    def test_three_nodes_do_not_divide_the_global_batch(self, orch_home):
+        assert_refused(
+            orch("submit", *KAROLINA_2_NODES, "--nodes", "3"),
+            "micro batch 8 × world size 24 = 192",
+            "Node counts that work with this profile: 1, 2, 4, 8",
+        )
+
+    def test_memory_above_the_gpu(self, orch_home, tmp_path: Path):
+        recipe = tmp_path / "big.yaml"
+        recipe.write_text(
+            (ROOT / "recipes/cstinyllama-1.2b.yaml").read_text().replace("micro_batch_size: 8", "micro_batch_size: 16")
+        )
+        args = [*KAROLINA_2_NODES[:2], "--recipe", str(recipe), *KAROLINA_2_NODES[4:], "--nodes", "1"]
+        assert_refused(orch("submit", *args), "Estimated peak memory", "above the 40 GB of A100-SXM4-40GB")
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["--account", "OPEN-1; rm -rf ~"],
+            ["--set", "slurm.qos=$(reboot)"],
+            ["--set", "env_vars.NCCL_DEBUG=INFO`id`"],
+            ["--set", "paths.venv=/tmp/a b"],
+        ],
+    )
+    def test_values_that_could_inject_shell_are_refused(self, orch_home, args):
+        assert_refused(orch("submit", *KAROLINA_2_NODES, *args), "may only contain", "reaches the job script")
+
+    def test_line_breaks_in_overrides_are_refused(self, orch_home):
+        assert_refused(
+            orch("submit", *KAROLINA_2_NODES, "--set", "slurm.partition=qgpu\n#SBATCH --exclusive"),
+            "may not contain line breaks",
+        )
+
+    @pytest.mark.parametrize("field", ["partition", "account", "qos"])
+    def test_newline_or_nul_in_a_profile_value_is_refused(self, field):
+        for bad in ("qgpu\n#SBATCH --exclusive", "qgpu\x00"):
+            with pytest.raises(OrchError, match="may only contain"):
+                prepare("karolina", "cstinyllama-1.2b", 10, [{"slurm": {"account": "X", field: bad}}])
+
+    def test_sbatch_directive_outside_the_allow_list(self, orch_home):
+        assert_refused(
+            orch("submit", *KAROLINA_2_NODES, "--set", "slurm.extra_sbatch.wrap=sh"),
+            "sbatch directive 'wrap' is not allowed",
+        )
