@@ -1,17 +1,29 @@
-"""Sharded checkpoints with torch.distributed.checkpoint: each rank writes its own shard.
+"""Sharded checkpoints that survive a kill at any moment.
 
-A checkpoint is written into a hidden `.step_N.partial` folder and only renamed to `step_N` once every
-rank has written and rank 0 has added `train_state.json`; `latest` then names it. A folder without that
-rename never counts, so a job killed mid-save leaves the previous checkpoint in charge.
+A checkpoint is `checkpoints/step_N/`: the model and LionW state as torch.distributed.checkpoint shards
+(one per rank, reshardable to any world size), each rank's RNG state, and `train_state.json` (step,
+scheduler, data position, MLflow run id, recipe hash). It is written into `.step_N.partial/` and counts
+only once rank 0 has written `COMMITTED.json` last - a manifest of every file with its size and SHA-256 -
+and renamed the folder; `latest.json` is then replaced atomically. Nothing older is deleted before that.
+
+With `async_save`, training waits only while the state is copied off the accelerator; the write, the
+manifest and the commit go on in a background thread, on a gloo group of their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import random
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -19,37 +31,181 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from orchestrator.runs import write_json_atomic
 
+log = logging.getLogger(__name__)
+MARKER = "COMMITTED.json"
+
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
-) -> None:
-    """Collective: every rank calls it at the same step."""
-    final, partial = step_dir(root, step), root / f".step_{step:08d}.partial"
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (partial / "train_state.json").write_text(json.dumps({"step": step, **extra}))
+def committed_steps(root: Path) -> list[int]:
+    """Steps with a commit marker, newest first."""
+    steps = [int(p.name.removeprefix("step_")) for p in root.glob("step_*") if (p / MARKER).is_file()]
+    return sorted(steps, reverse=True)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a committed checkpoint, or None when every file matches its manifest."""
+    try:
+        expected = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable commit marker ({err})"
+    for name, entry in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if sha256(path) != entry["sha256"]:
+            return f"{name} fails its SHA-256 checksum"
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every method is called by every rank at the same point."""
+
+    def __init__(self, root: Path, keep_last: int, keep_every: int | None, async_save: bool) -> None:
+        self.root, self.keep_last, self.keep_every, self.async_save = root, keep_last, keep_every, async_save
+        self.rank = dist.get_rank()
+        self.group = dist.new_group(backend="gloo")  # background collectives never share the training group
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+        self.lock = threading.Lock()
+        self.committed: int | None = None  # newest step committed by this job (rank 0 knows)
+        root.mkdir(parents=True, exist_ok=True)
+
+    # --- saving -------------------------------------------------------------------------------------
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
+        """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""
+        self.wait()
+        partial = self.root / f".step_{step:08d}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        if self.async_save:
+            written = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
+            self.pending = self.background.submit(self._finish, step, partial, written, train_state)
+        else:
+            dcp.save(state, checkpoint_id=partial, process_group=self.group)
+            self._finish(step, partial, None, train_state)
+
+    def _finish(self, step: int, partial: Path, written: Future | None, train_state: dict) -> None:
+        if written is not None:
+            written.result()  # on rank 0 this returns once every rank's shards and the metadata are written
+        if self.rank == 0:
+            self._commit(step, partial, train_state)
+
+    def _commit(self, step: int, partial: Path, train_state: dict) -> None:
+        (partial / "train_state.json").write_text(json.dumps({"step": step, **train_state}))
+        write_json_atomic(partial / MARKER, {"step": step, "files": manifest(partial)})
+        final = step_dir(self.root, step)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        write_json_atomic(root / "latest.json", {"step": step, "dir": final.name})
-    dist.barrier()
+        fsync_dir(self.root)
+        write_json_atomic(self.root / "latest.json", {"step": step, "dir": final.name})
+        with self.lock:
+            self.committed = step
+        self._apply_retention()
 
+    def _apply_retention(self) -> None:
+        """Keep the newest `keep_last` checkpoints and every `keep_every`-th step (milestones)."""
+        for step in committed_steps(self.root)[self.keep_last :]:
+            if not (self.keep_every and step % self.keep_every == 0):
+                shutil.rmtree(step_dir(self.root, step))
 
-def latest_step(root: Path) -> int | None:
-    pointer = root / "latest.json"
-    return json.loads(pointer.read_text())["step"] if pointer.is_file() else None
+    def wait(self) -> None:
+        """Block until the save in flight is written everywhere and committed."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
 
+    def close(self) -> None:
+        self.wait()
+        dist.barrier(group=self.group)
+        self.background.shutdown()
 
-def load(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer shards in place (any world size); returns the train state saved with them."""
-    path = step_dir(root, step)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return json.loads((path / "train_state.json").read_text())
+    def last_committed(self) -> int | None:
+        with self.lock:
+            return self.committed
+
+    # --- loading ------------------------------------------------------------------------------------
+
+    def clean_incomplete(self) -> None:
+        """Rank 0 removes what an interrupted save left behind; committed checkpoints are untouched."""
+        if self.rank == 0:
+            for path in self.root.glob(".step_*.partial"):
+                shutil.rmtree(path)
+            for path in self.root.glob("step_*"):
+                if path.is_dir() and not (path / MARKER).is_file():
+                    shutil.rmtree(path)
+        dist.barrier()
+
+    def choose(self) -> tuple[int | None, list[str]]:
+        """The newest committed checkpoint that passes its manifest, and what was wrong with newer ones."""
+        choice: list[Any] = [None, []]
+        if self.rank == 0:
+            for step in committed_steps(self.root):
+                problem = damage(step_dir(self.root, step))
+                if problem is None:
+                    choice[0] = step
+                    break
+                choice[1].append(f"checkpoint at step {step} is damaged: {problem}")
+                step_dir(self.root, step).rename(self.root / f"damaged_step_{step:08d}")
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0], choice[1]
+
+    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore the shards in place (any world size) and this rank's RNG; returns the train state."""
+        path = step_dir(self.root, step)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        with self.lock:
+            self.committed = step
+        return json.loads((path / "train_state.json").read_text())

@@ -1,13 +1,95 @@
-"""MLflow tracking from rank 0: one MLflow run per orch run, continued across jobs."""
+"""MLflow tracking: one MLflow run per orch run, across every job, requeue and resume.
+
+Policy: metrics are held back until their checkpoint commits. Rank 0 appends every step's metrics to
+`RUN_DIR/metrics.jsonl` at once (so `orch status` and the run directory are live), and a background thread
+sends to MLflow the steps up to the newest committed checkpoint. A resume from step k drops the spooled
+steps after k, so MLflow shows each step exactly once and never a step that was rolled back. When the
+server is down, training goes on and the spool waits; `orch sync RUN_ID` sends what is left.
+`RUN_DIR/mlflow.json` holds the MLflow run id and how far MLflow has the metrics.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import mlflow
+from orchestrator.runs import read_json, write_json_atomic
 
+log = logging.getLogger(__name__)
 EXPERIMENT = "orch"
+BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+
+# A tracking server that is down must fail fast: training must not wait on it.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class MetricSpool:
+    """Append-only per-step metrics in the run directory (written by rank 0 only)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+
+    def append(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}) + "\n")
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]  # a torn last line is not an entry
+
+    def rollback(self, step: int) -> None:
+        """Forget steps after `step`: the run resumes from its checkpoint there."""
+        kept = [e for e in self.entries() if e["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        tmp.replace(self.path)
+
+
+def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tags: dict[str, str]) -> int:
+    """Send spooled metrics up to `through_step` to MLflow, creating the MLflow run on first contact.
+    Returns the step MLflow now has everything through. Raises when the server cannot be reached."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    state_path = run_dir / "mlflow.json"
+    state = read_json(state_path, {})
+    if "run_id" not in state:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+        run = client.create_run(experiment_id, run_name=run_dir.name, tags={"orch.run_id": run_dir.name})
+        flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
+        items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i : i + 100])
+        state = {"run_id": run.info.run_id, "sent_through": 0}
+        write_json_atomic(state_path, state)
+    if tags:
+        client.log_batch(state["run_id"], tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+    entries = [e for e in MetricSpool(run_dir).entries() if state["sent_through"] < e["step"] <= through_step]
+    metrics = [
+        mlflow.entities.Metric(key, float(value), e["time_ms"], e["step"])
+        for e in entries
+        for key, value in e["metrics"].items()
+    ]
+    for i in range(0, len(metrics), BATCH):
+        client.log_batch(state["run_id"], metrics=metrics[i : i + BATCH])
+    if entries:
+        state["sent_through"] = entries[-1]["step"]
+        write_json_atomic(state_path, state)
+    return state["sent_through"]
+
+
+def mlflow_run_id(run_dir: Path) -> str | None:
+    return read_json(run_dir / "mlflow.json", {}).get("run_id")
 
 
 def flatten(prefix: str, data: Any) -> dict[str, str]:
@@ -17,25 +99,56 @@ def flatten(prefix: str, data: Any) -> dict[str, str]:
 
 
 class Tracker:
-    """Starts (or, given an id, continues) the MLflow run and logs per-step metrics."""
+    """Rank 0's link to MLflow: spools every step and sends committed steps from a background thread."""
 
-    def __init__(self, uri: str, run_id: str | None, orch_run_id: str, params: dict[str, Any]) -> None:
-        self.client = mlflow.MlflowClient(uri)
-        if run_id is None:
-            experiment = self.client.get_experiment_by_name(EXPERIMENT)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
-            run = self.client.create_run(experiment_id, run_name=orch_run_id, tags={"orch.run_id": orch_run_id})
-            run_id = run.info.run_id
-            flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
-            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()])
-        else:
-            self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+    def __init__(
+        self, run_dir: Path, uri: str, params: dict[str, Any], tags: dict[str, str], committed: Callable[[], int | None]
+    ) -> None:
+        self.run_dir, self.uri, self.params, self.tags, self.committed = run_dir, uri, params, tags, committed
+        self.spool = MetricSpool(run_dir)
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.outage_reported = False
+        self.thread = threading.Thread(target=self._loop, name="mlflow", daemon=True)
+        self.thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        timestamp = int(time.time() * 1000)
-        entries = [mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=entries)
+        self.spool.append(step, metrics)
+        self.wake.set()
 
-    def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(timeout=15)
+            self.wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        through = self.committed()
+        if through is None:
+            return
+        try:
+            send(self.run_dir, self.uri, through, self.params, self.tags)
+            self.tags = {}
+            if self.outage_reported:
+                log.info("tracking server %s reachable again; spooled metrics sent", self.uri)
+            self.outage_reported = False
+        except Exception as err:  # noqa: BLE001 - any failure to reach MLflow leaves the metrics spooled
+            if not self.outage_reported:
+                log.warning(
+                    "tracking server %s unreachable (%s); metrics stay spooled in the run directory", self.uri, err
+                )
+            self.outage_reported = True
+
+    def close(self, status: str) -> None:
+        """Stop the thread, send what is committed and mark the MLflow run's status (best effort)."""
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join()
+        self.flush()
+        run_id = mlflow_run_id(self.run_dir)
+        if run_id and not self.outage_reported:
+            import mlflow
+
+            try:
+                mlflow.MlflowClient(self.uri).set_terminated(run_id, status=status)
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not set the MLflow run's status: %s", err)

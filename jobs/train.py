@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -12,36 +13,43 @@ import torch.distributed as dist
 import yaml
 from accelerate import PartialState
 
-from jobs import checkpoint
+from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, prepare_data
-from jobs.model import attention_implementation, build_model, shard
+from jobs.model import attention_implementation, build_sharded_model
 from jobs.optim import build_optimizer, build_scheduler
-from jobs.tracking import Tracker
+from jobs.preemption import StopFlag
+from jobs.tracking import Tracker, mlflow_run_id
 from orchestrator.config import Profile, Recipe
+from orchestrator.estimate import flops_per_token
 from orchestrator.plan import make_plan
-from orchestrator.runs import Run, write_json_atomic
+from orchestrator.runs import Run, read_json, write_json_atomic
 
 log = logging.getLogger("orch.train")
 
 
-def run_training(run_dir: Path) -> int:
+def run_training(run_dir: Path) -> int | None:
     """Set up this rank's process group from the scheduler's variables, then train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = time.time()
     run = Run(run_dir)
     profile = Profile.model_validate(yaml.safe_load((run.dir / "profile.yaml").read_text()))
     recipe = Recipe.model_validate(yaml.safe_load((run.dir / "recipe.yaml").read_text()))
+    job = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     state = PartialState(cpu=profile.launch.device == "cpu", backend=profile.launch.backend)
+    deadline = started + profile.time_limit_min * 60 - run.info["signal_delay_s"]
     try:
-        return train(run, profile, recipe, state)
+        return train(run, profile, recipe, state, str(job.job_id), deadline)
     finally:
         dist.destroy_process_group()
 
 
-def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> int:
+def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_id: str, deadline: float) -> int | None:
     rank, world, device = state.process_index, state.num_processes, state.device
     plan = make_plan(profile, recipe, run.info["steps"])
     torch.manual_seed(recipe.train.seed)
+    if not agree(rank, lambda: owns_run(run, job_id)):
+        raise RuntimeError(f"job {job_id} is not the current job of run {run.id}: refusing to write into it")
 
     data_dir = run.dir / "data"
     if rank == 0 and not (data_dir / "blocks.npy").is_file():
@@ -54,46 +62,68 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
     loader = BlockLoader(blocks, order, rank, device)
 
     attention = attention_implementation(recipe.train.attention, device)
-    model = shard(build_model(recipe.model, attention).to(device), recipe.train.fsdp, recipe.train.precision)
+    model = build_sharded_model(recipe.model, attention, recipe.train.fsdp, recipe.train.precision, device)
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule)
 
-    start_step, mlflow_run_id = 0, None
-    resume_from = checkpoint.latest_step(run.checkpoints_dir)
+    spec = recipe.checkpoint
+    checkpointer = Checkpointer(run.checkpoints_dir, spec.keep_last, spec.keep_every, spec.async_save)
+    checkpointer.clean_incomplete()
+    resume_from, damaged = checkpointer.choose()
+    for problem in damaged:
+        log.warning("%s; using the previous committed checkpoint", problem)
+    start_step, recipe_hash = 0, hashlib.sha256((run.dir / "recipe.yaml").read_bytes()).hexdigest()
     if resume_from is not None:
-        saved = checkpoint.load(run.checkpoints_dir, resume_from, model, optimizer)
+        saved = checkpointer.load(resume_from, model, optimizer)
         scheduler.load_state_dict(saved["scheduler"])
-        start_step, mlflow_run_id = saved["step"], saved["mlflow_run_id"]
-        log.info("resumed from the checkpoint at step %d", start_step)
+        start_step = saved["step"]
+        log.info(
+            "resumed from the checkpoint at step %d (saved by %d ranks, now %d)", start_step, saved["world_size"], world
+        )
+        if saved["recipe_hash"] != recipe_hash:
+            log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
 
-    tracker = None
+    refusal = agree(rank, lambda: requeue_loop(run, job_id, start_step))
+    if refusal:
+        if rank == 0:
+            Heartbeat(run, job_id, plan.steps, checkpointer).beat("failed", start_step, error=refusal)
+        return None
+
+    tracker = heartbeat = None
     if rank == 0:
         params = {"recipe": recipe.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
-        params["run"] = {
-            "steps": plan.steps,
-            "world_size": world,
-            "grad_accum": plan.grad_accum,
-            "attention": attention,
+        params["run"] = {"steps": plan.steps, "world_size": world, "grad_accum": plan.grad_accum}
+        tags = {
+            "orch.job_ids": ",".join(j["job_id"] for j in run.jobs),
+            "orch.profile": run.info["profile"],
+            "orch.recipe": run.info["recipe"],
+            "orch.attention": attention,
         }
-        tracker = Tracker(run.info["tracking_uri"], mlflow_run_id, run.id, params)
-        mlflow_run_id = tracker.run_id
-    heartbeat = Heartbeat(run, plan.steps, mlflow_run_id, resume_from) if rank == 0 else None
+        tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
+        tracker.spool.rollback(start_step)
+        heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer)
+        heartbeat.beat("running", start_step)
+    stop = StopFlag(deadline, device)
+    peak_flops = world * (profile.node.peak_bf16_tflops or 0) * 1e12
+    model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
     log.info(
-        "rank %d/%d: %d steps from %d, grad accum %d, attention %s",
+        "rank %d/%d: steps %d..%d, grad accum %d, attention %s",
         rank,
         world,
-        plan.steps,
         start_step,
+        plan.steps,
         plan.grad_accum,
         attention,
     )
 
     try:
         for step in range(start_step, plan.steps):
-            started = time.perf_counter()
+            started, data_wait = time.perf_counter(), 0.0
             loss = torch.zeros((), device=device)
             for micro_step in range(plan.grad_accum):
+                fetch = time.perf_counter()
                 tokens = loader.micro_batch(step, micro_step)
+                data_wait += time.perf_counter() - fetch
                 model.set_requires_gradient_sync(micro_step == plan.grad_accum - 1)
                 micro_loss = model(input_ids=tokens, labels=tokens).loss / plan.grad_accum
                 micro_loss.backward()
@@ -105,57 +135,107 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState) -> in
             optimizer.zero_grad(set_to_none=True)
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             done = step + 1
-
-            if done % recipe.checkpoint.every_steps == 0 or done == plan.steps:
-                checkpoint.save(
-                    run.checkpoints_dir,
-                    done,
-                    model,
-                    optimizer,
-                    {"scheduler": scheduler.state_dict(), "mlflow_run_id": mlflow_run_id},
-                )
-                if heartbeat:
-                    heartbeat.last_checkpoint_step = done
             elapsed = time.perf_counter() - started
+            tokens_per_s = plan.tokens_per_step / elapsed
+
             if tracker and heartbeat:
                 metrics = {
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
-                    "tokens_per_s": plan.tokens_per_step / elapsed,
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_rank": tokens_per_s / world,
                     "step_time_s": elapsed,
+                    "data_wait_fraction": data_wait / elapsed,
                 }
+                if peak_flops:
+                    metrics["mfu"] = model_flops * tokens_per_s / peak_flops
+                if torch.cuda.is_available():
+                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 tracker.log(done, metrics)
                 heartbeat.beat("running", done, metrics)
-    except BaseException as err:
+
+            stopping = stop.agreed()
+            if done % spec.every_steps == 0 or done == plan.steps or stopping:
+                train_state = {
+                    "scheduler": scheduler.state_dict(),
+                    "world_size": world,
+                    "recipe_hash": recipe_hash,
+                    "data": {"samples_consumed": done * recipe.train.global_batch_size, "seed": recipe.train.seed},
+                    "mlflow_run_id": mlflow_run_id(run.dir),
+                }
+                checkpointer.save(done, model, optimizer, train_state)
+            if stopping and done < plan.steps:
+                checkpointer.close()
+                if tracker and heartbeat:
+                    tracker.close("RUNNING")
+                    heartbeat.beat("requeued", done)
+                    stop.requeue()  # exits this process through submitit
+                return None
+        checkpointer.close()
+    except Exception as err:
         if tracker and heartbeat:
-            tracker.finish("FAILED")
+            tracker.close("FAILED")
             heartbeat.beat("failed", heartbeat.step, error=f"{type(err).__name__}: {err}")
         raise
     if tracker and heartbeat:
-        tracker.finish("FINISHED")
+        tracker.close("FINISHED")
         heartbeat.beat("completed", plan.steps)
     return plan.steps
+
+
+def agree(rank: int, decide):
+    """Rank 0 decides, every rank gets the same answer."""
+    answer = [decide() if rank == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
+def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
+    """Only the run's newest job may write into it (`orch submit` records the id right after queueing)."""
+    until = time.time() + wait_s
+    while True:
+        jobs = run.jobs
+        if jobs and jobs[-1]["job_id"] == job_id:
+            return True
+        if time.time() > until or any(j["job_id"] == job_id for j in jobs):
+            return False
+        time.sleep(0.5)
+
+
+def requeue_loop(run: Run, job_id: str, start_step: int) -> str | None:
+    """Stop a chain of requeues that makes no progress: the third start of one job at the same step fails."""
+    path = run.dir / "attempts.json"
+    attempts = read_json(path, [])
+    stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]
+    write_json_atomic(path, attempts + [{"job_id": job_id, "start_step": start_step, "started": time.time()}])
+    if len(stuck) >= 2:
+        return (
+            f"requeue loop: job {job_id} started at step {start_step} {len(stuck) + 1} times without committing "
+            "a newer checkpoint; the chain is stopped. See the job logs, then `orch resume`."
+        )
+    return None
 
 
 class Heartbeat:
     """progress.json: what `orch status` and `--wait` read, written by rank 0 after every step."""
 
-    def __init__(self, run: Run, steps: int, mlflow_run_id: str, last_checkpoint_step: int | None) -> None:
-        self.path, self.steps, self.mlflow_run_id = run.dir / "progress.json", steps, mlflow_run_id
-        self.last_checkpoint_step, self.step, self.metrics = last_checkpoint_step, 0, {}
+    def __init__(self, run: Run, job_id: str, steps: int, checkpointer: Checkpointer) -> None:
+        self.run, self.job_id, self.steps, self.checkpointer = run, job_id, steps, checkpointer
+        self.step, self.metrics = 0, {}
 
     def beat(self, state: str, step: int, metrics: dict[str, float] | None = None, error: str | None = None) -> None:
         self.step, self.metrics = step, metrics or self.metrics
         write_json_atomic(
-            self.path,
+            self.run.dir / "progress.json",
             {
                 "state": state,
                 "step": step,
                 "steps": self.steps,
-                "mlflow_run_id": self.mlflow_run_id,
-                "last_checkpoint_step": self.last_checkpoint_step,
+                "job_id": self.job_id,
                 "updated": time.time(),
+                "last_checkpoint_step": self.checkpointer.last_committed(),
+                "mlflow_run_id": mlflow_run_id(self.run.dir),
                 "error": error,
                 **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr")},
             },

@@ -37,15 +37,10 @@ def submit(
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
     """Validate, plan, create a run and submit its training job."""
-    from orchestrator.config import parse_assignment
     from orchestrator.submit import prepare
     from orchestrator.submit import submit as submit_run
 
-    overrides = [parse_assignment(text) for text in set_ or []]
-    overrides += [{"slurm": {"account": account}}] if account else []
-    overrides += [{"nodes": nodes}] if nodes is not None else []
-    overrides += [{"time_limit_min": parse_minutes(time)}] if time else []
-    request = prepare(profile, recipe, steps, overrides)
+    request = prepare(profile, recipe, steps, collect_overrides(account, nodes, time, set_))
     if dry_run:
         from orchestrator.show import show_plan
 
@@ -57,6 +52,62 @@ def submit(
         finish(run)
     else:
         console.print(f"Follow it with: orch status {run.id}")
+
+
+def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
+    """The command line's profile overrides, in the order they apply."""
+    from orchestrator.config import parse_assignment
+
+    overrides = [parse_assignment(text) for text in assignments or []]
+    overrides += [{"slurm": {"account": account}}] if account else []
+    overrides += [{"nodes": nodes}] if nodes is not None else []
+    overrides += [{"time_limit_min": parse_minutes(time)}] if time else []
+    return overrides
+
+
+@app.command()
+def resume(
+    run_id: Annotated[Optional[str], typer.Argument(help="the run; the newest run when left out")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="new training length in optimizer steps")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="continue on another profile")] = None,
+    account: Annotated[Optional[str], typer.Option(help="Slurm account (project id)")] = None,
+    nodes: Annotated[Optional[int], typer.Option(help="number of nodes (the global batch stays the recipe's)")] = None,
+    time: Annotated[Optional[str], typer.Option(help="time limit per allocation")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a profile field: FIELD=VALUE")] = None,
+    force: Annotated[
+        bool, typer.Option(help="cancel a live job first and resume once the scheduler confirms it is gone")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
+) -> None:
+    """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
+    from orchestrator.submit import resume as resume_run
+
+    run = get_run_or_latest(run_id)
+    job_id = resume_run(run, steps, profile, collect_overrides(account, nodes, time, set_), force)
+    console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
+    if wait:
+        finish(run)
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")]) -> None:
+    """Stop a run's job; its checkpoints stay and `orch resume` continues from them."""
+    from orchestrator.runs import get_run
+    from orchestrator.submit import cancel as cancel_run
+
+    run = get_run(run_id)
+    console.print(f"Cancelled job {cancel_run(run)} of run {run.id}; resume it with: orch resume {run.id}")
+
+
+def get_run_or_latest(run_id: str | None):
+    from orchestrator.runs import all_runs, get_run
+
+    if run_id:
+        return get_run(run_id)
+    runs = all_runs()
+    if not runs:
+        raise OrchError("There are no runs yet: start one with `orch submit`.")
+    return runs[-1]
 
 
 def parse_minutes(text: str) -> float:

@@ -121,6 +121,8 @@ class Profile(Strict):
     def _slurm_section(self) -> Profile:
         if self.executor == "slurm" and self.slurm is None:
             raise ValueError("executor 'slurm' needs a 'slurm' section (partition, max_walltime_min, max_nodes)")
+        if self.executor == "local" and self.env_script:
+            raise ValueError("env_script is for Slurm profiles; a local job runs in this environment (use env_vars)")
         if self.env_script and not (PROJECT_ROOT / self.env_script).is_file():
             raise ValueError(f"env_script '{self.env_script}' is not a file under {PROJECT_ROOT}")
         return self
@@ -197,6 +199,9 @@ class ScheduleSpec(Strict):
 
 class CheckpointSpec(Strict):
     every_steps: int = Field(ge=1)
+    keep_last: int = Field(default=2, ge=2, description="newest checkpoints kept")
+    keep_every: int | None = Field(default=None, ge=1, description="steps that are multiples are kept for good")
+    async_save: bool = Field(default=True, description="write in the background; training waits only for the copy")
 
 
 class Recipe(Strict):
@@ -321,9 +326,13 @@ def parse_assignment(text: str) -> dict[str, Any]:
 def load_profile(name: str, overrides: list[dict[str, Any]] = ()) -> tuple[Path, Profile]:
     """The profile, after `extends` and the command line's overrides (later ones win)."""
     path, data = profile_data(name)
+    return path, validate(path, Profile, merge_all(data, overrides))
+
+
+def merge_all(data: dict[str, Any], overrides: list[dict[str, Any]]) -> dict[str, Any]:
     for override in overrides:
         data = deep_merge(data, override)
-    return path, validate(path, Profile, data)
+    return data
 
 
 def load_recipe(name: str) -> tuple[Path, Recipe]:

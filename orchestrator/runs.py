@@ -10,12 +10,16 @@ Each file has one writer and is replaced atomically, so a reader never sees half
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,14 +98,35 @@ class Run:
         write_json_atomic(self.dir / "jobs.json", jobs)
 
     def state(self) -> str:
-        """queued, running, completed, failed or cancelled; a job that vanished mid-run counts as failed."""
-        reported = self.progress.get("state")
-        if reported in TERMINAL_STATES:
-            return reported
+        """queued, running, completed, failed or cancelled, from the newest job's report and the scheduler."""
         jobs = self.jobs
-        if jobs and job_alive(jobs[-1]):
-            return reported or "queued"
-        return "failed" if jobs else "queued"
+        if not jobs:
+            return "queued"
+        job, report = jobs[-1], self.progress
+        reported = report.get("state") if report.get("job_id") == job["job_id"] else None
+        if reported == "completed":
+            return reported
+        alive = job_alive(job)
+        if job.get("cancelled") and not alive:
+            return "cancelled"
+        if reported == "failed" or not alive:
+            return "failed"
+        return "running" if reported == "running" else "queued"
+
+    def mark_cancelled(self) -> None:
+        jobs = self.jobs
+        jobs[-1]["cancelled"] = True
+        write_json_atomic(self.dir / "jobs.json", jobs)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialises the orchestrator's decisions about one run (two `orch resume` at once start one job)."""
+        with (self.dir / ".orch.lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def summary(self) -> dict[str, Any]:
         info, progress = self.info, self.progress
@@ -131,10 +156,39 @@ def job_alive(job: dict[str, Any]) -> bool:
         except ProcessLookupError:
             return False
         return not _is_zombie(int(job["job_id"]))
-    out = subprocess.run(
-        ["squeue", "--noheader", "--jobs", job["job_id"], "--format=%T"], capture_output=True, text=True
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job["job_id"], "--format=%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OrchError(f"Cannot ask Slurm about job {job['job_id']}: {err}") from None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        raise OrchError(f"Cannot ask Slurm about job {job['job_id']}: {out.stderr.strip()}")
+    return out.stdout.strip() not in (
+        "",
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
     )
-    return bool(out.stdout.strip())
+
+
+def cancel_job(job: dict[str, Any]) -> None:
+    """scancel, or for a local job an interrupt to its controller (which stops its tasks)."""
+    if job["executor"] == "local":
+        try:
+            os.kill(int(job["job_id"]), signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        return
+    out = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise OrchError(f"scancel {job['job_id']} failed: {out.stderr.strip()}")
 
 
 def _is_zombie(pid: int) -> bool:

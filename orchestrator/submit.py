@@ -5,16 +5,29 @@ from __future__ import annotations
 import getpass
 import os
 import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from orchestrator.config import PROJECT_ROOT, Profile, Recipe, load_profile, load_recipe
+from orchestrator.config import (
+    PROJECT_ROOT,
+    Profile,
+    Recipe,
+    load_profile,
+    load_recipe,
+    merge_all,
+    read_yaml,
+    validate,
+)
 from orchestrator.errors import OrchError
 from orchestrator.plan import Plan, make_plan
-from orchestrator.runs import Run, create_run, new_run_id, orch_home
+from orchestrator.runs import Run, cancel_job, create_run, job_alive, new_run_id, orch_home, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -31,10 +44,7 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
     """Load and check everything before anything is written or submitted."""
     profile_path, profile = load_profile(profile_name, overrides)
     recipe_path, recipe = load_recipe(recipe_name)
-    check_partition(profile, profile_path)
-    plan = make_plan(profile, recipe, steps)
-    check_memory(profile, profile_path, plan)
-    check_data(recipe, recipe_path)
+    plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
     info = {
         "profile": profile_path.stem,
         "recipe": recipe_path.stem,
@@ -42,8 +52,17 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
         "profile_file": str(profile_path),
         "recipe_file": str(recipe_path),
         "tracking_uri": tracking_uri(profile),
+        "signal_delay_s": plan.signal_delay_s,
     }
     return Request(profile, recipe, plan, info)
+
+
+def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
+    check_partition(profile, profile_path)
+    plan = make_plan(profile, recipe, steps)
+    check_memory(profile, profile_path, plan)
+    check_data(recipe, recipe_path)
+    return plan
 
 
 def check_partition(profile: Profile, path: Path) -> None:
@@ -106,9 +125,77 @@ def submit(request: Request) -> Run:
     profile = request.profile
     runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
     run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
-    job_id = make_executor(profile, request.plan, run.submitit_dir).submit(job_function(run)).job_id
-    run.add_job(job_id, profile.executor)
+    with run.lock():
+        launch(run, profile, request.plan)
     return run
+
+
+def launch(run: Run, profile: Profile, plan: Plan) -> str:
+    """Queue the run's next job and record it (the caller holds the run's lock)."""
+    with local_environment(profile, run.submitit_dir / "controller.log"):
+        job_id = make_executor(profile, plan, run.submitit_dir).submit(job_function(run)).job_id
+    run.add_job(job_id, profile.executor)
+    return job_id
+
+
+CONFIRM_TIMEOUT_S = 300
+
+
+def stop_and_confirm(run: Run, job: dict[str, Any]) -> None:
+    """Cancel a job and wait until the scheduler no longer lists it."""
+    cancel_job(job)
+    run.mark_cancelled()
+    deadline = time.time() + CONFIRM_TIMEOUT_S
+    while job_alive(job):
+        if time.time() > deadline:
+            raise OrchError(
+                f"Job {job['job_id']} of run {run.id} is still alive {CONFIRM_TIMEOUT_S} s after "
+                "cancelling it; nothing was resubmitted."
+            )
+        time.sleep(2)
+
+
+def resume(run: Run, steps: int | None, profile_name: str | None, overrides: list[dict[str, Any]], force: bool) -> str:
+    """Submit a new job that continues the run from its newest valid checkpoint; returns the job id."""
+    with run.lock():
+        jobs, report, info = run.jobs, run.progress, run.info
+        if jobs and job_alive(jobs[-1]):
+            if not force:
+                raise OrchError(
+                    f"Run {run.id} already has a live job {jobs[-1]['job_id']} ({run.state()}): two jobs must never "
+                    f"write one run. Wait for it to end, stop it with `orch cancel {run.id}`, or pass --force to "
+                    "cancel it and resume once the scheduler confirms it is gone."
+                )
+            stop_and_confirm(run, jobs[-1])
+        steps = steps or info["steps"]
+        if run.state() == "completed" and steps <= report.get("step", 0):
+            raise OrchError(
+                f"Run {run.id} already completed {report['step']} steps; pass --steps N with N > {report['step']} "
+                "to train further."
+            )
+        if profile_name:
+            profile_path, profile = load_profile(profile_name, overrides)
+        else:
+            profile_path = run.dir / "profile.yaml"
+            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), overrides))
+        recipe_path = run.dir / "recipe.yaml"
+        recipe = validate(recipe_path, Recipe, read_yaml(recipe_path))
+        plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        info.update(steps=steps, profile=profile_name or info["profile"], signal_delay_s=plan.signal_delay_s)
+        write_json_atomic(run.dir / "run.json", info)
+        (run.dir / "profile.yaml").write_text(dump(profile))
+        return launch(run, profile, plan)
+
+
+def cancel(run: Run) -> str:
+    """Stop the run's live job; its checkpoints stay and `orch resume` continues from them."""
+    with run.lock():
+        jobs = run.jobs
+        if not jobs or not job_alive(jobs[-1]):
+            raise OrchError(f"Run {run.id} has no live job to cancel (state: {run.state()}).")
+        cancel_job(jobs[-1])
+        run.mark_cancelled()
+        return jobs[-1]["job_id"]
 
 
 def job_function(run: Run):
@@ -131,19 +218,45 @@ def setup_lines(profile: Profile) -> list[str]:
     return lines
 
 
+@contextmanager
+def local_environment(profile: Profile, log: Path) -> Iterator[None]:
+    """A local job inherits this process's environment and open files while it starts: give it the profile's
+    variables (setup lines would put a shell between the job id and the job, which signals must reach) and
+    a log file instead of our stdout and stderr (a pipe reading them would otherwise wait for the job)."""
+    if profile.executor != "local":
+        yield
+        return
+    saved_env, saved_fds = dict(os.environ), (os.dup(1), os.dup(2))
+    os.environ.update(profile.env_vars)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with log.open("a") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, saved in zip((1, 2), saved_fds, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
 def make_executor(profile: Profile, plan: Plan, folder: Path):
     """A submitit executor for the profile: LocalExecutor on this machine, SlurmExecutor on a cluster."""
     import submitit
 
-    # Enough requeues for every allocation the plan needs, plus two for early signals.
-    max_num_timeout = plan.allocations + 2
+    # Enough requeues for every allocation the plan needs, plus two for early signals; without an estimate,
+    # the requeue-loop guard is what stops a chain.
+    max_num_timeout = plan.allocations + 2 if plan.tokens_per_s else 20
     if profile.executor == "local":
         executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_num_timeout)
         executor.update_parameters(
             tasks_per_node=profile.launch.tasks_per_node,
             timeout_min=profile.time_limit_min,
             signal_delay_s=plan.signal_delay_s,
-            setup=setup_lines(profile),
         )
         return executor
     slurm = profile.slurm

@@ -52,3 +52,68 @@ needs_slurm = pytest.mark.skipif(
     "not __import__('tests.conftest').conftest.slurm_available()",
     reason="no local Slurm (run: bash envs/slurm-local.sh)",
 )
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_job_tree(job_id: str) -> None:
+    """kill -9 a local job's controller and every training process under it."""
+    for pid in [int(job_id), *descendants(int(job_id))]:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def run_dir_of(orch_home: Path, run_id: str) -> Path:
+    return orch_home / "runs" / run_id
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> None:
+    import time
+
+    until = time.time() + timeout
+    while time.time() < until:
+        try:
+            if json.loads((run_dir / "progress.json").read_text()).get("step", 0) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"run never reached step {step}")
+
+
+def spooled_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    return {e["step"]: e["metrics"]["loss"] for e in entries}
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    """A committed checkpoint's full model state, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = run_dir / f"weights-{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:08d}", target)
+    return torch.load(target, weights_only=False)["model"]
+
+
+def submitted_run_id(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("Submitted run ")[1].split()[0]
