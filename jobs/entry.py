@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from submitit.helpers import Checkpointable
 
-class TrainJob:
-    """Runs the training loop of one run directory on every rank of the job."""
+
+class TrainJob(Checkpointable):
+    """Runs the training loop of one run directory on every rank of the job.
+
+    Checkpointable: after a timeout or preemption submitit requeues this same callable; the training
+    state itself lives in the run directory's checkpoints, so nothing else needs to travel.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
 
-    def __call__(self) -> int:
+    def __call__(self) -> int | None:
         from jobs.train import run_training
 
         return run_training(self.run_dir)

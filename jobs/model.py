@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from orchestrator.config import ModelSpec
 
@@ -28,11 +32,11 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "flash_attention_2"
 
 
-def build_model(spec: ModelSpec, attention: str) -> LlamaForCausalLM:
-    """From a local Hugging Face directory when the recipe names one, else freshly initialised."""
+def model_config(spec: ModelSpec, attention: str) -> LlamaConfig:
+    """The architecture: the `init_from` directory's own config when the recipe names one, else the recipe's."""
     if spec.init_from:
-        return LlamaForCausalLM.from_pretrained(spec.init_from, attn_implementation=attention, dtype=torch.float32)
-    config = LlamaConfig(
+        return LlamaConfig.from_pretrained(spec.init_from, attn_implementation=attention)
+    return LlamaConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -44,7 +48,31 @@ def build_model(spec: ModelSpec, attention: str) -> LlamaForCausalLM:
         tie_word_embeddings=False,
         attn_implementation=attention,
     )
-    return LlamaForCausalLM(config)
+
+
+def build_model(spec: ModelSpec, attention: str) -> LlamaForCausalLM:
+    """From a local Hugging Face directory when the recipe names one, else freshly initialised."""
+    if spec.init_from:
+        return LlamaForCausalLM.from_pretrained(spec.init_from, attn_implementation=attention, dtype=torch.float32)
+    return LlamaForCausalLM(model_config(spec, attention))
+
+
+def build_empty_model(config: LlamaConfig, device: torch.device | str) -> LlamaForCausalLM:
+    """The model's structure without initialising weights (they are loaded next); rotary frequencies are real."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device=device)
+    materialise_rotary(model, device)
+    return model
+
+
+def materialise_rotary(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Rotary frequencies are non-persistent buffers, in no checkpoint: compute them for a model built on meta."""
+    for module in model.modules():
+        if isinstance(module, LlamaRotaryEmbedding):
+            with torch.device(device):
+                fresh = LlamaRotaryEmbedding(module.config)
+            module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
 
 
 def shard(model: LlamaForCausalLM, strategy: str, precision: str) -> LlamaForCausalLM:
@@ -57,3 +85,38 @@ def shard(model: LlamaForCausalLM, strategy: str, precision: str) -> LlamaForCau
         fully_shard(layer, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
     return model
+
+
+def build_sharded_model(
+    spec: ModelSpec, attention: str, strategy: str, precision: str, device: torch.device
+) -> LlamaForCausalLM:
+    """This rank's shards of the model, in an initialised process group.
+
+    From scratch every rank initialises the full model from the same seed and keeps its shards. From
+    `init_from` only rank 0 reads the weights (one full copy per node, not one per rank); the others build
+    the sharded structure on the meta device and receive their shards from rank 0.
+    """
+    if not spec.init_from:
+        return shard(build_model(spec, attention).to(device), strategy, precision)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config(spec, attention))
+    shard(model, strategy, precision)
+    model.to_empty(device=device)
+    full_state = build_model(spec, attention).state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    materialise_rotary(model, device)
+    return model
+
+
+def save_hf_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, output: Path) -> None:
+    """A Hugging Face model directory whose config and generation config name the tokenizer's special tokens."""
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    for key, value in ids.items():
+        setattr(model.config, key, value)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)

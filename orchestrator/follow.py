@@ -7,7 +7,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from orchestrator.runs import TERMINAL_STATES, Run
+from orchestrator.runs import TERMINAL_STATES, Run, job_alive
 
 
 def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
@@ -34,5 +34,13 @@ def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
                 tokens_per_s=f"{beat['tokens_per_s']:,.0f}" if beat.get("tokens_per_s") else "-",
             )
             if state in TERMINAL_STATES:
+                wait_for_exit(run, poll_s)
                 return state
             time.sleep(poll_s)
+
+
+def wait_for_exit(run: Run, poll_s: float, timeout_s: float = 120) -> None:
+    """A job reports its end before its processes are gone; the run is free for the next job only then."""
+    deadline = time.time() + timeout_s
+    while run.jobs and job_alive(run.jobs[-1]) and time.time() < deadline:
+        time.sleep(poll_s)

@@ -1,0 +1,71 @@
+"""Export: one checkpoint of a run as a Hugging Face model directory.
+
+It runs where the run directory is readable, on a login node too: no GPU and no process group, because
+torch.distributed.checkpoint reads every rank's shard into full tensors in one process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from jobs import checkpoint
+from jobs.model import build_empty_model, model_config, save_hf_model
+from orchestrator.config import Recipe, read_yaml, validate
+from orchestrator.errors import OrchError
+from orchestrator.runs import Run, get_run, read_json
+
+
+def tokenizer_dir(run: Run) -> Path:
+    """The tokenizer the run's data was tokenized with, as the training job saved it beside the packed data."""
+    return run.dir / "data" / "tokenizer"
+
+
+def choose_step(run: Run, step: int | None) -> int:
+    """The asked step if it has a committed checkpoint; by default the one `latest.json` names, else the newest."""
+    steps = sorted(checkpoint.committed_steps(run.checkpoints_dir))
+    if not steps:
+        raise OrchError(f"Run {run.id} has no checkpoint yet (none in {run.checkpoints_dir}); nothing to export.")
+    if step is None:
+        latest = read_json(run.checkpoints_dir / "latest.json", {}).get("step")
+        return latest if latest in steps else steps[-1]
+    if step not in steps:
+        raise OrchError(
+            f"Run {run.id} has no checkpoint at step {step} (option --step). Available steps: "
+            f"{', '.join(map(str, steps))}; leave --step out to export the latest."
+        )
+    return step
+
+
+def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
+    """The full model of one checkpoint whose files match their manifest, on the CPU, in float32 as trained."""
+    recipe_path = run.dir / "recipe.yaml"
+    spec = validate(recipe_path, Recipe, read_yaml(recipe_path)).model
+    if spec.init_from and not (Path(spec.init_from) / "config.json").is_file():
+        raise OrchError(
+            f"{recipe_path}: field 'model.init_from' names {spec.init_from!r}, which has no config.json; the "
+            "export takes the architecture from it. Make that model directory readable here."
+        )
+    folder = checkpoint.step_dir(run.checkpoints_dir, step)
+    problem = checkpoint.damage(folder)
+    if problem:
+        raise OrchError(f"The checkpoint of run {run.id} at step {step} is damaged ({problem}); export another step.")
+    model = build_empty_model(model_config(spec, "sdpa"), "cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
+    return model
+
+
+def export(run_id: str, step: int | None, output: Path) -> int:
+    """Write the checkpoint of `step` (default: the latest) of a run to `output`; returns the step exported."""
+    run = get_run(run_id)
+    chosen = choose_step(run, step)
+    tokenizer_path = tokenizer_dir(run)
+    if not tokenizer_path.is_dir():
+        raise OrchError(f"Run {run.id} has no tokenizer at {tokenizer_path}; its data was never prepared.")
+    save_hf_model(load_checkpoint(run, chosen), AutoTokenizer.from_pretrained(tokenizer_path), output)
+    return chosen
