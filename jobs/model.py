@@ -75,20 +75,48 @@ def materialise_rotary(model: torch.nn.Module, device: torch.device | str) -> No
             module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
 
 
-def shard(model: LlamaForCausalLM, strategy: str, precision: str) -> LlamaForCausalLM:
-    """FSDP2 per decoder layer and at the root. SHARD_GRAD_OP keeps the gathered parameters after forward."""
+def shard(
+    model: LlamaForCausalLM, strategy: str, precision: str, *, recompute: bool = False, compile: bool = False
+) -> LlamaForCausalLM:
+    """FSDP2 per decoder layer, then the body and the output head as two roots (a tied head stays with the
+    body in one root). SHARD_GRAD_OP keeps the gathered parameters after forward.
+
+    A separate head lets the loss run it chunk by chunk (`jobs.loss`) without the full logits. `recompute`
+    keeps only each block's input for backward (activation checkpointing); `compile` compiles each block."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32, reduce_dtype=torch.float32
     )
     reshard = strategy == "full_shard"
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
+        if compile:
+            layer.compile()
         fully_shard(layer, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
+    if model.config.tie_word_embeddings:
+        fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
+    else:
+        fully_shard(model.model, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model.lm_head, reshard_after_forward=reshard, mp_policy=policy)
     return model
 
 
+def set_gradient_sync(model: LlamaForCausalLM, enabled: bool) -> None:
+    """Reduce-scatter gradients only on the last micro-batch of an optimizer step."""
+    roots = [model] if model.config.tie_word_embeddings else [model.model, model.lm_head]
+    for root in roots:
+        root.set_requires_gradient_sync(enabled)
+
+
 def build_sharded_model(
-    spec: ModelSpec, attention: str, strategy: str, precision: str, device: torch.device
+    spec: ModelSpec,
+    attention: str,
+    strategy: str,
+    precision: str,
+    device: torch.device,
+    *,
+    recompute: bool = False,
+    compile: bool = False,
 ) -> LlamaForCausalLM:
     """This rank's shards of the model, in an initialised process group.
 
@@ -97,10 +125,10 @@ def build_sharded_model(
     the sharded structure on the meta device and receive their shards from rank 0.
     """
     if not spec.init_from:
-        return shard(build_model(spec, attention).to(device), strategy, precision)
+        return shard(build_model(spec, attention).to(device), strategy, precision, recompute=recompute, compile=compile)
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config(spec, attention))
-    shard(model, strategy, precision)
+    shard(model, strategy, precision, recompute=recompute, compile=compile)
     model.to_empty(device=device)
     full_state = build_model(spec, attention).state_dict() if dist.get_rank() == 0 else {}
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -15,7 +15,8 @@ from accelerate import PartialState
 
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, prepare_data
-from jobs.model import attention_implementation, build_sharded_model
+from jobs.loss import causal_lm_loss
+from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag
 from jobs.tracking import Tracker, mlflow_run_id
@@ -62,7 +63,16 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
     loader = BlockLoader(blocks, order, rank, device)
 
     attention = attention_implementation(recipe.train.attention, device)
-    model = build_sharded_model(recipe.model, attention, recipe.train.fsdp, recipe.train.precision, device)
+    train_spec = recipe.train
+    model = build_sharded_model(
+        recipe.model,
+        attention,
+        train_spec.fsdp,
+        train_spec.precision,
+        device,
+        recompute=train_spec.activation_checkpointing,
+        compile=train_spec.compile,
+    )
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule)
 
@@ -124,8 +134,8 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
                 fetch = time.perf_counter()
                 tokens = loader.micro_batch(step, micro_step)
                 data_wait += time.perf_counter() - fetch
-                model.set_requires_gradient_sync(micro_step == plan.grad_accum - 1)
-                micro_loss = model(input_ids=tokens, labels=tokens).loss / plan.grad_accum
+                set_gradient_sync(model, micro_step == plan.grad_accum - 1)
+                micro_loss = causal_lm_loss(model, tokens) / plan.grad_accum
                 micro_loss.backward()
                 loss += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip).full_tensor()

@@ -178,6 +178,8 @@ class TrainSpec(Strict):
     attention: Literal["flash2", "sdpa", "eager"]
     fsdp: Literal["shard_grad_op", "full_shard"]
     grad_clip: float = Field(gt=0)
+    activation_checkpointing: bool = Field(default=False, description="recompute each block in backward")
+    compile: bool = Field(default=False, description="torch.compile each transformer block")
     seed: int = 0
 
 
