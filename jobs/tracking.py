@@ -88,6 +88,11 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
     return state["sent_through"]
 
 
+def committed_step(checkpoints: Path) -> int | None:
+    """The newest committed checkpoint's step: metrics up to it are final."""
+    return read_json(checkpoints / "latest.json", {}).get("step")
+
+
 def mlflow_run_id(run_dir: Path) -> str | None:
     return read_json(run_dir / "mlflow.json", {}).get("run_id")
 

@@ -93,7 +93,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         if saved["recipe_hash"] != recipe_hash:
             log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
 
-    refusal = agree(rank, lambda: requeue_loop(run, job_id, start_step))
+    refusal = agree(rank, lambda: requeue_loop(run, job_id, start_step, profile.nodes))
     if refusal:
         if rank == 0:
             Heartbeat(run, job_id, plan.steps, checkpointer).beat("failed", start_step, error=refusal)
@@ -213,12 +213,13 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
         time.sleep(0.5)
 
 
-def requeue_loop(run: Run, job_id: str, start_step: int) -> str | None:
+def requeue_loop(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
     """Stop a chain of requeues that makes no progress: the third start of one job at the same step fails."""
     path = run.dir / "attempts.json"
     attempts = read_json(path, [])
     stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]
-    write_json_atomic(path, attempts + [{"job_id": job_id, "start_step": start_step, "started": time.time()}])
+    attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
+    write_json_atomic(path, attempts + [attempt])
     if len(stuck) >= 2:
         return (
             f"requeue loop: job {job_id} started at step {start_step} {len(stuck) + 1} times without committing "
@@ -247,6 +248,6 @@ class Heartbeat:
                 "last_checkpoint_step": self.checkpointer.last_committed(),
                 "mlflow_run_id": mlflow_run_id(self.run.dir),
                 "error": error,
-                **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr")},
+                **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},
             },
         )

@@ -153,26 +153,95 @@ def status(
     run_id: Annotated[Optional[str], typer.Argument(help="one run; all runs when left out")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Runs and their state, read from the run directories."""
+    """Runs and their state, read from the run directories and the scheduler."""
     from orchestrator.runs import all_runs, get_run
 
-    summaries = [get_run(run_id).summary()] if run_id else [run.summary() for run in all_runs()]
+    summaries = [get_run(run_id).summary()] if run_id else summarise(all_runs())
     if as_json:
         print(json.dumps(summaries[0] if run_id else summaries, indent=2))
         return
-    table = Table("run", "state", "step", "loss", "tok/s", "checkpoint", "profile", "recipe")
+    table = Table("run", "state", "step", "loss", "tok/s", "ETA", "checkpoint", "allocations", "node-h", "profile")
     for s in summaries:
         table.add_row(
             s["run_id"],
             s["state"],
             f"{s['step']}/{s['steps']}",
-            f"{s['loss']:.4f}" if s["loss"] is not None else "-",
-            f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "-",
+            number(s["loss"], ".4f"),
+            number(s["tokens_per_s"], ",.0f"),
+            duration(s["eta_s"]),
             str(s["last_checkpoint_step"] or "-"),
+            str(s["allocations"]),
+            number(s["node_hours"], ".2f"),
             s["profile"],
-            s["recipe"],
         )
     console.print(table)
+    for s in summaries:
+        if run_id and s["error"]:
+            console.print(f"[red]{s['error']}[/]")
+
+
+def summarise(runs) -> list[dict]:
+    """Summaries of many runs, with one scheduler query for all their live-looking jobs."""
+    from orchestrator.runs import alive_jobs
+
+    last_jobs = {run.id: run.jobs[-1] for run in runs if run.jobs and run.progress.get("state") != "completed"}
+    alive = alive_jobs(list(last_jobs.values()))
+    return [run.summary(alive.get(last_jobs[run.id]["job_id"]) if run.id in last_jobs else None) for run in runs]
+
+
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+@app.command("ls")
+def list_runs() -> None:
+    """Run ids, newest last (no scheduler queries)."""
+    from orchestrator.runs import all_runs
+
+    for run in all_runs():
+        info = run.info
+        console.print(
+            f"{run.id}  {info.get('profile')}  {info.get('recipe')}  {info.get('steps')} steps", highlight=False
+        )
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    rank: Annotated[int, typer.Option(help="which rank's log")] = 0,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as the log grows")] = False,
+    lines: Annotated[int, typer.Option(help="lines from the end to start with")] = 50,
+) -> None:
+    """The newest job's log of one rank (stdout and stderr, interleaved by time of reading)."""
+    from orchestrator.logs import show_logs
+    from orchestrator.runs import get_run
+
+    show_logs(get_run(run_id), rank, follow, lines)
+
+
+@app.command()
+def sync(run_id: Annotated[str, typer.Argument(help="the run")]) -> None:
+    """Send the metrics a tracking outage left in the run directory to MLflow (each step once)."""
+    from orchestrator.runs import get_run
+
+    run = get_run(run_id)
+    from jobs.tracking import committed_step, send
+
+    through = committed_step(run.checkpoints_dir)
+    if through is None:
+        raise OrchError(f"Run {run.id} has no committed checkpoint yet: no metrics are due in MLflow.")
+    try:
+        sent = send(run.dir, run.info["tracking_uri"], through, {}, {})
+    except Exception as err:  # noqa: BLE001 - any failure to reach the server is the user's to know
+        raise OrchError(f"Tracking server {run.info['tracking_uri']} unreachable: {err}") from None
+    console.print(f"MLflow has the metrics of run {run.id} through step {sent}.")
 
 
 env_app = typer.Typer(help="The software environment where a profile's jobs run.", no_args_is_help=True)

@@ -27,6 +27,21 @@ from typing import Any
 from orchestrator.errors import OrchError
 
 TERMINAL_STATES = ("completed", "failed", "cancelled")
+LIVE_SLURM_STATES = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "COMPLETING",
+    "CONFIGURING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+)
 
 
 def orch_home() -> Path:
@@ -97,8 +112,9 @@ class Run:
         jobs = self.jobs + [{"job_id": job_id, "executor": executor, "submitted": time.time()}]
         write_json_atomic(self.dir / "jobs.json", jobs)
 
-    def state(self) -> str:
-        """queued, running, completed, failed or cancelled, from the newest job's report and the scheduler."""
+    def state(self, alive: bool | None = None) -> str:
+        """queued, running, completed, failed or cancelled, from the newest job's report and the scheduler
+        (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
         jobs = self.jobs
         if not jobs:
             return "queued"
@@ -106,7 +122,7 @@ class Run:
         reported = report.get("state") if report.get("job_id") == job["job_id"] else None
         if reported == "completed":
             return reported
-        alive = job_alive(job)
+        alive = job_alive(job) if alive is None else alive
         if job.get("cancelled") and not alive:
             return "cancelled"
         if reported == "failed" or not alive:
@@ -128,24 +144,55 @@ class Run:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def summary(self) -> dict[str, Any]:
-        info, progress = self.info, self.progress
+    def summary(self, alive: bool | None = None) -> dict[str, Any]:
+        info, progress, jobs = self.info, self.progress, self.jobs
+        state = self.state(alive)
+        step, steps = progress.get("step", 0), info.get("steps")
+        step_time = progress.get("step_time_s")
         return {
             "run_id": self.id,
-            "state": self.state(),
-            "step": progress.get("step", 0),
-            "steps": info.get("steps"),
+            "state": state,
+            "step": step,
+            "steps": steps,
             "loss": progress.get("loss"),
             "tokens_per_s": progress.get("tokens_per_s"),
+            "eta_s": (steps - step) * step_time if state == "running" and step_time and steps else None,
             "last_checkpoint_step": progress.get("last_checkpoint_step"),
-            "mlflow_run_id": progress.get("mlflow_run_id"),
-            "job_ids": [job["job_id"] for job in self.jobs],
+            "mlflow_run_id": read_json(self.dir / "mlflow.json", {}).get("run_id") or progress.get("mlflow_run_id"),
+            "job_ids": [job["job_id"] for job in jobs],
+            "allocations": len(read_json(self.dir / "attempts.json", [])),
+            "node_hours": self.node_hours(progress, state),
             "run_dir": str(self.dir),
             "profile": info.get("profile"),
             "recipe": info.get("recipe"),
             "created": info.get("created"),
             "error": progress.get("error"),
         }
+
+    def node_hours(self, progress: dict[str, Any], state: str) -> float:
+        """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
+        attempts = read_json(self.dir / "attempts.json", [])
+        ends = [a["started"] for a in attempts[1:]]
+        ends.append(time.time() if state in ("running", "queued") else progress.get("updated", time.time()))
+        return sum(
+            a.get("nodes", 1) * max(0.0, end - a["started"]) / 3600 for a, end in zip(attempts, ends, strict=True)
+        )
+
+
+def alive_jobs(jobs: list[dict[str, Any]]) -> dict[str, bool]:
+    """Liveness of many jobs with one scheduler query (`orch status` over hundreds of runs stays fast)."""
+    alive = {j["job_id"]: job_alive(j) for j in jobs if j["executor"] == "local"}
+    slurm_ids = [j["job_id"] for j in jobs if j["executor"] != "local"]
+    if slurm_ids:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--format=%i %T", "--jobs", ",".join(slurm_ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        alive.update({job_id: states.get(job_id, "") in LIVE_SLURM_STATES for job_id in slurm_ids})
+    return alive
 
 
 def job_alive(job: dict[str, Any]) -> bool:
