@@ -64,7 +64,7 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
     state = read_json(state_path, {})
     if "run_id" not in state:
         experiment = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else create_experiment(client, uri)
         run = client.create_run(experiment_id, run_name=run_dir.name, tags={"orch.run_id": run_dir.name})
         flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
         items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
@@ -86,6 +86,28 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
         state["sent_through"] = entries[-1]["step"]
         write_json_atomic(state_path, state)
     return state["sent_through"]
+
+
+def create_experiment(client: Any, uri: str) -> str:
+    """An embedded SQLite store keeps its artifacts beside the database, not in the job's working directory."""
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def upload_artifacts(run_dir: Path, uri: str, files: list[Path]) -> None:
+    """The resolved recipe and profile, the job script and the job logs, under `orch/` in the MLflow run."""
+    import mlflow
+
+    run_id = mlflow_run_id(run_dir)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient(uri)
+    for path in files:
+        if path.is_file():
+            folder = "orch/logs" if path.suffix in (".out", ".err") else "orch"
+            client.log_artifact(run_id, str(path), folder)
 
 
 def committed_step(checkpoints: Path) -> int | None:
@@ -143,17 +165,19 @@ class Tracker:
                 )
             self.outage_reported = True
 
-    def close(self, status: str) -> None:
-        """Stop the thread, send what is committed and mark the MLflow run's status (best effort)."""
+    def close(self, status: str, artifacts: list[Path]) -> None:
+        """Stop the thread, send what is committed, upload the artifacts and mark the MLflow run's status."""
         self.stopping.set()
         self.wake.set()
         self.thread.join()
         self.flush()
         run_id = mlflow_run_id(self.run_dir)
-        if run_id and not self.outage_reported:
-            import mlflow
+        if run_id is None or self.outage_reported:
+            return
+        import mlflow
 
-            try:
-                mlflow.MlflowClient(self.uri).set_terminated(run_id, status=status)
-            except Exception as err:  # noqa: BLE001
-                log.warning("could not set the MLflow run's status: %s", err)
+        try:
+            upload_artifacts(self.run_dir, self.uri, artifacts)
+            mlflow.MlflowClient(self.uri).set_terminated(run_id, status=status)
+        except Exception as err:  # noqa: BLE001 - best effort: the files stay in the run directory
+            log.warning("could not finish the MLflow run (artifacts, status): %s", err)

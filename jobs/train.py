@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -108,6 +110,8 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
             "orch.profile": run.info["profile"],
             "orch.recipe": run.info["recipe"],
             "orch.attention": attention,
+            "orch.git_commit": run.info.get("git_commit") or "unknown",
+            "orch.nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
         }
         tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
         tracker.spool.rollback(start_step)
@@ -178,20 +182,26 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
             if stopping and done < plan.steps:
                 checkpointer.close()
                 if tracker and heartbeat:
-                    tracker.close("RUNNING")
+                    tracker.close("RUNNING", artifacts(run, job_id))
                     heartbeat.beat("requeued", done)
                     stop.requeue()  # exits this process through submitit
                 return None
         checkpointer.close()
     except Exception as err:
         if tracker and heartbeat:
-            tracker.close("FAILED")
+            tracker.close("FAILED", artifacts(run, job_id, logs=True))
             heartbeat.beat("failed", heartbeat.step, error=f"{type(err).__name__}: {err}")
         raise
     if tracker and heartbeat:
-        tracker.close("FINISHED")
+        tracker.close("FINISHED", artifacts(run, job_id, logs=True))
         heartbeat.beat("completed", plan.steps)
     return plan.steps
+
+
+def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:
+    """What the MLflow run keeps of a job: the resolved recipe and profile, the job script, at the end the logs."""
+    files = [run.dir / "recipe.yaml", run.dir / "profile.yaml", run.submitit_dir / job_id / f"{job_id}_submission.sh"]
+    return files + sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else files
 
 
 def agree(rank: int, decide):

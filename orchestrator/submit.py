@@ -53,8 +53,17 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
         "recipe_file": str(recipe_path),
         "tracking_uri": tracking_uri(profile),
         "signal_delay_s": plan.signal_delay_s,
+        "git_commit": git_commit(),
     }
     return Request(profile, recipe, plan, info)
+
+
+def git_commit() -> str | None:
+    """The code a run trains with, for its MLflow tags."""
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
