@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -21,7 +22,7 @@ from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag
-from jobs.tracking import Tracker, mlflow_run_id
+from jobs.tracking import Tracker, committed_step, mlflow_run_id
 from orchestrator.config import Profile, Recipe
 from orchestrator.estimate import flops_per_token
 from orchestrator.plan import make_plan
@@ -53,6 +54,11 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
     torch.manual_seed(recipe.train.seed)
     if not agree(rank, lambda: owns_run(run, job_id)):
         raise RuntimeError(f"job {job_id} is not the current job of run {run.id}: refusing to write into it")
+    committed = committed_step(run.checkpoints_dir) or 0
+    if refusal := agree(rank, lambda: requeue_loop(run, job_id, committed, profile.nodes)):
+        if rank == 0:
+            Heartbeat(run, job_id, plan.steps, lambda: committed).beat("failed", committed, error=refusal)
+        return None
 
     data_dir = run.dir / "data"
     if rank == 0 and not (data_dir / "blocks.npy").is_file():
@@ -95,12 +101,6 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         if saved["recipe_hash"] != recipe_hash:
             log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
 
-    refusal = agree(rank, lambda: requeue_loop(run, job_id, start_step, profile.nodes))
-    if refusal:
-        if rank == 0:
-            Heartbeat(run, job_id, plan.steps, checkpointer).beat("failed", start_step, error=refusal)
-        return None
-
     tracker = heartbeat = None
     if rank == 0:
         params = {"recipe": recipe.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
@@ -115,7 +115,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         }
         tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
         tracker.spool.rollback(start_step)
-        heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer)
+        heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
         heartbeat.beat("running", start_step)
     stop = StopFlag(deadline, device)
     peak_flops = world * (profile.node.peak_bf16_tflops or 0) * 1e12
@@ -224,7 +224,8 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
 
 
 def requeue_loop(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
-    """Stop a chain of requeues that makes no progress: the third start of one job at the same step fails."""
+    """Stop a chain of requeues that makes no progress: the third start of one job at the same committed step
+    fails (a new `orch resume` is a new job, and starts a new count)."""
     path = run.dir / "attempts.json"
     attempts = read_json(path, [])
     stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]
@@ -241,8 +242,8 @@ def requeue_loop(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
 class Heartbeat:
     """progress.json: what `orch status` and `--wait` read, written by rank 0 after every step."""
 
-    def __init__(self, run: Run, job_id: str, steps: int, checkpointer: Checkpointer) -> None:
-        self.run, self.job_id, self.steps, self.checkpointer = run, job_id, steps, checkpointer
+    def __init__(self, run: Run, job_id: str, steps: int, last_committed: Callable[[], int | None]) -> None:
+        self.run, self.job_id, self.steps, self.last_committed = run, job_id, steps, last_committed
         self.step, self.metrics = 0, {}
 
     def beat(self, state: str, step: int, metrics: dict[str, float] | None = None, error: str | None = None) -> None:
@@ -255,7 +256,7 @@ class Heartbeat:
                 "steps": self.steps,
                 "job_id": self.job_id,
                 "updated": time.time(),
-                "last_checkpoint_step": self.checkpointer.last_committed(),
+                "last_checkpoint_step": self.last_committed(),
                 "mlflow_run_id": mlflow_run_id(self.run.dir),
                 "error": error,
                 **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},

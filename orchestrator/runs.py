@@ -172,6 +172,8 @@ class Run:
     def node_hours(self, progress: dict[str, Any], state: str) -> float:
         """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
         attempts = read_json(self.dir / "attempts.json", [])
+        if not attempts:
+            return 0.0
         ends = [a["started"] for a in attempts[1:]]
         ends.append(time.time() if state in ("running", "queued") else progress.get("updated", time.time()))
         return sum(

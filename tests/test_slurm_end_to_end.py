@@ -1,12 +1,14 @@
 """The Slurm path against a real slurmctld/slurmd on localhost: sbatch, srun, 2 tasks, gloo, MLflow."""
 
+import json
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.conftest import needs_slurm, orch, status_json
+from tests.conftest import needs_slurm, orch, spooled_losses, status_json, submitted_run_id
 
 pytestmark = [pytest.mark.slow, needs_slurm]
 
@@ -30,3 +32,22 @@ def test_local_slurm_submit_runs_two_tasks_under_slurm_and_tracks(orch_home: Pat
     client = mlflow.MlflowClient(f"sqlite:///{orch_home / 'mlflow.db'}")
     losses = client.get_metric_history(run["mlflow_run_id"], "loss")
     assert len(losses) == 20 and losses[-1].value < losses[0].value
+
+
+def test_slurm_timeouts_requeue_until_done_with_the_uninterrupted_losses(orch_home: Path):
+    """A 2-minute limit: the signal (or the job's own deadline) stops all ranks at a step boundary, they save,
+    rank 0 requeues through submitit and Slurm starts the job again, until the run is done."""
+    steps = 500
+    run_id = submitted_run_id(orch("submit", "--profile", "local-slurm", "--steps", str(steps), "--time", "2"))
+    run_dir = Path(status_json(run_id)["run_dir"])
+    until = time.time() + 1200
+    while status_json(run_id)["state"] not in ("completed", "failed") and time.time() < until:
+        time.sleep(5)
+    assert status_json(run_id)["state"] == "completed", (run_dir / "progress.json").read_text()
+    attempts = json.loads((run_dir / "attempts.json").read_text())
+    starts = [a["start_step"] for a in attempts]
+    assert len(starts) >= 3 and starts == sorted(set(starts))  # at least two automatic requeues, each progressed
+    assert {a["job_id"] for a in attempts} == set(status_json(run_id)["job_ids"])  # one Slurm job, requeued
+
+    reference = submitted_run_id(orch("submit", "--profile", "local", "--steps", str(steps), "--wait"))
+    assert spooled_losses(run_dir) == spooled_losses(Path(status_json(reference)["run_dir"]))

@@ -1,0 +1,67 @@
+"""`orch status` latency with many runs in ORCH_HOME (a benchmark, not a test).
+
+Creates N run directories shaped like real ones (half completed, half running under a Slurm job id that the
+scheduler no longer knows, so `squeue` is asked once for all of them), then times the real command.
+Usage: python bench/status_latency.py [--runs 200] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_runs(home: Path, count: int) -> None:
+    for i in range(count):
+        run_dir = home / "runs" / f"tiny-20261127-{i:06d}-abcd"
+        run_dir.mkdir(parents=True)
+        running = i % 2 == 1
+        files = {
+            "run.json": {"run_id": run_dir.name, "created": time.time() + i, "profile": "karolina", "recipe": "tiny",
+                         "steps": 200000, "tracking_uri": "sqlite:///x.db", "signal_delay_s": 300},
+            "jobs.json": [{"job_id": str(900000 + i), "executor": "slurm" if running else "local", "submitted": 0}],
+            "progress.json": {"state": "running" if running else "completed", "step": 1234, "steps": 200000,
+                              "job_id": str(900000 + i), "loss": 2.5, "tokens_per_s": 290000.0, "step_time_s": 3.6,
+                              "last_checkpoint_step": 1000, "updated": time.time()},
+            "attempts.json": [{"job_id": str(900000 + i), "start_step": 0, "started": time.time() - 3600, "nodes": 2}],
+            "mlflow.json": {"run_id": "0" * 32, "sent_through": 1000},
+        }
+        for name, data in files.items():
+            (run_dir / name).write_text(json.dumps(data))
+
+
+def time_command(args: list[str], env: dict[str, str], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=ROOT, check=True,
+                       capture_output=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=7)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as home:
+        make_runs(Path(home), options.runs)
+        env = {**os.environ, "ORCH_HOME": home}
+        for args in (["--help"], ["status"], ["status", "--json"], ["ls"]):
+            times = time_command(args, env, options.repeat)
+            print(f"orch {' '.join(args):14s} {options.runs} runs: median {statistics.median(times):.3f} s "
+                  f"(min {min(times):.3f}, max {max(times):.3f}, {options.repeat} runs, {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
