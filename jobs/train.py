@@ -17,7 +17,8 @@ import yaml
 from accelerate import PartialState
 
 from jobs.checkpoint import Checkpointer
-from jobs.data import BlockLoader, GlobalOrder, load_blocks, prepare_data
+from jobs.data import BlockLoader, GlobalOrder, data_ready, load_blocks, load_val_blocks, prepare_data
+from jobs.evaluate import evaluate
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
@@ -61,7 +62,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         return None
 
     data_dir = run.dir / "data"
-    if rank == 0 and not (data_dir / "blocks.npy").is_file():
+    if rank == 0 and not data_ready(data_dir):
         prepare_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, data_dir)
     dist.barrier()
     blocks = load_blocks(data_dir)
@@ -69,6 +70,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         len(blocks), recipe.train.global_batch_size, recipe.train.micro_batch_size, world, recipe.train.seed
     )
     loader = BlockLoader(blocks, order, rank, device)
+    val_blocks = load_val_blocks(data_dir) if recipe.eval else None
 
     attention = attention_implementation(recipe.train.attention, device)
     train_spec = recipe.train
@@ -152,20 +154,22 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
             elapsed = time.perf_counter() - started
             tokens_per_s = plan.tokens_per_step / elapsed
 
+            metrics = {
+                "loss": loss.item(),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_rank": tokens_per_s / world,
+                "step_time_s": elapsed,
+                "data_wait_fraction": data_wait / elapsed,
+            }
+            if peak_flops:
+                metrics["mfu"] = model_flops * tokens_per_s / peak_flops
+            if torch.cuda.is_available():
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if recipe.eval and (done % recipe.eval.every_steps == 0 or done == plan.steps):
+                metrics.update(evaluate(model, val_blocks, recipe.eval.blocks, recipe.train.micro_batch_size, device))
             if tracker and heartbeat:
-                metrics = {
-                    "loss": loss.item(),
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_rank": tokens_per_s / world,
-                    "step_time_s": elapsed,
-                    "data_wait_fraction": data_wait / elapsed,
-                }
-                if peak_flops:
-                    metrics["mfu"] = model_flops * tokens_per_s / peak_flops
-                if torch.cuda.is_available():
-                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 tracker.log(done, metrics)
                 heartbeat.beat("running", done, metrics)
 

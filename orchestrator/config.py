@@ -166,8 +166,10 @@ class DataSpec(Strict):
     """The Concat dataset: documents joined with EOS and cut into max_seq_len blocks."""
 
     dataset: Literal["concat"] = "concat"
-    source: str = Field(description="'demo' (a generated corpus) or a folder of .txt documents")
-    tokenizer: str = Field(description="'demo' (trained on the demo corpus) or a tokenizer directory")
+    source: str = Field(description="'demo', a folder made by `orch data prepare`, or a folder of documents")
+    tokenizer: str = Field(
+        description="'demo' (trained on the documents) or a tokenizer directory; for a prepared source, the one used"
+    )
     max_seq_len: int = Field(ge=2)
 
 
@@ -206,6 +208,13 @@ class CheckpointSpec(Strict):
     async_save: bool = Field(default=True, description="write in the background; training waits only for the copy")
 
 
+class EvalSpec(Strict):
+    """Validation on the held-out split every `every_steps` steps and at the end."""
+
+    every_steps: int = Field(ge=1)
+    blocks: int = Field(ge=1, description="validation blocks per evaluation (rounded to ranks × micro batch)")
+
+
 class Recipe(Strict):
     """What to train: independent of where it runs. `--steps` (training length) is not part of it."""
 
@@ -216,6 +225,7 @@ class Recipe(Strict):
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     checkpoint: CheckpointSpec
+    eval: EvalSpec | None = None
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -1,0 +1,32 @@
+"""Validation loss and perplexity on held-out blocks (the seed's "Test Perplexity")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.loss import causal_lm_loss
+
+
+def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, device: torch.device) -> dict:
+    """Mean next-token loss over the first validation blocks, split across ranks by index.
+
+    The count is rounded down to a multiple of ranks × micro batch: every rank runs the same number of
+    forward passes, as the sharded model's collectives require."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_pass = world * micro_batch
+    count = min(max_blocks, len(blocks)) // per_pass * per_pass
+    if count == 0:
+        return {}
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for first in range(rank * micro_batch, count, per_pass):
+            rows = blocks[np.arange(first, first + micro_batch)]
+            tokens = torch.from_numpy(rows.astype(np.int64)).to(device)
+            total += causal_lm_loss(model, tokens).double() * micro_batch
+    dist.all_reduce(total)
+    loss = (total / count).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}

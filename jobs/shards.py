@@ -1,0 +1,205 @@
+"""Token shards: how a prepared corpus split lies on disk, and the block view that training reads.
+
+A split folder (`train/`, `val/`) holds raw token files `shard_00000.bin`, `shard_00001.bin`, ... (little-endian
+uint16 when every token id fits, else uint32; every shard but the last holds exactly `shard_tokens` tokens) and
+`index.json`, written atomically after the last shard, so a folder with an index is complete:
+
+    {"format": "orch-token-shards/1", "dtype": "uint16", "vocab_size": 64000, "eos_id": 2,
+     "tokenizer": {"path": "...", "sha256": "..."}, "tokens": N, "documents": D, "skipped": {reason: count},
+     "shards": [{"file": "shard_00000.bin", "tokens": n, "documents": d, "sha256": "..."}, ...]}
+
+The split's token stream is its shards concatenated in index order; every document in it ends with EOS.
+A shard's `documents` counts the documents that end in it (a document may start in an earlier shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.errors import OrchError
+from orchestrator.runs import write_json_atomic
+
+FORMAT = "orch-token-shards/1"
+INDEX = "index.json"
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def token_dtype(vocab_size: int, requested: str = "auto") -> str:
+    """The narrowest width that holds every id of the vocabulary, or the requested one if it does."""
+    if requested not in ("auto", *DTYPES):
+        raise OrchError(f"--dtype '{requested}' is not a token width. Allowed: auto, {', '.join(DTYPES)}.")
+    fitting = [name for name, dtype in DTYPES.items() if vocab_size - 1 <= np.iinfo(dtype).max]
+    if requested == "auto":
+        return fitting[0]
+    if requested not in fitting:
+        raise OrchError(
+            f"--dtype {requested} holds token ids up to {np.iinfo(DTYPES[requested]).max}, but the tokenizer has "
+            f"{vocab_size} tokens (ids up to {vocab_size - 1}). Allowed: {', '.join(fitting)} or auto."
+        )
+    return requested
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One token file of a split, as its index lists it."""
+
+    file: str
+    tokens: int
+    documents: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A shard made durable during `ShardWriter.add`: its last token belongs to document `document` of that call
+    (an index into its `lengths`), of which the first `written` tokens are now in this or earlier shards."""
+
+    shard: Shard
+    document: int
+    written: int
+
+
+class ShardWriter:
+    """Appends documents' tokens to one split's shards; a shard is written, checksummed and renamed when full."""
+
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int, committed: list[Shard]) -> None:
+        self.directory, self.dtype, self.shards = directory, dtype, list(committed)
+        self.buffer = np.empty(shard_tokens, dtype=DTYPES[dtype])
+        self.filled = self.documents = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> list[Commit]:
+        """Append documents given as their concatenated tokens and their lengths; returns the shards completed."""
+        ends = np.cumsum(lengths)
+        if len(tokens) != (total := int(ends[-1]) if len(ends) else 0):
+            raise ValueError(f"{len(tokens)} tokens do not match document lengths summing to {total}")
+        commits, start = [], 0
+        while start < len(tokens):
+            take = min(len(self.buffer) - self.filled, len(tokens) - start)
+            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
+            self.documents += int(
+                np.searchsorted(ends, start + take, side="right") - np.searchsorted(ends, start, side="right")
+            )
+            self.filled, start = self.filled + take, start + take
+            if self.filled == len(self.buffer):
+                last = int(np.searchsorted(ends, start - 1, side="right"))
+                written = start - int(ends[last - 1] if last else 0)
+                commits.append(Commit(self._flush(), last, written))
+        return commits
+
+    def finish(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Write the last, partial shard and then the index; returns the index."""
+        if self.filled:
+            self._flush()
+        index = {
+            "format": FORMAT,
+            "dtype": self.dtype,
+            **header,
+            "tokens": sum(s.tokens for s in self.shards),
+            "documents": sum(s.documents for s in self.shards),
+            "shards": [asdict(s) for s in self.shards],
+        }
+        write_json_atomic(self.directory / INDEX, index)
+        return index
+
+    def _flush(self) -> Shard:
+        data = self.buffer[: self.filled]
+        name = f"shard_{len(self.shards):05d}.bin"
+        tmp = self.directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            data.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / name)
+        shard = Shard(name, int(self.filled), self.documents, hashlib.sha256(data.data).hexdigest())
+        self.shards.append(shard)
+        self.filled = self.documents = 0
+        return shard
+
+
+def read_index(split_dir: Path) -> dict[str, Any]:
+    path = split_dir / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OrchError(
+            f"{path} does not exist: {split_dir} is not a complete prepared split. Prepare the corpus with "
+            "`orch data prepare` (an interrupted prepare finishes when run again with the same arguments)."
+        ) from None
+    if index.get("format") != FORMAT:
+        raise OrchError(f"{path}: field 'format' is {index.get('format')!r}. Allowed: {FORMAT!r}.")
+    return index
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TokenBlocks:
+    """A prepared split's token stream, memory-mapped and cut into blocks of `block_len` (the recipe's max_seq_len).
+
+    Block b is stream tokens [b·block_len, (b+1)·block_len); blocks may span shard boundaries. The labels are the
+    inputs (the Hugging Face model shifts them internally), so a block trains block_len - 1 predictions. The last,
+    partial block is dropped. `blocks[rows]` with an integer array gives a (len(rows), block_len) array.
+    Opening checks every shard's size against the index; `verify_checksums()` also reads and hashes them.
+    """
+
+    def __init__(self, split_dir: Path, block_len: int) -> None:
+        self.dir, self.block_len = split_dir, block_len
+        self.index = read_index(split_dir)
+        self.dtype = DTYPES[self.index["dtype"]]
+        self.shards = [Shard(**s) for s in self.index["shards"]]
+        for shard in self.shards:
+            path, expected = split_dir / shard.file, shard.tokens * self.dtype.itemsize
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                raise OrchError(
+                    f"{path}: {'missing' if size is None else f'{size} bytes'}, but {split_dir / INDEX} lists "
+                    f"{shard.tokens} tokens ({expected} bytes). The prepared split is damaged; prepare it again."
+                )
+        self.maps = [np.memmap(split_dir / s.file, dtype=self.dtype, mode="r") for s in self.shards]
+        self.starts = np.cumsum([0] + [s.tokens for s in self.shards])
+        self.tokens = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.tokens // self.block_len
+
+    def __getitem__(self, rows: int | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"block indices must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        out = np.empty((*rows.shape, self.block_len), dtype=self.dtype)
+        flat = out.reshape(-1, self.block_len)
+        for row, block in zip(flat, rows.reshape(-1).tolist(), strict=True):
+            self._read(block * self.block_len, row)
+        return out
+
+    def _read(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with the stream's tokens from `start`, crossing into the following shards as needed."""
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < len(out):
+            offset = start + done - int(self.starts[shard])
+            piece = self.maps[shard][offset : offset + len(out) - done]
+            out[done : done + len(piece)] = piece
+            done, shard = done + len(piece), shard + 1
+
+    def verify_checksums(self) -> None:
+        """Hash every shard and compare with the index; reads the whole split."""
+        for shard in self.shards:
+            if file_sha256(self.dir / shard.file) != shard.sha256:
+                raise OrchError(
+                    f"{self.dir / shard.file}: sha256 differs from {self.dir / INDEX}. The shard is damaged; "
+                    "prepare the corpus again."
+                )

@@ -1,0 +1,120 @@
+"""`orch tokenizer train`, `orch data prepare` and `orch data verify` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from jobs.shards import TokenBlocks
+from orchestrator.commands.data import data_app, tokenizer_app
+from orchestrator.errors import OrchError
+from tests.conftest import ROOT
+
+runner = CliRunner()
+DATA_APP = "from orchestrator.commands.data import data_app; data_app()"
+
+
+def invoke(app, *args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "400"})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "corpus"
+    folder.mkdir()
+    lines = [json.dumps({"text": f"Dokument {i}: Petr čte knihu v Praze a Jana píše dopis."}) for i in range(150)]
+    (folder / "a.jsonl").write_text("\n".join([*lines[:70], '{"text": oops', *lines[70:]]) + "\n")
+    (folder / "b.txt").write_text("\n\n".join(f"Odstavec {i}.\nDruhý řádek téhož dokumentu." for i in range(50)))
+    (folder / "README.md").write_text("about the corpus")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, str]:
+    output = tmp_path_factory.mktemp("tokenizer") / "tok"
+    result = invoke(tokenizer_app, "train", "--input", str(corpus), "--vocab-size", "320", "--output", str(output))
+    assert result.exit_code == 0, result.output
+    return output, result.output
+
+
+def test_tokenizer_train_saves_what_autotokenizer_loads_and_reports_what_it_skipped(trained, corpus: Path):
+    folder, output = trained
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token) == ("</s>", "<s>", "<unk>")
+    assert len(tokenizer) <= 320
+    assert "on 200 documents" in output
+    assert "Documents read: 201; skipped: 1 (malformed JSON: 1)" in output
+    assert f"Files ignored (not a supported format): 1: {corpus / 'README.md'}" in output
+
+
+def test_tokenizer_train_refuses_to_overwrite_a_folder(trained, corpus: Path):
+    result = invoke(tokenizer_app, "train", "--input", str(corpus), "--output", str(trained[0]))
+    assert isinstance(result.exception, OrchError)
+    assert str(result.exception) == f"--output {trained[0]}: already exists. Allowed: a folder that does not exist yet."
+
+
+def test_prepare_in_worker_processes_writes_both_splits_and_reports_every_count(tmp_path: Path, trained, corpus):
+    output = tmp_path / "prepared"
+    args = ["--tokenizer", str(trained[0]), "--input", str(corpus), "--output", str(output), "--val-fraction", "0.2"]
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_APP, "prepare", *args, "--workers", "2", "--shard-tokens", "300"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    train, val = TokenBlocks(output / "train", 8), TokenBlocks(output / "val", 8)
+    assert train.index["documents"] + val.index["documents"] == 200 and len(val) > 0
+    assert len(train.shards) > 3 and train.index["dtype"] == "uint16"
+    assert "Documents read: 201; skipped: 1 (malformed JSON: 1)." in result.stdout
+    assert f"{train.index['documents']:,}" in result.stdout and f"{train.tokens:,}" in result.stdout
+    assert "README.md" in result.stdout
+    assert "prepare" in result.stderr and "100%" in result.stderr  # the progress display
+
+    verified = invoke(data_app, "verify", str(output))
+    assert verified.exit_code == 0 and "sizes and checksums match" in verified.output
+
+    (output / "val" / val.shards[0].file).write_bytes(b"\0" * 2 * val.shards[0].tokens)
+    damaged = invoke(data_app, "verify", str(output))
+    assert isinstance(damaged.exception, OrchError) and "shard_00000.bin: sha256 differs" in str(damaged.exception)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dtype", "uint8"], "--dtype 'uint8' is not a token width. Allowed: auto, uint16, uint32."),
+        (["--val-fraction", "1.5"], "--val-fraction 1.5: not a fraction of documents. Allowed: 0 <= f < 1."),
+    ],
+)
+def test_bad_options_are_refused_naming_option_and_allowed_values(tmp_path: Path, trained, corpus, extra, message):
+    args = ["--tokenizer", str(trained[0]), "--input", str(corpus), "--output", str(tmp_path / "out"), *extra]
+    result = invoke(data_app, "prepare", *args)
+    assert isinstance(result.exception, OrchError) and str(result.exception) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_folder_without_tokenizer_json_is_refused(tmp_path: Path, corpus: Path):
+    result = invoke(data_app, "prepare", "--tokenizer", str(tmp_path), "--input", str(corpus), "--output", "x")
+    assert isinstance(result.exception, OrchError)
+    assert f"--tokenizer {tmp_path}: {tmp_path / 'tokenizer.json'} does not exist" in str(result.exception)
+
+
+def test_prepare_help_says_how_each_format_is_split_into_documents():
+    result = invoke(data_app, "prepare", "--help")
+    assert "one document per block of non-blank lines; blank lines separate documents" in result.output
+    assert "one document per line, its 'text' field" in result.output
+
+
+def test_the_data_commands_import_nothing_heavy_at_startup():
+    heavy = ("torch", "transformers", "accelerate", "mlflow", "tokenizers", "numpy", "pyarrow")
+    code = f"import sys, orchestrator.commands.data; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
