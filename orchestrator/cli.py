@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from orchestrator.commands.analysis import app as analysis_app
 from orchestrator.commands.data import data_app, tokenizer_app
 from orchestrator.commands.model import app as model_app
 from orchestrator.errors import OrchError
@@ -20,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model_app)
+app.add_typer(analysis_app)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 console = Console()

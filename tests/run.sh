@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash envs/local.sh
-# The end-to-end tests need a local Slurm (root installs and starts one); CI never skips them.
-if [ "$(id -u)" -eq 0 ]; then bash envs/slurm-local.sh; fi
+# The end-to-end tests need a local Slurm and a browser (root installs them); CI never skips them.
+if [ "$(id -u)" -eq 0 ]; then
+  bash envs/slurm-local.sh
+  if ! command -v chromium >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+fi
 if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests
 set +e

@@ -1,0 +1,262 @@
+"""Two runs compared the way the seed model card compares them: by how many steps apart they reach the same loss.
+
+Each train loss curve is smoothed (a trailing moving average, then a running minimum so that it never rises). For
+every step x1 of run A, x2 is the first step at which run B's smoothed loss is as low as A's at x1; |x1 - x2|
+against x1 shows whether B keeps a constant distance (a flat line), catches up or falls behind. The numeric part is
+pure functions of arrays; reading histories, plotting and logging to MLflow build on them.
+
+A run's history comes from its MLflow run (what the MLflow UI shows: the steps up to its newest checkpoint), or from
+`RUN_DIR/metrics.jsonl` when MLflow has no loss for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.tracking import MetricSpool
+from orchestrator.runs import read_json, write_json_atomic
+
+KEYS = ("loss", "val_perplexity")
+PLOTS = {"loss": "loss.png", "val_perplexity": "val_perplexity.png", "distance": "step_distance.png"}
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value and the `window - 1` before it (fewer at the start): it never looks ahead."""
+    values = np.asarray(values, dtype=float)
+    sums = np.convolve(values, np.ones(window))[: len(values)]  # each window summed on its own: no drift
+    return sums / np.minimum(np.arange(1, len(values) + 1), window)
+
+
+def monotone_envelope(values: np.ndarray) -> np.ndarray:
+    """Running minimum: the lowest loss reached so far, so that each loss level is reached at one first step."""
+    return np.minimum.accumulate(np.asarray(values, dtype=float))
+
+
+def smoothed_envelope(values: np.ndarray, window: int) -> np.ndarray:
+    return monotone_envelope(moving_average(values, window))
+
+
+@dataclass(frozen=True)
+class StepDistance:
+    """Pairs of steps with the same smoothed loss: `step_a` of run A, `step_b` where run B first reaches it."""
+
+    step_a: np.ndarray
+    step_b: np.ndarray
+
+    @property
+    def distance(self) -> np.ndarray:
+        return np.abs(self.step_a - self.step_b)
+
+
+def step_distance(
+    steps_a: np.ndarray, envelope_a: np.ndarray, steps_b: np.ndarray, envelope_b: np.ndarray
+) -> StepDistance:
+    """For each step of A, the first step of B whose envelope is at or below A's there. Steps whose loss B never
+    reaches are left out. Both envelopes must be non-increasing (see `monotone_envelope`)."""
+    for name, envelope in (("envelope_a", envelope_a), ("envelope_b", envelope_b)):
+        if np.any(np.diff(envelope) > 0):
+            raise ValueError(f"{name} rises somewhere; pass it through monotone_envelope first")
+    first = np.searchsorted(-np.asarray(envelope_b), -np.asarray(envelope_a), side="left")
+    reached = first < len(envelope_b)
+    return StepDistance(np.asarray(steps_a)[reached], np.asarray(steps_b)[first[reached]])
+
+
+@dataclass(frozen=True)
+class Series:
+    steps: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class History:
+    """One run's metric series, where they were read from, and why MLflow was not used (when it was not)."""
+
+    run_id: str
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    source: str
+    series: dict[str, Series]
+    note: str | None = None
+
+
+def series_from_points(points: dict[int, float]) -> Series | None:
+    """Points by step, sorted; non-finite values (a diverged step) dropped. None when nothing is left."""
+    kept = sorted((step, value) for step, value in points.items() if np.isfinite(value))
+    if not kept:
+        return None
+    steps, values = zip(*kept, strict=True)
+    return Series(np.array(steps, dtype=np.int64), np.array(values, dtype=float))
+
+
+def mlflow_series(uri: str, mlflow_run_id: str) -> dict[str, Series]:
+    """The run's metrics in MLflow. A step logged twice keeps its newest value."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = {}
+    for key in KEYS:
+        history = sorted(client.get_metric_history(mlflow_run_id, key), key=lambda m: (m.step, m.timestamp))
+        series = series_from_points({m.step: m.value for m in history})
+        if series is not None:
+            found[key] = series
+    return found
+
+
+def spool_series(run_dir: Path) -> dict[str, Series]:
+    """The run's metrics in RUN_DIR/metrics.jsonl (every step rank 0 trained, committed or not)."""
+    found = {}
+    entries = MetricSpool(run_dir).entries()
+    for key in KEYS:
+        series = series_from_points({e["step"]: e["metrics"][key] for e in entries if key in e["metrics"]})
+        if series is not None:
+            found[key] = series
+    return found
+
+
+def store_missing(uri: str) -> bool:
+    """A SQLite store that is not on this machine (a run directory copied from elsewhere): opening it would create
+    an empty one."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def read_history(run_dir: Path) -> History:
+    """MLflow's history of the run when it has a loss; RUN_DIR/metrics.jsonl otherwise."""
+    uri = read_json(run_dir / "run.json", {}).get("tracking_uri")
+    mlflow_run_id = read_json(run_dir / "mlflow.json", {}).get("run_id")
+    if not mlflow_run_id:
+        note = "it has no MLflow run yet"
+    elif not uri or store_missing(uri):
+        note = f"its tracking store {uri} is not on this machine"
+    else:
+        try:
+            series = mlflow_series(uri, mlflow_run_id)
+        except Exception as err:  # noqa: BLE001 - any failure to read MLflow leaves the run directory's copy
+            note = f"MLflow at {uri} could not be read ({type(err).__name__}: {err})"
+        else:
+            if "loss" in series:
+                return History(run_dir.name, uri, mlflow_run_id, "mlflow", series)
+            note = "its MLflow run has no loss yet"
+    return History(run_dir.name, uri, mlflow_run_id, "metrics.jsonl", spool_series(run_dir), note)
+
+
+def figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    """A matplotlib figure drawn by the Agg backend (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_losses(histories: list[History], smoothed: list[np.ndarray], window: int, path: Path) -> None:
+    fig, ax = figure("Train cross-entropy", "loss (nats per token)")
+    for index, (history, envelope) in enumerate(zip(histories, smoothed, strict=True)):
+        loss, color = history.series["loss"], f"C{index}"
+        ax.plot(loss.steps, loss.values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(loss.steps, envelope, color=color, linewidth=2, label=f"{history.run_id} (smoothed, window {window})")
+    ax.legend()
+    fig.savefig(path)
+
+
+def plot_val_perplexity(histories: list[History], path: Path) -> None:
+    fig, ax = figure("Test perplexity", "val_perplexity")
+    for index, history in enumerate(histories):
+        if "val_perplexity" in history.series:
+            ppl = history.series["val_perplexity"]
+            ax.plot(ppl.steps, ppl.values, color=f"C{index}", marker="o", markersize=3, label=history.run_id)
+    ax.set_yscale("log")
+    ax.legend()
+    fig.savefig(path)
+
+
+def plot_distance(distance: StepDistance, names: tuple[str, str], path: Path) -> None:
+    fig, ax = figure(f"Steps apart for the same smoothed loss: {names[1]} vs {names[0]}", "|x1 - x2| (steps)")
+    ax.set_xlabel(f"x1: step of {names[0]}")
+    if len(distance.step_a):
+        ax.plot(distance.step_a, distance.distance, color="C2", linewidth=1.5)
+        median = float(np.median(distance.distance))
+        ax.axhline(median, color="C3", linestyle="--", linewidth=1, label=f"median {median:g} steps")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"{names[1]} never reaches a loss of {names[0]}", transform=ax.transAxes, ha="center")
+    fig.savefig(path)
+
+
+def run_summary(history: History, envelope: np.ndarray) -> dict[str, Any]:
+    loss, ppl = history.series["loss"], history.series.get("val_perplexity")
+    return {
+        "run_id": history.run_id,
+        "mlflow_run_id": history.mlflow_run_id,
+        "source": history.source,
+        "note": history.note,
+        "last_step": int(loss.steps[-1]),
+        "final_loss": float(loss.values[-1]),
+        "final_smoothed_loss": float(envelope[-1]),
+        "final_val_perplexity": float(ppl.values[-1]) if ppl is not None else None,
+    }
+
+
+def compare(history_a: History, history_b: History, window: int, output: Path) -> dict[str, Any]:
+    """Write the plots and compare.json into `output`; return what compare.json holds. Both runs need a loss."""
+    histories = [history_a, history_b]
+    names = (history_a.run_id, history_b.run_id)
+    envelopes = [smoothed_envelope(h.series["loss"].values, window) for h in histories]
+    distance = step_distance(history_a.series["loss"].steps, envelopes[0], history_b.series["loss"].steps, envelopes[1])
+    output.mkdir(parents=True, exist_ok=True)
+    plot_losses(histories, envelopes, window, output / PLOTS["loss"])
+    plots, notes = [PLOTS["loss"]], []
+    missing = [h.run_id for h in histories if "val_perplexity" not in h.series]
+    if len(missing) < len(histories):
+        plot_val_perplexity(histories, output / PLOTS["val_perplexity"])
+        plots.append(PLOTS["val_perplexity"])
+    else:
+        (output / PLOTS["val_perplexity"]).unlink(missing_ok=True)  # an earlier comparison's, now out of date
+    if missing:
+        skipped = "" if len(missing) < len(histories) else "; the test perplexity plot is skipped"
+        notes.append(f"no val_perplexity yet in {', '.join(missing)}{skipped}")
+    plot_distance(distance, names, output / PLOTS["distance"])
+    plots.append(PLOTS["distance"])
+    offsets = distance.step_b - distance.step_a
+    result = {
+        "runs": {"a": run_summary(history_a, envelopes[0]), "b": run_summary(history_b, envelopes[1])},
+        "smooth_window": window,
+        "distance": {
+            "step_a": distance.step_a.tolist(),
+            "step_b": distance.step_b.tolist(),
+            "steps": distance.distance.tolist(),
+        },
+        "points_a": len(history_a.series["loss"].steps),
+        "points_reached": len(distance.step_a),
+        "median_distance": float(np.median(distance.distance)) if len(offsets) else None,
+        "median_offset": float(np.median(offsets)) if len(offsets) else None,
+        "plots": plots,
+        "notes": notes,
+    }
+    write_json_atomic(output / "compare.json", result)
+    return result
+
+
+def log_artifacts(history: History, files: list[Path], artifact_path: str) -> str:
+    """Attach the files to the run's MLflow run; returns what happened, in words (failing is not fatal)."""
+    import mlflow
+
+    uri = history.tracking_uri
+    if not history.mlflow_run_id or not uri or store_missing(uri):
+        return f"{history.run_id}: not logged to MLflow (no MLflow run on this machine)"
+    try:
+        client = mlflow.MlflowClient(uri)
+        for path in files:
+            client.log_artifact(history.mlflow_run_id, str(path), artifact_path)
+    except Exception as err:  # noqa: BLE001 - the plots are on disk either way
+        return f"{history.run_id}: not logged to MLflow ({type(err).__name__}: {err})"
+    return f"{history.run_id}: logged to MLflow run {history.mlflow_run_id} under {artifact_path}/"

@@ -1,0 +1,154 @@
+"""`orch compare` and `orch ui`: looking at runs. Both read the MLflow store the runs report to.
+
+The analysis itself is in `jobs.compare`, imported inside the command (with numpy, matplotlib and mlflow) so
+that the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import OrchError
+from orchestrator.runs import get_run, orch_home
+
+EXPERIMENT = "orch"  # the experiment jobs.tracking reports to
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="the reference run (x1 in the distance plot)")],
+    run_b: Annotated[str, typer.Argument(help="the run measured against it (x2)")],
+    output: Annotated[
+        Optional[Path], typer.Option(help="folder for the plots and compare.json [default: $ORCH_HOME/compare/A-vs-B]")
+    ] = None,
+    smooth: Annotated[int, typer.Option(help="moving-average window, in logged points, applied to each loss")] = 50,
+) -> None:
+    """Plot two runs' losses and test perplexities, and how many steps apart they reach the same loss."""
+    if smooth < 1:
+        raise OrchError(f"Option --smooth is {smooth}. Allowed: a whole number of logged points, 1 or more.")
+    runs = get_run(run_a), get_run(run_b)
+    target = output or orch_home() / "compare" / f"{run_a}-vs-{run_b}"
+    if target.exists() and not target.is_dir():
+        raise OrchError(f"Option --output names {str(target)!r}, which is a file. Allowed: a folder (new or not).")
+    from jobs import compare as analysis
+
+    histories = [analysis.read_history(run.dir) for run in runs]
+    for history in histories:
+        if "loss" not in history.series:
+            raise OrchError(
+                f"Run {history.run_id} has no loss yet: {history.note or 'its MLflow run has none'}, and its "
+                "metrics.jsonl has none either. Allowed: runs that have trained at least one step."
+            )
+    result = analysis.compare(histories[0], histories[1], smooth, target)
+    files = [target / name for name in (*result["plots"], "compare.json")]
+    logged = [analysis.log_artifacts(h, files, f"compare/{run_a}-vs-{run_b}") for h in histories]
+    print_comparison(result, target, logged)
+
+
+def print_comparison(result: dict[str, Any], output: Path, logged: list[str]) -> None:
+    runs = result["runs"]
+    table = Table("", "run", "read from", "last step", "loss", "smoothed", "val ppl", title="final values")
+    table.columns[1].no_wrap = True
+    for label, run in runs.items():
+        ppl = run["final_val_perplexity"]
+        table.add_row(
+            label.upper(),
+            run["run_id"],
+            run["source"],
+            str(run["last_step"]),
+            f"{run['final_loss']:.4f}",
+            f"{run['final_smoothed_loss']:.4f}",
+            f"{ppl:.2f}" if ppl is not None else "-",
+        )
+    console.print(table)
+    for run in runs.values():
+        if run["note"]:
+            console.print(f"{run['run_id']}: read from metrics.jsonl because {run['note']}.", soft_wrap=True)
+    if result["median_distance"] is None:
+        console.print(f"B never reaches a smoothed loss of A (window {result['smooth_window']}).")
+    else:
+        ahead = "more" if result["median_offset"] >= 0 else "fewer"
+        console.print(
+            f"Median distance for the same smoothed loss: [bold]{result['median_distance']:g} steps[/] "
+            f"(B needs {abs(result['median_offset']):g} {ahead} steps than A; over {result['points_reached']} of "
+            f"A's {result['points_a']} points, window {result['smooth_window']}).",
+            soft_wrap=True,
+        )
+    for line in [*result["notes"], *logged]:
+        console.print(line, soft_wrap=True, highlight=False)
+    console.print(f"Plots and compare.json in {output}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="port to serve on; pick another when a colleague's server holds it")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to bind; 127.0.0.1 keeps it to this machine")] = "127.0.0.1",
+) -> None:
+    """The MLflow UI for your runs: serves the embedded store here, or points at the remote tracking server."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{orch_home() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        console.print(f"Runs report to the tracking server {uri}: open it, experiment '{EXPERIMENT}'.", soft_wrap=True)
+        return
+    if not uri.startswith("sqlite:///"):
+        raise OrchError(
+            f"MLFLOW_TRACKING_URI is {uri!r}, which orch ui cannot serve. Allowed: an http(s):// tracking server "
+            "(orch ui prints its address) or a sqlite:/// store (orch ui serves it)."
+        )
+    if not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise OrchError(
+            f"There is no tracking store at {uri.removeprefix('sqlite:///')} yet: runs create it when they report "
+            "their first metrics. Allowed: an ORCH_HOME (or MLFLOW_TRACKING_URI) where a run has trained."
+        )
+    if not 1 <= port <= 65535:
+        raise OrchError(f"Option --port is {port}. Allowed: a port number from 1 to 65535 (1024 and up without root).")
+    check_port_free(host, port)
+    print_addresses(uri, host, port)
+    sys.stdout.flush()
+    # One worker is plenty for one person and light on a shared login node.
+    command = ["mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    os.execv(sys.executable, [sys.executable, "-m", *command])
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind the port as the server will (address reuse on, so a port left in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OrchError(
+                f"Cannot serve on {host}:{port}: {err.strerror}. On a shared login node another user may hold the "
+                "port. Allowed: a free port, chosen with --port."
+            ) from None
+
+
+def print_addresses(uri: str, host: str, port: int) -> None:
+    """Where to point a browser, and the SSH tunnel that reaches this machine's loopback from a laptop."""
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    page = f"#/experiments/{experiment.experiment_id}" if experiment else ""
+    shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+    console.print(f"Serving {uri} with the MLflow UI (Ctrl+C stops it).", soft_wrap=True, highlight=False)
+    console.print(f"Open: http://{shown}:{port}/{page}", soft_wrap=True, highlight=False)
+    if experiment is None:
+        console.print(f"No run has reported yet: the '{EXPERIMENT}' experiment appears with the first one.")
+    console.print('Training runs show under "Model training", in the run\'s "Model metrics" tab.')
+    if host in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"From a laptop: ssh -N -L {port}:localhost:{port} {getpass.getuser()}@{socket.getfqdn()} "
+            f"then open http://localhost:{port}/{page}",
+            soft_wrap=True,
+            highlight=False,
+        )

@@ -1,0 +1,188 @@
+"""`orch ui`: the MLflow UI over the runs' store, as a user sees it in a browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.commands.analysis import app
+from orchestrator.errors import OrchError
+from tests.conftest import ROOT, orch, submitted_run_id
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+STEPS = 20
+
+
+@dataclass(frozen=True)
+class Served:
+    port: int
+    run_id: str
+    mlflow_run_id: str
+    experiment_url: str  # the address `orch ui` printed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_answering(port: int, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    until = time.time() + timeout
+    while time.time() < until:
+        if server.poll() is not None:
+            pytest.fail(f"orch ui exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"orch ui never answered on port {port}:\n{log.read_text()}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """The server and its workers share the process group that `start_new_session` gave them."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One real tiny run in a fresh ORCH_HOME, and `orch ui` serving its store on a free port."""
+    home = tmp_path_factory.mktemp("ui") / "orch-home"
+    log = home.parent / "orch-ui.log"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ORCH_HOME", str(home))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_id = submitted_run_id(
+            orch("submit", "--profile", "local", "--recipe", "tiny", "--steps", str(STEPS), "--wait")
+        )
+        port = free_port()
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "ui", "--port", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+                cwd=ROOT,
+                start_new_session=True,
+            )
+    try:
+        wait_until_answering(port, server, log)
+        printed = re.search(rf"Open: (http://127\.0\.0\.1:{port}/#/experiments/\d+)", log.read_text())
+        assert printed, log.read_text()
+        mlflow_run_id = json.loads((home / "runs" / run_id / "mlflow.json").read_text())["run_id"]
+        yield Served(port, run_id, mlflow_run_id, printed.group(1))
+    finally:
+        stop(server)
+
+
+def chromium() -> str:
+    """The browser; CI must have it, elsewhere its absence skips the browser test."""
+    if Path(CHROMIUM).is_file():
+        return CHROMIUM
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium); CI never skips the browser test")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+
+
+def browse(url: str, profile: Path, *output: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on the page, given time for MLflow's charts to draw (they come late)."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,900",
+        "--virtual-time-budget=60000",
+        "--run-all-compositor-stages-before-draw",
+    ]
+    return subprocess.run([chromium(), *flags, *output, url], capture_output=True, text=True, timeout=240)
+
+
+def loss_chart(dom: str) -> str:
+    """The chart card titled `loss` on the run's Model metrics tab."""
+    cards = [card for card in dom.split('data-testid="experiment-view-compare-runs-card"') if 'title="loss"' in card]
+    assert cards, "no chart card titled loss in the rendered page"
+    return cards[0]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_runs_store_over_http(served: Served):
+    url = f"http://127.0.0.1:{served.port}/api/2.0/mlflow/metrics/get-history?run_id={served.mlflow_run_id}&metric_key=loss"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        history = json.loads(answer.read())["metrics"]
+    assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_ui_draws_the_loss_chart_of_a_run_in_a_browser(served: Served, tmp_path: Path):
+    page = f"{served.experiment_url}/runs/{served.mlflow_run_id}/model-metrics"
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "orch-ui-run-page.png"
+    screenshot.unlink(missing_ok=True)
+    shot = browse(page, tmp_path / "profile-shot", f"--screenshot={screenshot}")
+    assert screenshot.is_file(), shot.stderr
+    header = screenshot.read_bytes()[:24]
+    assert header.startswith(b"\x89PNG") and int.from_bytes(header[16:20]) == 1400
+    dump = browse(page, tmp_path / "profile-dom", "--dump-dom")
+    chart = loss_chart(dump.stdout)
+    assert f"{served.run_id} (loss)" in chart  # the legend names the run
+    assert 'class="main-svg"' in chart and 'class="js-line"' in chart  # plotly drew the curve
+    assert chart.count('class="point"') == STEPS  # one marker per logged step
+
+
+def test_ui_prints_the_remote_tracking_servers_address_and_exits(orch_home: Path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "https://mlflow.example.org"}
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "ui"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "https://mlflow.example.org" in result.stdout
+    assert not orch_home.exists()
+
+
+def test_ui_refuses_when_no_run_has_reported_yet(orch_home: Path):
+    result = CliRunner().invoke(app, ["ui"])
+    assert isinstance(result.exception, OrchError)
+    assert "no tracking store" in str(result.exception)
+
+
+def test_ui_refuses_a_port_that_is_taken(orch_home: Path):
+    orch_home.mkdir()
+    (orch_home / "mlflow.db").touch()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        result = CliRunner().invoke(app, ["ui", "--port", str(holder.getsockname()[1])])
+    assert isinstance(result.exception, OrchError)
+    assert "another user may hold the port" in str(result.exception)
