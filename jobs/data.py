@@ -20,6 +20,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +104,34 @@ class GlobalOrder:
 
 
 class BlockLoader:
-    """Serves one rank's micro-batches as token tensors."""
+    """Serves one rank's micro-batches as token tensors, reading the next one in the background.
+
+    The order of requests is known (micro steps, then steps), so while the model computes on one micro-batch
+    a thread gathers the next from the memory-mapped shards and, on a GPU, copies it from pinned memory."""
 
     def __init__(self, blocks: TokenBlocks, order: GlobalOrder, rank: int, device: torch.device) -> None:
         self.blocks, self.order, self.rank, self.device = blocks, order, rank, device
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data")
+        self.ahead: tuple[tuple[int, int], Future] | None = None
+
+    def read(self, step: int, micro_step: int) -> torch.Tensor:
+        rows = torch.from_numpy(self.blocks[self.order.block_indices(step, micro_step, self.rank)].astype(np.int64))
+        if self.device.type == "cuda":
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows
 
     def micro_batch(self, step: int, micro_step: int) -> torch.Tensor:
-        rows = self.blocks[self.order.block_indices(step, micro_step, self.rank)]
-        return torch.from_numpy(rows.astype(np.int64)).to(self.device)
+        if self.ahead is not None and self.ahead[0] == (step, micro_step):
+            tokens = self.ahead[1].result()
+        else:
+            tokens = self.read(step, micro_step)
+        following = (step, micro_step + 1) if micro_step + 1 < self.accumulation else (step + 1, 0)
+        self.ahead = (following, self.reader.submit(self.read, *following))
+        return tokens
+
+    @property
+    def accumulation(self) -> int:
+        return self.order.global_batch // (self.order.micro_batch * self.order.world_size)
 
 
 def is_prepared(folder: Path) -> bool:
