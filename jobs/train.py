@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from accelerate import PartialState
+from transformers import LlamaForCausalLM
 
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, data_ready, load_blocks, load_val_blocks, prepare_data
@@ -26,7 +27,7 @@ from jobs.preemption import StopFlag
 from jobs.tracking import Tracker, committed_step, mlflow_run_id
 from orchestrator.config import Profile, Recipe
 from orchestrator.estimate import flops_per_token
-from orchestrator.plan import make_plan
+from orchestrator.plan import Plan, make_plan
 from orchestrator.runs import Run, read_json, write_json_atomic
 
 log = logging.getLogger("orch.train")
@@ -73,15 +74,14 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
     val_blocks = load_val_blocks(data_dir) if recipe.eval else None
 
     attention = attention_implementation(recipe.train.attention, device)
-    train_spec = recipe.train
     model = build_sharded_model(
         recipe.model,
         attention,
-        train_spec.fsdp,
-        train_spec.precision,
+        recipe.train.fsdp,
+        recipe.train.precision,
         device,
-        recompute=train_spec.activation_checkpointing,
-        compile=train_spec.compile,
+        recompute=recipe.train.activation_checkpointing,
+        compile=recipe.train.compile,
     )
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule)
@@ -103,22 +103,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
         if saved["recipe_hash"] != recipe_hash:
             log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
 
-    tracker = heartbeat = None
-    if rank == 0:
-        params = {"recipe": recipe.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
-        params["run"] = {"steps": plan.steps, "world_size": world, "grad_accum": plan.grad_accum}
-        tags = {
-            "orch.job_ids": ",".join(j["job_id"] for j in run.jobs),
-            "orch.profile": run.info["profile"],
-            "orch.recipe": run.info["recipe"],
-            "orch.attention": attention,
-            "orch.git_commit": run.info.get("git_commit") or "unknown",
-            "orch.nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
-        }
-        tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
-        tracker.spool.rollback(start_step)
-        heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
-        heartbeat.beat("running", start_step)
+    report = Report(run, job_id, plan, checkpointer, start_step, attention) if rank == 0 else None
     stop = StopFlag(deadline, device)
     peak_flops = world * (profile.node.peak_bf16_tflops or 0) * 1e12
     model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
@@ -134,30 +119,16 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
 
     try:
         for step in range(start_step, plan.steps):
-            started, data_wait = time.perf_counter(), 0.0
-            loss = torch.zeros((), device=device)
-            for micro_step in range(plan.grad_accum):
-                fetch = time.perf_counter()
-                tokens = loader.micro_batch(step, micro_step)
-                data_wait += time.perf_counter() - fetch
-                set_gradient_sync(model, micro_step == plan.grad_accum - 1)
-                micro_loss = causal_lm_loss(model, tokens) / plan.grad_accum
-                micro_loss.backward()
-                loss += micro_loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip).full_tensor()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            done = step + 1
-            elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            loss, grad_norm, lr, data_wait = train_step(
+                model, optimizer, scheduler, loader, step, plan.grad_accum, recipe.train.grad_clip
+            )
+            done, elapsed = step + 1, time.perf_counter() - started
             tokens_per_s = plan.tokens_per_step / elapsed
-
             metrics = {
-                "loss": loss.item(),
+                "loss": loss,
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens_per_s_per_rank": tokens_per_s / world,
                 "step_time_s": elapsed,
@@ -169,9 +140,8 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if recipe.eval and (done % recipe.eval.every_steps == 0 or done == plan.steps):
                 metrics.update(evaluate(model, val_blocks, recipe.eval.blocks, recipe.train.micro_batch_size, device))
-            if tracker and heartbeat:
-                tracker.log(done, metrics)
-                heartbeat.beat("running", done, metrics)
+            if report:
+                report.step(done, metrics)
 
             stopping = stop.agreed()
             if done % spec.every_steps == 0 or done == plan.steps or stopping:
@@ -185,27 +155,91 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
                 checkpointer.save(done, model, optimizer, train_state)
             if stopping and done < plan.steps:
                 checkpointer.close()
-                if tracker and heartbeat:
-                    tracker.close("RUNNING", artifacts(run, job_id))
-                    heartbeat.beat("requeued", done)
+                if report:
+                    report.requeued(done)
                     stop.requeue()  # exits this process through submitit
                 return None
         checkpointer.close()
     except Exception as err:
-        if tracker and heartbeat:
-            tracker.close("FAILED", artifacts(run, job_id, logs=True))
-            heartbeat.beat("failed", heartbeat.step, error=f"{type(err).__name__}: {err}")
+        if report:
+            report.failed(err)
         raise
-    if tracker and heartbeat:
-        tracker.close("FINISHED", artifacts(run, job_id, logs=True))
-        heartbeat.beat("completed", plan.steps)
+    if report:
+        report.completed()
     return plan.steps
+
+
+def train_step(
+    model: LlamaForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: BlockLoader,
+    step: int,
+    grad_accum: int,
+    clip: float,
+) -> tuple[float, float, float, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns loss (mean over ranks), grad norm, lr and the
+    seconds spent waiting for data."""
+    loss, data_wait = torch.zeros((), device=loader.device), 0.0
+    for micro_step in range(grad_accum):
+        fetch = time.perf_counter()
+        tokens = loader.micro_batch(step, micro_step)
+        data_wait += time.perf_counter() - fetch
+        set_gradient_sync(model, micro_step == grad_accum - 1)
+        micro_loss = causal_lm_loss(model, tokens) / grad_accum
+        micro_loss.backward()
+        loss += micro_loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).full_tensor()
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item(), grad_norm.item(), lr, data_wait
+
+
+class Report:
+    """Rank 0's account of the job: the heartbeat for `orch status` and the metrics for MLflow."""
+
+    def __init__(self, run: Run, job_id: str, plan: Plan, checkpointer: Checkpointer, start_step: int, attention: str):
+        profile, recipe = run.dir / "profile.yaml", run.dir / "recipe.yaml"
+        params = {"recipe": yaml.safe_load(recipe.read_text()), "profile": yaml.safe_load(profile.read_text())}
+        params["run"] = {"steps": plan.steps, "world_size": plan.world_size, "grad_accum": plan.grad_accum}
+        tags = {
+            "orch.job_ids": ",".join(j["job_id"] for j in run.jobs),
+            "orch.profile": run.info["profile"],
+            "orch.recipe": run.info["recipe"],
+            "orch.attention": attention,
+            "orch.git_commit": run.info.get("git_commit") or "unknown",
+            "orch.nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
+        }
+        self.run, self.job_id, self.steps = run, job_id, plan.steps
+        self.tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
+        self.tracker.spool.rollback(start_step)
+        self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
+        self.heartbeat.beat("running", start_step)
+
+    def step(self, done: int, metrics: dict[str, float]) -> None:
+        self.tracker.log(done, metrics)
+        self.heartbeat.beat("running", done, metrics)
+
+    def requeued(self, done: int) -> None:
+        self.tracker.close("RUNNING", artifacts(self.run, self.job_id))
+        self.heartbeat.beat("requeued", done)
+
+    def failed(self, err: BaseException) -> None:
+        self.tracker.close("FAILED", artifacts(self.run, self.job_id, logs=True))
+        self.heartbeat.beat("failed", self.heartbeat.step, error=f"{type(err).__name__}: {err}")
+
+    def completed(self) -> None:
+        self.tracker.close("FINISHED", artifacts(self.run, self.job_id, logs=True))
+        self.heartbeat.beat("completed", self.steps)
 
 
 def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:
     """What the MLflow run keeps of a job: the resolved recipe and profile, the job script, at the end the logs."""
     files = [run.dir / "recipe.yaml", run.dir / "profile.yaml", run.submitit_dir / job_id / f"{job_id}_submission.sh"]
-    return files + sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else files
+    return files + (sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else [])
 
 
 def agree(rank: int, decide):
