@@ -12,7 +12,6 @@ manifest and the commit go on in a background thread, on a gloo group of their o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from jobs.shards import file_sha256
 from orchestrator.runs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,9 @@ def committed_steps(root: Path) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MARKER
     }
@@ -73,7 +65,7 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             return f"{name} fails its SHA-256 checksum"
     return None
 

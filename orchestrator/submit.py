@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import shlex
 import sys
@@ -27,7 +28,16 @@ from orchestrator.config import (
 )
 from orchestrator.errors import OrchError
 from orchestrator.plan import Plan, make_plan
-from orchestrator.runs import Run, cancel_job, create_run, job_alive, new_run_id, orch_home, write_json_atomic
+from orchestrator.runs import (
+    Run,
+    cancel_job,
+    create_run,
+    job_alive,
+    new_run_id,
+    orch_home,
+    read_json,
+    write_json_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -106,17 +116,64 @@ def check_memory(profile: Profile, path: Path, plan: Plan) -> None:
 
 
 def check_data(recipe: Recipe, recipe_path: Path) -> None:
-    """Paths the job will read must exist before anything is queued."""
-    for field, value in (("data.source", recipe.data.source), ("data.tokenizer", recipe.data.tokenizer)):
+    """What the job will read must exist and fit the model before anything is queued."""
+    data, model = recipe.data, recipe.model
+    for field, value in (("data.source", data.source), ("data.tokenizer", data.tokenizer)):
         if value != "demo" and not Path(value).is_dir():
             raise OrchError(
                 f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. "
                 "Allowed: 'demo' or an existing folder."
             )
-    if recipe.model.init_from and not Path(recipe.model.init_from).is_dir():
+    index = read_json(Path(data.source) / "train" / "index.json") if data.source != "demo" else None
+    if index:
+        check_prepared_data(recipe, recipe_path, index)
+    if model.init_from:
+        check_init_from(recipe, recipe_path)
+
+
+def check_prepared_data(recipe: Recipe, recipe_path: Path, index: dict[str, Any]) -> None:
+    """Shards from `orch data prepare` name their vocabulary size and tokenizer: both must match the recipe."""
+    if index["vocab_size"] > recipe.model.vocab_size:
         raise OrchError(
-            f"{recipe_path}: field 'model.init_from' names {recipe.model.init_from!r}, which is not a folder. "
+            f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but {recipe.data.source} was "
+            f"tokenized with {index['vocab_size']} token ids. Allowed: at least {index['vocab_size']}."
+        )
+    tokenizer = Path(recipe.data.tokenizer) / "tokenizer.json"
+    if not tokenizer.is_file() or hashlib.sha256(tokenizer.read_bytes()).hexdigest() != index["tokenizer"]["sha256"]:
+        raise OrchError(
+            f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer "
+            f"{recipe.data.source} was prepared with. Allowed: that tokenizer, e.g. {recipe.data.source}/tokenizer."
+        )
+
+
+MODEL_FIELDS = {  # recipe field -> Hugging Face config key
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+}
+
+
+def check_init_from(recipe: Recipe, recipe_path: Path) -> None:
+    """A model directory brings its own architecture: the recipe's (which the plan and estimates use) must agree."""
+    model = recipe.model
+    config = read_json(Path(model.init_from) / "config.json")
+    if config is None:
+        raise OrchError(
+            f"{recipe_path}: field 'model.init_from' names {model.init_from!r}, which has no config.json. "
             "Allowed: a local Hugging Face model directory, or leave it out to start from scratch."
+        )
+    differ = [
+        f"model.{field} is {getattr(model, field)} but {key} is {config.get(key)}"
+        for field, key in MODEL_FIELDS.items()
+        if config.get(key) != getattr(model, field)
+    ]
+    if differ:
+        raise OrchError(
+            f"{recipe_path}: the model in {model.init_from} differs from the recipe: {'; '.join(differ)}. "
+            "Allowed: the directory's dimensions (copy them into the recipe's model section)."
         )
 
 

@@ -67,3 +67,68 @@ class TestRefusedBeforeSubmission:
 
 def test_unknown_run_is_a_clear_error(orch_home: Path):
     assert_refused(orch("status", "no-such-run"), "No run 'no-such-run'")
+
+
+def prepared_folder(tmp_path: Path, vocab_size: int, tokenizer_text: str) -> tuple[Path, Path]:
+    """The parts of an `orch data prepare` output that submission reads: the index and the tokenizer."""
+    import hashlib
+    import json
+
+    source, tokenizer = tmp_path / "tokens", tmp_path / "tokenizer"
+    (source / "train").mkdir(parents=True)
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text(tokenizer_text)
+    index = {"vocab_size": vocab_size, "tokenizer": {"sha256": hashlib.sha256(b"the one used").hexdigest()}}
+    (source / "train" / "index.json").write_text(json.dumps(index))
+    return source, tokenizer
+
+
+@pytest.mark.usefixtures("no_run_is_created")
+class TestDataAndModelChecks:
+    def test_prepared_data_with_a_larger_vocabulary_than_the_model(self, tmp_path: Path):
+        source, tokenizer = prepared_folder(tmp_path, 70000, "the one used")
+        recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
+        (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
+        assert_refused(
+            orch("submit", "--recipe", str(tmp_path / "r.yaml")),
+            "field 'model.vocab_size' is 512",
+            "tokenized with 70000",
+            "at least 70000",
+        )
+
+    def test_prepared_data_with_another_tokenizer(self, tmp_path: Path):
+        source, tokenizer = prepared_folder(tmp_path, 500, "a different tokenizer")
+        recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
+        (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
+        assert_refused(
+            orch("submit", "--recipe", str(tmp_path / "r.yaml")),
+            "field 'data.tokenizer'",
+            "is not the tokenizer",
+            "was prepared with",
+        )
+
+    def test_init_from_a_model_with_other_dimensions(self, tmp_path: Path):
+        import json
+
+        model_dir = tmp_path / "model"
+        model_dir.mkdir()
+        config = {
+            "hidden_size": 128,
+            "intermediate_size": 176,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+        }
+        (model_dir / "config.json").write_text(json.dumps(config))
+        recipe = (
+            (ROOT / "recipes/tiny.yaml")
+            .read_text()
+            .replace("  vocab_size: 512\n", f"  vocab_size: 512\n  init_from: {model_dir}\n")
+        )
+        (tmp_path / "r.yaml").write_text(recipe)
+        assert_refused(
+            orch("submit", "--recipe", str(tmp_path / "r.yaml")),
+            "differs from the recipe",
+            "model.hidden_size is 64 but hidden_size is 128",
+        )
