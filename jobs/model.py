@@ -88,7 +88,7 @@ def shard(
     )
     reshard = strategy == "full_shard"
     if recompute:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
         if compile:
             layer.compile()

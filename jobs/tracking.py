@@ -135,6 +135,7 @@ class Tracker:
         self.spool = MetricSpool(run_dir)
         self.wake, self.stopping = threading.Event(), threading.Event()
         self.outage_reported = False
+        self.sent_through: int | None = None
         self.thread = threading.Thread(target=self._loop, name="mlflow", daemon=True)
         self.thread.start()
 
@@ -148,12 +149,12 @@ class Tracker:
             self.wake.clear()
             self.flush()
 
-    def flush(self) -> None:
-        through = self.committed()
-        if through is None:
+    def flush(self, through: int | None = None) -> None:
+        through = self.committed() if through is None else through
+        if through is None or (self.sent_through is not None and through <= self.sent_through):
             return
         try:
-            send(self.run_dir, self.uri, through, self.params, self.tags)
+            self.sent_through = send(self.run_dir, self.uri, through, self.params, self.tags)
             self.tags = {}
             if self.outage_reported:
                 log.info("tracking server %s reachable again; spooled metrics sent", self.uri)

@@ -216,6 +216,7 @@ class Report:
         self.run, self.job_id, self.steps = run, job_id, plan.steps
         self.tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
         self.tracker.spool.rollback(start_step)
+        self.tracker.flush(through=0)  # first contact (an embedded store creates its tables) before the steps
         self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
         self.heartbeat.beat("running", start_step)
 
@@ -288,7 +289,8 @@ class Heartbeat:
         self.step, self.metrics = step, metrics or self.metrics
         write_json_atomic(
             self.run.dir / "progress.json",
-            {
+            durable=state != "running",
+            data={
                 "state": state,
                 "step": step,
                 "steps": self.steps,

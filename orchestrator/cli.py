@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.commands.analysis import app as analysis_app
+from orchestrator.commands.bench import app as bench_app
 from orchestrator.commands.data import data_app, tokenizer_app
 from orchestrator.commands.model import app as model_app
 from orchestrator.errors import OrchError
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(model_app)
 app.add_typer(analysis_app)
+app.add_typer(bench_app)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 console = Console()

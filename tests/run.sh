@@ -12,7 +12,7 @@ if [ "$(id -u)" -eq 0 ]; then
   fi
 fi
 if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
-.venv/bin/ruff check orchestrator jobs tests
+.venv/bin/ruff check orchestrator jobs tests bench
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -1,0 +1,1 @@
+"""Benchmarks of orch's training path; run them from the repository root as `python -m bench.NAME`."""
