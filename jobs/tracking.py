@@ -140,8 +140,11 @@ class Tracker:
         self.thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Spool the step; wake the sender only when a newer checkpoint has committed since it last sent."""
         self.spool.append(step, metrics)
-        self.wake.set()
+        committed = self.committed()
+        if committed is not None and (self.sent_through is None or committed > self.sent_through):
+            self.wake.set()
 
     def _loop(self) -> None:
         while not self.stopping.is_set():

@@ -31,6 +31,7 @@ from orchestrator.plan import Plan, make_plan
 from orchestrator.runs import Run, read_json, write_json_atomic
 
 log = logging.getLogger("orch.train")
+BEAT_INTERVAL_S = 0.5
 
 
 def run_training(run_dir: Path) -> int | None:
@@ -283,10 +284,16 @@ class Heartbeat:
 
     def __init__(self, run: Run, job_id: str, steps: int, last_committed: Callable[[], int | None]) -> None:
         self.run, self.job_id, self.steps, self.last_committed = run, job_id, steps, last_committed
-        self.step, self.metrics = 0, {}
+        self.step, self.metrics, self.written, self.mlflow_run_id = 0, {}, 0.0, None
 
     def beat(self, state: str, step: int, metrics: dict[str, float] | None = None, error: str | None = None) -> None:
+        """A running job beats at most every BEAT_INTERVAL_S (readers poll); any other state is written at once."""
         self.step, self.metrics = step, metrics or self.metrics
+        now = time.time()
+        if state == "running" and now - self.written < BEAT_INTERVAL_S:
+            return
+        self.written = now
+        self.mlflow_run_id = self.mlflow_run_id or mlflow_run_id(self.run.dir)
         write_json_atomic(
             self.run.dir / "progress.json",
             durable=state != "running",
@@ -295,9 +302,9 @@ class Heartbeat:
                 "step": step,
                 "steps": self.steps,
                 "job_id": self.job_id,
-                "updated": time.time(),
+                "updated": now,
                 "last_checkpoint_step": self.last_committed(),
-                "mlflow_run_id": mlflow_run_id(self.run.dir),
+                "mlflow_run_id": self.mlflow_run_id,
                 "error": error,
                 **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},
             },
