@@ -85,16 +85,15 @@ def run_dir_of(orch_home: Path, run_id: str) -> Path:
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until the job has finished `step` (its metrics spool gets a line at every step)."""
     import time
 
-    until = time.time() + timeout
+    spool, until = run_dir / "metrics.jsonl", time.time() + timeout
     while time.time() < until:
-        try:
-            if json.loads((run_dir / "progress.json").read_text()).get("step", 0) >= step:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
+        lines = spool.read_text().splitlines() if spool.is_file() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.01)
     raise TimeoutError(f"run never reached step {step}")
 
 
