@@ -18,6 +18,9 @@ class TrainJob(Checkpointable):
         self.run_dir = Path(run_dir)
 
     def __call__(self) -> int | None:
+        from jobs.preemption import StopFlag
+
+        stop = StopFlag()  # before the heavy imports: from now on a warning signal waits for a step boundary
         from jobs.train import run_training
 
-        return run_training(self.run_dir)
+        return run_training(self.run_dir, stop)

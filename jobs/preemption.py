@@ -10,18 +10,33 @@ which requeues the job. The job also knows its own end time and stops before it 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
+def process_started() -> float:
+    """When this process started (the scheduler's clock for the job starts about then), from /proc."""
+    try:
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return time.time()
+
+
 class StopFlag:
-    def __init__(self, deadline: float | None, device: torch.device) -> None:
-        self.deadline, self.device = deadline, device
+    """Installed before the job imports anything heavy, so that a signal during set-up is kept for the first
+    step boundary (stdlib only at import time)."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None  # set once the job knows its time limit
         self.signalled = False
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, self._on_signal)
@@ -29,10 +44,13 @@ class StopFlag:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signalled = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank once any rank was signalled or passed the deadline."""
+        import torch
+        import torch.distributed as dist
+
         local = self.signalled or (self.deadline is not None and time.time() >= self.deadline)
-        flag = torch.tensor([int(local)], device=self.device)
+        flag = torch.tensor([int(local)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

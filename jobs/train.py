@@ -23,7 +23,7 @@ from jobs.evaluate import evaluate
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
-from jobs.preemption import StopFlag
+from jobs.preemption import StopFlag, process_started
 from jobs.tracking import Tracker, committed_step, mlflow_run_id
 from orchestrator.config import Profile, Recipe
 from orchestrator.estimate import flops_per_token
@@ -34,24 +34,23 @@ log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
 
 
-def run_training(run_dir: Path) -> int | None:
+def run_training(run_dir: Path, stop: StopFlag) -> int | None:
     """Set up this rank's process group from the scheduler's variables, then train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    started = time.time()
     run = Run(run_dir)
     profile = Profile.model_validate(yaml.safe_load((run.dir / "profile.yaml").read_text()))
     recipe = Recipe.model_validate(yaml.safe_load((run.dir / "recipe.yaml").read_text()))
+    stop.deadline = process_started() + profile.time_limit_min * 60 - run.info["stop_before_end_s"]
     job = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     state = PartialState(cpu=profile.launch.device == "cpu", backend=profile.launch.backend)
-    deadline = started + profile.time_limit_min * 60 - run.info["signal_delay_s"]
     try:
-        return train(run, profile, recipe, state, str(job.job_id), deadline)
+        return train(run, profile, recipe, state, str(job.job_id), stop)
     finally:
         dist.destroy_process_group()
 
 
-def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_id: str, deadline: float) -> int | None:
+def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_id: str, stop: StopFlag) -> int | None:
     rank, world, device = state.process_index, state.num_processes, state.device
     plan = make_plan(profile, recipe, run.info["steps"])
     torch.manual_seed(recipe.train.seed)
@@ -105,7 +104,6 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
             log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
 
     report = Report(run, job_id, plan, checkpointer, start_step, attention) if rank == 0 else None
-    stop = StopFlag(deadline, device)
     peak_flops = world * (profile.node.peak_bf16_tflops or 0) * 1e12
     model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
     log.info(
@@ -144,7 +142,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_i
             if report:
                 report.step(done, metrics)
 
-            stopping = stop.agreed()
+            stopping = stop.agreed(device)
             if done % spec.every_steps == 0 or done == plan.steps or stopping:
                 train_state = {
                     "scheduler": scheduler.state_dict(),

@@ -11,7 +11,8 @@ from orchestrator.estimate import flops_per_token, parameter_count, peak_memory_
 
 STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
-SLURM_SIGNAL_SLACK_S = 60  # Slurm may signal up to a minute early
+SLURM_SIGNAL_SLACK_S = 60  # headroom in the signal's lead time beyond one step and one save
+SLURM_SIGNAL_CHECK_S = 30  # slurmctld checks time limits this often: its signal may come this much early
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, hint: str = "") -> int:
@@ -47,6 +48,7 @@ class Plan:
     peak_memory_gb: float
     tokens_per_s: float | None  # estimated from the profile's peak and expected MFU; None without a peak
     signal_delay_s: int
+    stop_before_end_s: int  # the job stops itself this long before its time limit if no signal came first
     usable_min_per_allocation: float
 
     @property
@@ -93,5 +95,6 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
         peak_memory_gb=peak_memory_gb(recipe, world),
         tokens_per_s=tokens_per_s,
         signal_delay_s=signal_delay,
+        stop_before_end_s=signal_delay + (SLURM_SIGNAL_CHECK_S if profile.executor == "slurm" else 0),
         usable_min_per_allocation=max(usable, 1.0),
     )

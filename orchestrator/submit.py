@@ -62,7 +62,7 @@ def prepare(profile_name: str, recipe_name: str, steps: int, overrides: list[dic
         "profile_file": str(profile_path),
         "recipe_file": str(recipe_path),
         "tracking_uri": tracking_uri(profile),
-        "signal_delay_s": plan.signal_delay_s,
+        "stop_before_end_s": plan.stop_before_end_s,
         "git_commit": git_commit(),
     }
     return Request(profile, recipe, plan, info)
@@ -247,7 +247,7 @@ def resume(run: Run, steps: int | None, profile_name: str | None, overrides: lis
         recipe_path = run.dir / "recipe.yaml"
         recipe = validate(recipe_path, Recipe, read_yaml(recipe_path))
         plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
-        info.update(steps=steps, profile=profile_name or info["profile"], signal_delay_s=plan.signal_delay_s)
+        info.update(steps=steps, profile=profile_name or info["profile"], stop_before_end_s=plan.stop_before_end_s)
         write_json_atomic(run.dir / "run.json", info)
         (run.dir / "profile.yaml").write_text(dump(profile))
         return launch(run, profile, plan)

@@ -35,9 +35,9 @@ def test_local_slurm_submit_runs_two_tasks_under_slurm_and_tracks(orch_home: Pat
 
 
 def test_slurm_timeouts_requeue_until_done_with_the_uninterrupted_losses(orch_home: Path):
-    """A 2-minute limit: the signal (or the job's own deadline) stops all ranks at a step boundary, they save,
-    rank 0 requeues through submitit and Slurm starts the job again, until the run is done."""
-    steps = 500
+    """A 2-minute limit: the job's own deadline (set before Slurm's coarse signal can come) stops all ranks at a
+    step boundary, they save, rank 0 requeues through submitit and Slurm starts the job again, until done."""
+    steps = 600  # about 20 s of training per allocation: 3 to 7 allocations at 0.05 to 0.15 s a step
     run_id = submitted_run_id(orch("submit", "--profile", "local-slurm", "--steps", str(steps), "--time", "2"))
     run_dir = Path(status_json(run_id)["run_dir"])
     until = time.time() + 1200
