@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from submitit.helpers import Checkpointable
@@ -23,4 +25,11 @@ class TrainJob(Checkpointable):
         stop = StopFlag()  # before the heavy imports: from now on a warning signal waits for a step boundary
         from jobs.train import run_training
 
-        return run_training(self.run_dir, stop)
+        try:
+            return run_training(self.run_dir, stop)
+        except SystemExit as requeued:
+            # submitit requeues by exiting with a code its controller reads. Everything is saved and flushed
+            # by now: leave at once, so no teardown of the training stack can change the exit code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(requeued.code if isinstance(requeued.code, int) else 1)
