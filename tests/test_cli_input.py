@@ -69,8 +69,9 @@ def test_unknown_run_is_a_clear_error(orch_home: Path):
     assert_refused(orch("status", "no-such-run"), "No run 'no-such-run'")
 
 
-def prepared_folder(tmp_path: Path, vocab_size: int, tokenizer_text: str) -> tuple[Path, Path]:
-    """The parts of an `orch data prepare` output that submission reads: the index and the tokenizer."""
+def recipe_on_prepared_data(tmp_path: Path, vocab_size: int, tokenizer_text: str) -> Path:
+    """The tiny recipe pointed at the parts of an `orch data prepare` output that submission reads: the index
+    (made with the tokenizer whose text is "the one used") and a tokenizer."""
     import hashlib
     import json
 
@@ -80,28 +81,24 @@ def prepared_folder(tmp_path: Path, vocab_size: int, tokenizer_text: str) -> tup
     (tokenizer / "tokenizer.json").write_text(tokenizer_text)
     index = {"vocab_size": vocab_size, "tokenizer": {"sha256": hashlib.sha256(b"the one used").hexdigest()}}
     (source / "train" / "index.json").write_text(json.dumps(index))
-    return source, tokenizer
+    recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
+    (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
+    return tmp_path / "r.yaml"
 
 
 @pytest.mark.usefixtures("no_run_is_created")
 class TestDataAndModelChecks:
     def test_prepared_data_with_a_larger_vocabulary_than_the_model(self, tmp_path: Path):
-        source, tokenizer = prepared_folder(tmp_path, 70000, "the one used")
-        recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
-        (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
         assert_refused(
-            orch("submit", "--recipe", str(tmp_path / "r.yaml")),
+            orch("submit", "--recipe", str(recipe_on_prepared_data(tmp_path, 70000, "the one used"))),
             "field 'model.vocab_size' is 512",
             "tokenized with 70000",
             "at least 70000",
         )
 
     def test_prepared_data_with_another_tokenizer(self, tmp_path: Path):
-        source, tokenizer = prepared_folder(tmp_path, 500, "a different tokenizer")
-        recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
-        (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
         assert_refused(
-            orch("submit", "--recipe", str(tmp_path / "r.yaml")),
+            orch("submit", "--recipe", str(recipe_on_prepared_data(tmp_path, 500, "a different tokenizer"))),
             "field 'data.tokenizer'",
             "is not the tokenizer",
             "was prepared with",
