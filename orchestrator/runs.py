@@ -148,6 +148,7 @@ class Run:
 
     def summary(self, alive: bool | None = None) -> dict[str, Any]:
         info, progress, jobs = self.info, self.progress, self.jobs
+        attempts = read_json(self.dir / "attempts.json", [])
         state = self.state(alive)
         step, steps = progress.get("step", 0), info.get("steps")
         step_time = progress.get("step_time_s")
@@ -162,8 +163,8 @@ class Run:
             "last_checkpoint_step": progress.get("last_checkpoint_step"),
             "mlflow_run_id": read_json(self.dir / "mlflow.json", {}).get("run_id") or progress.get("mlflow_run_id"),
             "job_ids": [job["job_id"] for job in jobs],
-            "allocations": len(read_json(self.dir / "attempts.json", [])),
-            "node_hours": self.node_hours(progress, state),
+            "allocations": len(attempts),
+            "node_hours": node_hours(attempts, progress, state),
             "run_dir": str(self.dir),
             "profile": info.get("profile"),
             "recipe": info.get("recipe"),
@@ -171,16 +172,14 @@ class Run:
             "error": progress.get("error"),
         }
 
-    def node_hours(self, progress: dict[str, Any], state: str) -> float:
-        """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
-        attempts = read_json(self.dir / "attempts.json", [])
-        if not attempts:
-            return 0.0
-        ends = [a["started"] for a in attempts[1:]]
-        ends.append(time.time() if state in ("running", "queued") else progress.get("updated", time.time()))
-        return sum(
-            a.get("nodes", 1) * max(0.0, end - a["started"]) / 3600 for a, end in zip(attempts, ends, strict=True)
-        )
+
+def node_hours(attempts: list[dict[str, Any]], progress: dict[str, Any], state: str) -> float:
+    """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
+    if not attempts:
+        return 0.0
+    ends = [a["started"] for a in attempts[1:]]
+    ends.append(time.time() if state in ("running", "queued") else progress.get("updated", time.time()))
+    return sum(a.get("nodes", 1) * max(0.0, end - a["started"]) / 3600 for a, end in zip(attempts, ends, strict=True))
 
 
 def alive_jobs(jobs: list[dict[str, Any]]) -> dict[str, bool]:
