@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench.step_benchmark import Ranks, Trainer, launch, prepare
 from jobs.checkpoint import Checkpointer, step_dir
-from orchestrator.config import Recipe, load_profile, load_recipe, merge_all, validate
-from orchestrator.estimate import parameter_count
+from jobs.distributed import Ranks, launch
+from jobs.train import Trainer
+from orchestrator.core.config import CheckpointSpec, Recipe, load_profile, load_recipe, merge_all, validate
+from orchestrator.core.estimate import parameter_count
+from orchestrator.tools.run_data import attach_data
 
 LARGER_MODEL = {
     "model": {
@@ -62,9 +62,7 @@ def disk_rate(folder: Path, megabytes: int) -> float:
 
 
 def stall_rank(
-    rank: int,
-    world: int,
-    device: torch.device,
+    ranks: Ranks,
     recipe: Recipe,
     data_dir: Path,
     folder: Path,
@@ -73,8 +71,9 @@ def stall_rank(
     output: Path,
 ) -> None:
     """Train, saving with each kind in turn; rank 0 writes each save's wait, stall and commit times."""
-    trainer = Trainer(recipe, data_dir, rank, world, device)
-    checkpointers = {kind: Checkpointer(folder / kind, 2, None, kind == "async") for kind in ("async", "sync")}
+    trainer = Trainer(recipe, data_dir, ranks)
+    specs = {kind: CheckpointSpec(every_steps=steps_between, async_save=kind == "async") for kind in ("async", "sync")}
+    checkpointers = {kind: Checkpointer(folder / kind, spec) for kind, spec in specs.items()}
     records: dict[str, list[dict[str, float]]] = {kind: [] for kind in checkpointers}
     step = 0
     for _ in range(saves):
@@ -86,7 +85,7 @@ def stall_rank(
             for each in checkpointers.values():
                 each.wait()
             called = time.perf_counter()
-            train_state = {"scheduler": trainer.scheduler.state_dict(), "world_size": world}
+            train_state = {"scheduler": trainer.scheduler.state_dict(), "world_size": ranks.world}
             checkpointer.save(step, trainer.model, trainer.optimizer, train_state)
             record = {"wait_s": called - started, "stall_s": time.perf_counter() - called, "called": called}
             if checkpointer.pending is None:
@@ -98,7 +97,7 @@ def stall_rank(
             records[kind].append(record)
     for checkpointer in checkpointers.values():
         checkpointer.close()
-    if rank == 0:
+    if ranks.rank == 0:
         sizes = {kind: folder_bytes(step_dir(folder / kind, c.committed)) for kind, c in checkpointers.items()}
         output.write_text(json.dumps({"records": records, "bytes": sizes}))
 
@@ -111,8 +110,18 @@ def measure(recipe: Recipe, data_dir: Path, folder: Path, saves: int, steps_betw
     _, profile = load_profile("local")
     os.environ.update(profile.env_vars)
     output = folder / "stall.json"
-    ranks = Ranks(profile.world_size, profile.launch.device, profile.launch.backend)
-    launch(ranks, stall_rank, recipe, data_dir, folder, saves, steps_between, output)
+    launch(
+        profile.world_size,
+        profile.launch.device,
+        profile.launch.backend,
+        stall_rank,
+        recipe,
+        data_dir,
+        folder,
+        saves,
+        steps_between,
+        output,
+    )
     return json.loads(output.read_text())
 
 
@@ -142,7 +151,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path, tiny = load_recipe("tiny")
     data_dir = folder / "data"
-    prepare(tiny, data_dir)
+    attach_data(tiny.data, tiny.model.vocab_size, tiny.train.seed, data_dir)
     larger = validate(path, Recipe, merge_all(tiny.model_dump(), [LARGER_MODEL]))
     dd_rate = disk_rate(folder, args.dd_megabytes)
     print(f"dd, {args.dd_megabytes} MiB to {folder}: {dd_rate / 1e6:.0f} MB/s")

@@ -6,7 +6,8 @@ The corpus is the sample's sentences, grouped into documents of 8 sentences and 
 number mixed in, so words vary) up to --megabytes of JSON Lines in a temporary folder. Figures:
 - baseline: `Tokenizer.encode_batch_fast` over all documents already in memory, with the library's own thread pool
   on every core (the ceiling: no reading, no JSON, no writing);
-- prepare: `jobs.prepare.prepare` end to end (read, parse, tokenize, split, write and checksum shards), once with
+- prepare: `orchestrator.tools.prepare.prepare` end to end (read, parse, tokenize, split, write and checksum shards),
+  once with
   one worker process per core and once in one process using the library's thread pool;
 - loader: one process reading random blocks of 2048 tokens through TokenBlocks + GlobalOrder + BlockLoader, as the
   training loop does, micro batch 8.
@@ -28,9 +29,18 @@ from pathlib import Path
 import torch
 
 from jobs.data import BlockLoader, GlobalOrder
-from jobs.prepare import RichReporter, Settings, list_inputs, load_tokenizer, prepare, read_texts, train_tokenizer
 from jobs.shards import TokenBlocks
-from orchestrator.commands.data import SHARD_TOKENS, VAL_FRACTION, available_cpus
+from orchestrator.cli.commands.data import available_cpus
+from orchestrator.core.corpus import SHARD_TOKENS, VAL_FRACTION
+from orchestrator.tools.prepare import (
+    RichReporter,
+    Settings,
+    list_inputs,
+    load_tokenizer,
+    prepare,
+    read_texts,
+    train_tokenizer,
+)
 
 SAMPLE = Path("/work/shared/data/czech-cac-sample")
 

@@ -8,7 +8,7 @@ one prepared copy of the demo data:
 - orch: `python -m orchestrator submit --profile local --recipe RECIPE --steps N --wait` in a fresh ORCH_HOME, the
   real job with its run directory, MLflow, heartbeat, stop flag, evaluation and checkpoints (every 10 steps);
 - candidate (with --candidate): the same, from another checkout of orch (e.g. with a change to jobs/train.py);
-- minimal: `bench.step_benchmark.Trainer` on 2 spawned ranks: the same model, FSDP2 sharding, LionW, loss, gradient
+- minimal: `jobs.bench.Trainer` on 2 spawned ranks: the same model, FSDP2 sharding, LionW, loss, gradient
   accumulation and blocks in the same order, and nothing else.
 They alternate (orch, [candidate,] minimal, orch, ...) so that load from elsewhere falls on all alike. Over the steps
 after the warm-up each gives: the median step time (orch's `step_time_s` from metrics.jsonl, which ends before the
@@ -35,11 +35,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench.step_benchmark import Ranks, Trainer, launch, prepare
-from orchestrator.config import PROJECT_ROOT, Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
-from orchestrator.submit import dump
+from jobs.distributed import Ranks, launch
+from jobs.train import Trainer
+from orchestrator.cli.submit import dump
+from orchestrator.core.config import (
+    PROJECT_ROOT,
+    Recipe,
+    load_profile,
+    load_recipe,
+    merge_all,
+    parse_assignment,
+    validate,
+)
+from orchestrator.tools.run_data import attach_data
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RANK_COMMANDS = (b"submitit.core._submit", b"multiprocessing.spawn")  # how orch's and the minimal loop's ranks start
@@ -112,7 +120,7 @@ def prepare_recipe(workdir: Path, assignments: list[str] = ()) -> tuple[Path, Re
     `workdir/tiny.yaml`."""
     path, recipe = load_recipe("tiny")
     data_dir = workdir / "data"
-    prepare(recipe, data_dir)
+    attach_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, data_dir)
     prepared = {"data": {"source": str(data_dir), "tokenizer": str(data_dir / "tokenizer")}}
     changes = [parse_assignment(text) for text in assignments] + [prepared]
     recipe = validate(path, Recipe, merge_all(recipe.model_dump(), changes))
@@ -149,18 +157,16 @@ def run_orch(recipe_file: Path, steps: int, home: Path, checkout: Path = PROJECT
     return {"records": records, "wall_s": wall, "cpu": cpu}
 
 
-def minimal_rank(
-    rank: int, world: int, device: torch.device, recipe: Recipe, data_dir: Path, steps: int, output: Path
-) -> None:
+def minimal_rank(ranks: Ranks, recipe: Recipe, data_dir: Path, steps: int, output: Path) -> None:
     """The training steps and nothing else; rank 0 writes each step's loss, time and end."""
-    trainer = Trainer(recipe, data_dir, rank, world, device)
+    trainer = Trainer(recipe, data_dir, ranks)
     records = []
     for step in range(steps):
         started = time.perf_counter()
-        loss, _ = trainer.step(step)
+        loss = trainer.step(step).loss
         elapsed = time.perf_counter() - started
         records.append({"step": step + 1, "loss": loss, "step_time_s": elapsed, "end": time.time()})
-    if rank == 0:
+    if ranks.rank == 0:
         output.write_text(json.dumps(records))
 
 
@@ -169,10 +175,18 @@ def run_minimal(recipe: Recipe, steps: int, workdir: Path) -> dict[str, Any]:
     _, profile = load_profile("local")
     os.environ.update(profile.env_vars)
     output = workdir / "minimal.json"
-    ranks = Ranks(profile.world_size, profile.launch.device, profile.launch.backend)
-    started, sampler = time.time(), RankCpu(os.getpid(), ranks.world)
+    started, sampler = time.time(), RankCpu(os.getpid(), profile.world_size)
     sampler.start()
-    launch(ranks, minimal_rank, recipe, Path(recipe.data.source), steps, output)
+    launch(
+        profile.world_size,
+        profile.launch.device,
+        profile.launch.backend,
+        minimal_rank,
+        recipe,
+        Path(recipe.data.source),
+        steps,
+        output,
+    )
     return {"records": json.loads(output.read_text()), "wall_s": time.time() - started, "cpu": sampler.stop()}
 
 

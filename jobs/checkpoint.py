@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from jobs.shards import file_sha256
-from orchestrator.runs import write_json_atomic
+from orchestrator.core.config import CheckpointSpec
+from orchestrator.core.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED.json"
@@ -96,8 +97,9 @@ def fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints; every method is called by every rank at the same point."""
 
-    def __init__(self, root: Path, keep_last: int, keep_every: int | None, async_save: bool) -> None:
-        self.root, self.keep_last, self.keep_every, self.async_save = root, keep_last, keep_every, async_save
+    def __init__(self, root: Path, spec: CheckpointSpec) -> None:
+        self.root, self.every_steps, self.async_save = root, spec.every_steps, spec.async_save
+        self.keep_last, self.keep_every = spec.keep_last, spec.keep_every
         self.rank = dist.get_rank()
         self.group = dist.new_group(backend="gloo")  # background collectives never share the training group
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -107,6 +109,11 @@ class Checkpointer:
         root.mkdir(parents=True, exist_ok=True)
 
     # --- saving -------------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, last_step: int, stopping: bool, trainer: Any, train_state: dict) -> None:
+        """Save at the recipe's cadence, at the last step, and when the job is about to stop."""
+        if step % self.every_steps == 0 or step == last_step or stopping:
+            self.save(step, trainer.model, trainer.optimizer, train_state)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""

@@ -1,7 +1,7 @@
 """The Concat dataset: documents joined with EOS, cut into fixed blocks, read in a world-size-free order.
 
-Storage: a corpus is tokenized once into token shards (`jobs.prepare` writes them, `jobs.shards` reads them).
-`prepare_data` points a run's `data/` folder at a prepared corpus, or prepares the demo corpus there the same way.
+Storage: a corpus is tokenized into token shards before any job starts (`orch data prepare`; the demo corpus by
+`orch submit`, see `orchestrator.tools.run_data`). A run's `data/tokens.json` names the shards it reads.
 
 Packing: every document is followed by EOS and the stream is cut into blocks of `max_seq_len` tokens;
 the labels are the inputs (the model shifts them), so a block trains `max_seq_len - 1` predictions.
@@ -15,10 +15,6 @@ which of them depends on the world size; which samples a step sees does not.
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import random
-from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,40 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.prepare import Settings, copy_tokenizer, list_inputs, prepare, read_texts, train_tokenizer
-from jobs.shards import INDEX, TokenBlocks, file_sha256, read_index
-from orchestrator.commands.data import SHARD_TOKENS
-from orchestrator.config import DataSpec
-from orchestrator.errors import OrchError
-from orchestrator.runs import read_json, write_json_atomic
+from jobs.shards import TokenBlocks
+from orchestrator.core.files import read_json
 
-log = logging.getLogger("orch.data")
-
-DEMO_DOCUMENTS = 4000
-JOB_VAL_FRACTION = 0.05  # documents held out when the job prepares its corpus itself
 POINTER = "tokens.json"
-
-
-def demo_corpus(seed: int = 0, documents: int = DEMO_DOCUMENTS) -> list[str]:
-    """Short Czech-like stories with learnable structure (agreement, counting, repetition)."""
-    rng = random.Random(seed)
-    names = ["Petr", "Jana", "Tomáš", "Eva", "Karel", "Marie", "Pavel", "Lucie"]
-    verbs = ["čte", "píše", "kreslí", "hledá", "kupuje", "opravuje"]
-    objects = ["knihu", "dopis", "obraz", "mapu", "židli", "kolo"]
-    places = ["v Praze", "v Brně", "v Ostravě", "doma", "ve škole", "v knihovně"]
-    numbers = ["jedna", "dva", "tři", "čtyři", "pět", "šest", "sedm", "osm", "devět", "deset"]
-    docs = []
-    for _ in range(documents):
-        who = rng.choice(names)
-        sentences = []
-        for _ in range(rng.randint(2, 6)):
-            what, verb = rng.choice(objects), rng.choice(verbs)
-            sentences.append(f"{who} {verb} {what} {rng.choice(places)}.")
-            if rng.random() < 0.3:
-                start = rng.randrange(5)
-                sentences.append(" ".join(numbers[start : start + rng.randint(3, 5)]) + ".")
-        docs.append(" ".join(sentences))
-    return docs
 
 
 def pack(documents: Iterable[list[int]], eos_id: int, block_len: int) -> tuple[np.ndarray, int]:
@@ -134,84 +100,16 @@ class BlockLoader:
         return self.order.global_batch // (self.order.micro_batch * self.order.world_size)
 
 
-def is_prepared(folder: Path) -> bool:
-    return (folder / "train" / INDEX).is_file()
-
-
-def data_ready(data_dir: Path) -> bool:
-    """Whether `data_dir` already names complete token shards (then `prepare_data` has nothing to do)."""
-    pointer = read_json(data_dir / POINTER)
-    return pointer is not None and is_prepared(Path(pointer["tokens"]))
-
-
-def write_demo_corpus(path: Path, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in demo_corpus(seed)))
-    return path
-
-
-def prepare_data(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> None:
-    """Make `data_dir` name the token shards the recipe trains on (rank 0 only; the others wait).
-
-    A folder made by `orch data prepare` is read where it is. 'demo' (a generated corpus) or a folder of documents
-    goes through the same prepare into `data_dir`. Either way `data_dir/tokens.json` names the folder and the block
-    length, and `data_dir/tokenizer` holds the tokenizer the shards were made with.
-    """
-    if data_ready(data_dir):
-        return
-    tokens = Path(spec.source)
-    if is_prepared(tokens):
-        adopt_tokenizer(spec, read_index(tokens / "train"), data_dir)
-    else:
-        prepare_documents(spec, vocab_size, seed, data_dir)
-        tokens = data_dir
-    index = read_index(tokens / "train")
-    if index["vocab_size"] > vocab_size:
-        raise OrchError(
-            f"{tokens}: tokenized with {index['vocab_size']} token ids, but the recipe's model.vocab_size is "
-            f"{vocab_size}. Allowed: a model.vocab_size of at least {index['vocab_size']}."
-        )
-    if index["tokens"] < spec.max_seq_len:
-        raise OrchError(
-            f"{tokens}: the train split has {index['tokens']} tokens, fewer than one block of data.max_seq_len "
-            f"{spec.max_seq_len}. Allowed: a corpus of at least one block."
-        )
-    write_json_atomic(data_dir / POINTER, {"tokens": str(tokens.resolve()), "max_seq_len": spec.max_seq_len})
-
-
-def adopt_tokenizer(spec: DataSpec, index: dict, data_dir: Path) -> None:
-    """The recipe's tokenizer must be the one the prepared shards were made with; the run keeps a copy of it."""
-    path = Path(spec.tokenizer) / "tokenizer.json"
-    if not path.is_file() or file_sha256(path) != index["tokenizer"]["sha256"]:
-        raise OrchError(
-            f"data.tokenizer {spec.tokenizer!r} is not the tokenizer data.source {spec.source} was prepared with "
-            f"({index['tokenizer']['path']}, tokenizer.json sha256 {index['tokenizer']['sha256']}). "
-            f"Allowed: that tokenizer, e.g. the copy in {Path(spec.source) / 'tokenizer'}."
-        )
-    copy_tokenizer(Path(spec.tokenizer), data_dir)
-
-
-def prepare_documents(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> None:
-    """Prepare 'demo' or a folder of documents into `data_dir`, with the recipe's tokenizer or, for 'demo', one
-    trained there on these documents."""
-    inputs = [write_demo_corpus(data_dir / "demo.jsonl", seed)] if spec.source == "demo" else [Path(spec.source)]
-    tokenizer = data_dir / "tokenizer" if spec.tokenizer == "demo" else Path(spec.tokenizer)
-    if spec.tokenizer == "demo" and not tokenizer.is_dir():
-        train_tokenizer(read_texts(list_inputs(inputs)[0], Counter()), vocab_size, tokenizer)
-    report = prepare(tokenizer, inputs, data_dir, Settings(JOB_VAL_FRACTION, seed, "auto", SHARD_TOKENS))
-    log.info("prepared %s: %s", spec.source, {s: (i["documents"], i["tokens"]) for s, i in report.indexes.items()})
-
-
 def load_split(data_dir: Path, split: str) -> TokenBlocks:
     pointer = read_json(data_dir / POINTER)
     return TokenBlocks(Path(pointer["tokens"]) / split, pointer["max_seq_len"])
 
 
 def load_blocks(data_dir: Path) -> TokenBlocks:
-    """The training blocks of the corpus `prepare_data` set up in `data_dir`."""
+    """The training blocks of the corpus a run's `data/tokens.json` names."""
     return load_split(data_dir, "train")
 
 
 def load_val_blocks(data_dir: Path) -> TokenBlocks:
-    """The held-out blocks (the val split) of the corpus `prepare_data` set up in `data_dir`."""
+    """The held-out blocks (the val split) of the corpus a run's `data/tokens.json` names."""
     return load_split(data_dir, "val")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from jobs.data import load_val_blocks
 from jobs.loss import causal_lm_loss
+from orchestrator.core.config import EvalSpec
 
 
 def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, device: torch.device) -> dict:
@@ -30,3 +33,16 @@ def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, 
     dist.all_reduce(total)
     loss = (total / count).item()
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+class Evaluator:
+    """Validation at the recipe's cadence (every `eval.every_steps` and at the last step); nothing without `eval`."""
+
+    def __init__(self, spec: EvalSpec | None, data_dir: Path, micro_batch: int, device: torch.device) -> None:
+        self.spec, self.micro_batch, self.device = spec, micro_batch, device
+        self.blocks = load_val_blocks(data_dir) if spec else None
+
+    def maybe_evaluate(self, step: int, last_step: int, model: torch.nn.Module) -> dict:
+        if self.spec is None or (step % self.spec.every_steps and step != last_step):
+            return {}
+        return evaluate(model, self.blocks, self.spec.blocks, self.micro_batch, self.device)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
-from orchestrator.estimate import LOSS_CHUNK_TOKENS
+from orchestrator.core.estimate import LOSS_CHUNK_TOKENS
 
 
 def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from orchestrator.config import ModelSpec
+from orchestrator.core.config import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from lion_pytorch import Lion
 
-from orchestrator.config import OptimizerSpec, ScheduleSpec
+from orchestrator.core.config import OptimizerSpec, ScheduleSpec
 
 
 def build_optimizer(params, spec: OptimizerSpec) -> Lion:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import OrchError
-from orchestrator.runs import write_json_atomic
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import write_json_atomic
 
 FORMAT = "orch-token-shards/1"
 INDEX = "index.json"

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runs import read_json, write_json_atomic
+from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.settings import EXPERIMENT
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "orch"
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 # A tracking server that is down must fail fast: training must not wait on it.

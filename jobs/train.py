@@ -1,4 +1,8 @@
-"""The training job: what every rank runs. Read it top to bottom."""
+"""The training job: what every rank runs. Read it top to bottom: guards, build, resume, loop.
+
+`Trainer` is one rank's model, optimizer, schedule and data, built from the recipe's specs; `orch bench` times the
+same object. `TrainState` is what a checkpoint restores besides the shards, checked against the plan on resume.
+"""
 
 from __future__ import annotations
 
@@ -8,193 +12,269 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import submitit
 import torch
 import torch.distributed as dist
 import yaml
-from accelerate import PartialState
-from transformers import LlamaForCausalLM
 
 from jobs.checkpoint import Checkpointer
-from jobs.data import BlockLoader, GlobalOrder, data_ready, load_blocks, load_val_blocks, prepare_data
-from jobs.evaluate import evaluate
+from jobs.data import BlockLoader, GlobalOrder, load_blocks
+from jobs.distributed import Ranks, agree, start_process_group
+from jobs.evaluate import Evaluator
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
 from jobs.tracking import Tracker, committed_step, mlflow_run_id
-from orchestrator.config import Profile, Recipe
-from orchestrator.estimate import flops_per_token
-from orchestrator.plan import Plan, make_plan
-from orchestrator.runs import Run, read_json, write_json_atomic
+from orchestrator.core.config import Profile, Recipe
+from orchestrator.core.errors import OrchError
+from orchestrator.core.estimate import flops_per_token
+from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
+from orchestrator.core.rundir import Run
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
 
 
 def run_training(run_dir: Path, stop: StopFlag) -> int | None:
-    """Set up this rank's process group from the scheduler's variables, then train."""
+    """Join this job's process group (from the scheduler's variables), then train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run = Run(run_dir)
-    profile = Profile.model_validate(yaml.safe_load((run.dir / "profile.yaml").read_text()))
-    recipe = Recipe.model_validate(yaml.safe_load((run.dir / "recipe.yaml").read_text()))
+    profile, recipe = run.profile(), run.recipe()
     stop.deadline = process_started() + profile.time_limit_min * 60 - run.info["stop_before_end_s"]
-    job = submitit.JobEnvironment()
+    job_id = str(submitit.JobEnvironment().job_id)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    state = PartialState(cpu=profile.launch.device == "cpu", backend=profile.launch.backend)
+    ranks = start_process_group(profile.launch.device, profile.launch.backend)
     try:
-        return train(run, profile, recipe, state, str(job.job_id), stop)
+        return train(run, profile, recipe, ranks, job_id, stop)
     finally:
         dist.destroy_process_group()
 
 
-def train(run: Run, profile: Profile, recipe: Recipe, state: PartialState, job_id: str, stop: StopFlag) -> int | None:
-    rank, world, device = state.process_index, state.num_processes, state.device
+def train(run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str, stop: StopFlag) -> int | None:
     plan = make_plan(profile, recipe, run.info["steps"])
-    torch.manual_seed(recipe.train.seed)
-    if not agree(rank, lambda: owns_run(run, job_id)):
-        raise RuntimeError(f"job {job_id} is not the current job of run {run.id}: refusing to write into it")
-    committed = committed_step(run.checkpoints_dir) or 0
-    if refusal := agree(rank, lambda: requeue_loop(run, job_id, committed, profile.nodes)):
-        if rank == 0:
-            Heartbeat(run, job_id, plan.steps, lambda: committed).beat("failed", committed, error=refusal)
+    if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
-
-    data_dir = run.dir / "data"
-    if rank == 0 and not data_ready(data_dir):
-        prepare_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, data_dir)
-    dist.barrier()
-    blocks = load_blocks(data_dir)
-    order = GlobalOrder(
-        len(blocks), recipe.train.global_batch_size, recipe.train.micro_batch_size, world, recipe.train.seed
-    )
-    loader = BlockLoader(blocks, order, rank, device)
-    val_blocks = load_val_blocks(data_dir) if recipe.eval else None
-
-    attention = attention_implementation(recipe.train.attention, device)
-    model = build_sharded_model(
-        recipe.model,
-        attention,
-        recipe.train.fsdp,
-        recipe.train.precision,
-        device,
-        recompute=recipe.train.activation_checkpointing,
-        compile=recipe.train.compile,
-    )
-    optimizer = build_optimizer(model.parameters(), recipe.optimizer)
-    scheduler = build_scheduler(optimizer, recipe.schedule)
-
-    spec = recipe.checkpoint
-    checkpointer = Checkpointer(run.checkpoints_dir, spec.keep_last, spec.keep_every, spec.async_save)
-    checkpointer.clean_incomplete()
-    resume_from, damaged = checkpointer.choose()
-    for problem in damaged:
-        log.warning("%s; using the previous committed checkpoint", problem)
-    start_step, recipe_hash = 0, hashlib.sha256((run.dir / "recipe.yaml").read_bytes()).hexdigest()
-    if resume_from is not None:
-        saved = checkpointer.load(resume_from, model, optimizer)
-        scheduler.load_state_dict(saved["scheduler"])
-        start_step = saved["step"]
-        log.info(
-            "resumed from the checkpoint at step %d (saved by %d ranks, now %d)", start_step, saved["world_size"], world
-        )
-        if saved["recipe_hash"] != recipe_hash:
-            log.warning("the recipe changed since the checkpoint at step %d was saved", start_step)
-
-    report = Report(run, job_id, plan, checkpointer, start_step, attention) if rank == 0 else None
-    peak_flops = world * (profile.node.peak_bf16_tflops or 0) * 1e12
-    model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
+    trainer = Trainer(recipe, run.dir / "data", ranks)
+    checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
+    state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world))
+    evaluator = Evaluator(recipe.eval, run.dir / "data", recipe.train.micro_batch_size, ranks.device)
+    report = Report(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
         "rank %d/%d: steps %d..%d, grad accum %d, attention %s",
-        rank,
-        world,
-        start_step,
-        plan.steps,
-        plan.grad_accum,
-        attention,
-    )
-
+        ranks.rank, ranks.world, state.step, plan.steps, trainer.grad_accum, trainer.attention,
+    )  # fmt: skip
     try:
-        for step in range(start_step, plan.steps):
-            started = time.perf_counter()
-            loss, grad_norm, lr, data_wait = train_step(
-                model, optimizer, scheduler, loader, step, plan.grad_accum, recipe.train.grad_clip
-            )
-            done, elapsed = step + 1, time.perf_counter() - started
-            tokens_per_s = plan.tokens_per_step / elapsed
-            metrics = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "tokens_per_s_per_rank": tokens_per_s / world,
-                "step_time_s": elapsed,
-                "data_wait_fraction": data_wait / elapsed,
-            }
-            if peak_flops:
-                metrics["mfu"] = model_flops * tokens_per_s / peak_flops
-            if torch.cuda.is_available():
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            if recipe.eval and (done % recipe.eval.every_steps == 0 or done == plan.steps):
-                metrics.update(evaluate(model, val_blocks, recipe.eval.blocks, recipe.train.micro_batch_size, device))
-            if report:
-                report.step(done, metrics)
-
-            stopping = stop.agreed(device)
-            if done % spec.every_steps == 0 or done == plan.steps or stopping:
-                train_state = {
-                    "scheduler": scheduler.state_dict(),
-                    "world_size": world,
-                    "recipe_hash": recipe_hash,
-                    "data": {"samples_consumed": done * recipe.train.global_batch_size, "seed": recipe.train.seed},
-                    "mlflow_run_id": mlflow_run_id(run.dir),
-                }
-                checkpointer.save(done, model, optimizer, train_state)
-            if stopping and done < plan.steps:
-                checkpointer.close()
-                if report:
-                    report.requeued(done)
-                    stop.requeue()  # exits this process through submitit
-                return None
-        checkpointer.close()
+        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, Throughput(profile, recipe, plan))
     except Exception as err:
         if report:
             report.failed(err)
         raise
-    if report:
+    if report and finished:
         report.completed()
-    return plan.steps
+    return plan.steps if finished else None
 
 
-def train_step(
-    model: LlamaForCausalLM,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: BlockLoader,
-    step: int,
-    grad_accum: int,
-    clip: float,
-) -> tuple[float, float, float, float]:
-    """One optimizer step over `grad_accum` micro-batches; returns loss (mean over ranks), grad norm, lr and the
-    seconds spent waiting for data."""
-    loss, data_wait = torch.zeros((), device=loader.device), 0.0
-    for micro_step in range(grad_accum):
-        fetch = time.perf_counter()
-        tokens = loader.micro_batch(step, micro_step)
-        data_wait += time.perf_counter() - fetch
-        set_gradient_sync(model, micro_step == grad_accum - 1)
-        micro_loss = causal_lm_loss(model, tokens) / grad_accum
-        micro_loss.backward()
-        loss += micro_loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).full_tensor()
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-    return loss.item(), grad_norm.item(), lr, data_wait
+def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
+    """Only the run's newest job may write into it, and a chain of requeues that makes no progress stops."""
+    if not agree(rank, lambda: owns_run(run, job_id)):
+        raise RuntimeError(f"job {job_id} is not the current job of run {run.id}: refusing to write into it")
+    committed = committed_step(run.checkpoints_dir) or 0
+    refusal = agree(rank, lambda: requeue_loop(run, job_id, committed, nodes))
+    if refusal and rank == 0:
+        Heartbeat(run, job_id, run.info["steps"], lambda: committed).beat("failed", committed, error=refusal)
+    return refusal is None
+
+
+def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState) -> TrainState:
+    """Restore the newest committed checkpoint that passes its manifest (if any) into the trainer; returns the
+    training state to continue from, checked against what this run expects."""
+    checkpointer.clean_incomplete()
+    step, damaged = checkpointer.choose()
+    for problem in damaged:
+        log.warning("%s; using the previous committed checkpoint", problem)
+    if step is None:
+        return state
+    saved = checkpointer.load(step, trainer.model, trainer.optimizer)
+    trainer.scheduler.load_state_dict(saved["scheduler"])
+    restored = TrainState.from_checkpoint(saved)
+    restored.check_against(state, trainer.global_batch)
+    log.info(
+        "resumed from the checkpoint at step %d (saved by %d ranks, now %d)",
+        step,
+        restored.world_size,
+        state.world_size,
+    )
+    return TrainState(**{**asdict(restored), "world_size": state.world_size, "recipe_hash": state.recipe_hash})
+
+
+def loop(
+    trainer: Trainer,
+    state: TrainState,
+    plan: Plan,
+    checkpointer: Checkpointer,
+    evaluator: Evaluator,
+    report: Report | None,
+    stop: StopFlag,
+    throughput: Throughput,
+) -> bool:
+    """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
+    for step in range(state.step, plan.steps):
+        started = time.perf_counter()
+        result = trainer.step(step)
+        state.advance(trainer.global_batch)
+        metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
+        metrics.update(evaluator.maybe_evaluate(state.step, plan.steps, trainer.model))
+        if report:
+            report.step(state.step, metrics)
+        stopping = stop.agreed(trainer.device)
+        checkpointer.maybe_save(state.step, plan.steps, stopping, trainer, state.to_checkpoint(trainer))
+        if stopping and state.step < plan.steps:
+            checkpointer.close()
+            if report:
+                report.requeued(state.step)
+                stop.requeue()  # exits this process through submitit
+            return False
+    checkpointer.close()
+    return True
+
+
+@dataclass
+class TrainState:
+    """Where training stands, saved with every checkpoint: the step, the data position (samples consumed, seed),
+    the MLflow run, the recipe's hash and the world size that saved it. RNG states are saved per rank beside it."""
+
+    step: int
+    samples_consumed: int
+    seed: int
+    world_size: int
+    recipe_hash: str
+    mlflow_run_id: str | None
+
+    @classmethod
+    def fresh(cls, recipe: Recipe, run: Run, world_size: int) -> TrainState:
+        recipe_hash = hashlib.sha256((run.dir / "recipe.yaml").read_bytes()).hexdigest()
+        return cls(0, 0, recipe.train.seed, world_size, recipe_hash, mlflow_run_id(run.dir))
+
+    def advance(self, global_batch: int) -> None:
+        self.step += 1
+        self.samples_consumed += global_batch
+
+    def to_checkpoint(self, trainer: Trainer) -> dict[str, Any]:
+        """train_state.json of a checkpoint: this state and the learning-rate schedule's."""
+        return {**asdict(self), "scheduler": trainer.scheduler.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """Also reads the layout of earlier checkpoints, which kept the data position under "data"."""
+        data = saved.get("data", {})
+        return cls(
+            step=saved["step"],
+            samples_consumed=saved.get("samples_consumed", data.get("samples_consumed")),
+            seed=saved.get("seed", data.get("seed")),
+            world_size=saved["world_size"],
+            recipe_hash=saved["recipe_hash"],
+            mlflow_run_id=saved.get("mlflow_run_id"),
+        )
+
+    def check_against(self, expected: TrainState, global_batch: int) -> None:
+        """A restored state must continue this run's data order; a changed recipe or MLflow run is reported."""
+        if self.seed != expected.seed or self.samples_consumed != self.step * global_batch:
+            raise OrchError(
+                f"the checkpoint at step {self.step} was saved with seed {self.seed} after {self.samples_consumed} "
+                f"samples; this run has seed {expected.seed} and {global_batch} samples per step: its data order "
+                "cannot continue from there."
+            )
+        if self.recipe_hash != expected.recipe_hash:
+            log.warning("the recipe changed since the checkpoint at step %d was saved", self.step)
+        if expected.mlflow_run_id and self.mlflow_run_id and self.mlflow_run_id != expected.mlflow_run_id:
+            log.warning(
+                "the checkpoint at step %d reported to MLflow run %s, the run directory names %s",
+                self.step, self.mlflow_run_id, expected.mlflow_run_id,
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean over ranks
+    grad_norm: float
+    lr: float
+    data_wait: float  # seconds spent waiting for micro-batches
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm}
+
+
+class Trainer:
+    """One rank's model, optimizer, schedule and data, built from the recipe's specs, and its optimizer step."""
+
+    def __init__(self, recipe: Recipe, data_dir: Path, ranks: Ranks) -> None:
+        spec = recipe.train
+        self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
+        self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
+        torch.manual_seed(spec.seed)
+        blocks = load_blocks(data_dir)
+        order = GlobalOrder(len(blocks), spec.global_batch_size, spec.micro_batch_size, ranks.world, spec.seed)
+        self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
+        self.attention = attention_implementation(spec.attention, ranks.device)
+        self.model = build_sharded_model(
+            recipe.model,
+            self.attention,
+            spec.fsdp,
+            spec.precision,
+            ranks.device,
+            recompute=spec.activation_checkpointing,
+            compile=spec.compile,
+        )
+        self.optimizer = build_optimizer(self.model.parameters(), recipe.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, recipe.schedule)
+
+    def step(self, step: int) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
+        loss, data_wait = torch.zeros((), device=self.device), 0.0
+        for micro_step in range(self.grad_accum):
+            fetch = time.perf_counter()
+            tokens = self.loader.micro_batch(step, micro_step)
+            data_wait += time.perf_counter() - fetch
+            set_gradient_sync(self.model, micro_step == self.grad_accum - 1)
+            micro_loss = causal_lm_loss(self.model, tokens) / self.grad_accum
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip).full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        return StepResult(loss.item() / dist.get_world_size(), grad_norm.item(), lr, data_wait)
+
+
+class Throughput:
+    """Tokens/s, MFU, step time, data-wait fraction and (on GPUs) peak memory of one step."""
+
+    def __init__(self, profile: Profile, recipe: Recipe, plan: Plan) -> None:
+        self.tokens_per_step, self.world = plan.tokens_per_step, plan.world_size
+        self.peak_flops = plan.world_size * (profile.node.peak_bf16_tflops or 0) * 1e12
+        self.model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
+
+    def metrics(self, elapsed: float, data_wait: float) -> dict[str, float]:
+        tokens_per_s = self.tokens_per_step / elapsed
+        metrics = {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_rank": tokens_per_s / self.world,
+            "step_time_s": elapsed,
+            "data_wait_fraction": data_wait / elapsed,
+        }
+        if self.peak_flops:
+            metrics["mfu"] = self.model_flops * tokens_per_s / self.peak_flops
+        if torch.cuda.is_available():
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return metrics
 
 
 class Report:
@@ -242,13 +322,6 @@ def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:
     return files + (sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else [])
 
 
-def agree(rank: int, decide):
-    """Rank 0 decides, every rank gets the same answer."""
-    answer = [decide() if rank == 0 else None]
-    dist.broadcast_object_list(answer, src=0)
-    return answer[0]
-
-
 def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
     """Only the run's newest job may write into it (`orch submit` records the id right after queueing)."""
     until = time.time() + wait_s
@@ -262,8 +335,9 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
 
 
 def requeue_loop(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
-    """Stop a chain of requeues that makes no progress: the third start of one job at the same committed step
-    fails (a new `orch resume` is a new job, and starts a new count)."""
+    """Record this start in attempts.json (which `orch status` also reads for allocations and node-hours) and stop
+    a chain of requeues that makes no progress: the third start of one job at the same committed step fails (a new
+    `orch resume` is a new job, and starts a new count)."""
     path = run.dir / "attempts.json"
     attempts = read_json(path, [])
     stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]

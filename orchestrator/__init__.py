@@ -1,4 +1,2 @@
-"""Login-node side of orch: CLI, profiles and recipes, planning, submission, the run registry.
-
-Importing it never imports torch, transformers, accelerate or mlflow.
-"""
+"""orch on the submitting side: `core` (schemas, planning, the run directory), `cli` (the `orch` command) and
+`tools` (data and model tools). The training job is the `jobs` package."""

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.commands.bench import default_variants, variant_recipe
-from orchestrator.config import load_recipe
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.bench import default_variants, variant_recipe
+from orchestrator.core.config import load_recipe
+from orchestrator.core.errors import OrchError
 from tests.conftest import ROOT
 
 
@@ -33,7 +33,7 @@ def test_variants_are_checked_like_recipes():
 
 
 def test_bench_trains_the_tiny_recipe_on_cpu_ranks_and_prints_the_table_last():
-    command = "from orchestrator.commands.bench import app; app()"
+    command = "from orchestrator.cli.commands.bench import app; app()"
     args = ["--profile", "local", "--recipe", "tiny", "--steps", "2", "--warmup", "0", "--variants", "recipe"]
     done = subprocess.run([sys.executable, "-c", command, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -79,7 +79,11 @@ def recipe_on_prepared_data(tmp_path: Path, vocab_size: int, tokenizer_text: str
     (source / "train").mkdir(parents=True)
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text(tokenizer_text)
-    index = {"vocab_size": vocab_size, "tokenizer": {"sha256": hashlib.sha256(b"the one used").hexdigest()}}
+    index = {
+        "vocab_size": vocab_size,
+        "tokens": 10**6,
+        "tokenizer": {"sha256": hashlib.sha256(b"the one used").hexdigest()},
+    }
     (source / "train" / "index.json").write_text(json.dumps(index))
     recipe = (ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", f"source: {source}")
     (tmp_path / "r.yaml").write_text(recipe.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))

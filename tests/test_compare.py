@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jobs.compare import monotone_envelope, moving_average, smoothed_envelope, step_distance
-from orchestrator.commands.analysis import app
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.analysis import app
+from orchestrator.core.errors import OrchError
+from orchestrator.tools.compare import monotone_envelope, moving_average, smoothed_envelope, step_distance
 from tests.conftest import ROOT
 
 OFFSET = 300

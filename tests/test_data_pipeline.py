@@ -30,7 +30,10 @@ from jobs.data import (
     pack,
     prepare_data,
 )
-from jobs.prepare import (
+from jobs.shards import TokenBlocks
+from orchestrator.core.config import DataSpec
+from orchestrator.core.errors import OrchError
+from orchestrator.tools.prepare import (
     BYTE_TOKENS,
     EMPTY_FILE,
     EMPTY_TEXT,
@@ -43,9 +46,6 @@ from jobs.prepare import (
     prepare,
     train_tokenizer,
 )
-from jobs.shards import TokenBlocks
-from orchestrator.config import DataSpec
-from orchestrator.errors import OrchError
 from tests.conftest import ROOT
 
 WORDS = "pes kočka žluťoučký kůň úpěl ďábelské ódy Praha řeka čte knihu 2024 ěščřžýáíé, a. (b) Ä".split()
@@ -273,7 +273,7 @@ def test_inputs_that_are_missing_or_of_an_unknown_type_are_refused(tmp_path: Pat
 KILLED_PREPARE = """
 import os, signal, sys
 from pathlib import Path
-from jobs.prepare import Reporter, Settings, prepare
+from orchestrator.tools.prepare import Reporter, Settings, prepare
 
 class DieAfterShards(Reporter):
     def __init__(self, shards):

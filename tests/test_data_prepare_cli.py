@@ -13,12 +13,12 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from jobs.shards import TokenBlocks
-from orchestrator.commands.data import data_app, tokenizer_app
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.data import data_app, tokenizer_app
+from orchestrator.core.errors import OrchError
 from tests.conftest import ROOT
 
 runner = CliRunner()
-DATA_APP = "from orchestrator.commands.data import data_app; data_app()"
+DATA_APP = "from orchestrator.cli.commands.data import data_app; data_app()"
 
 
 def invoke(app, *args: str):
@@ -115,6 +115,6 @@ def test_prepare_help_says_how_each_format_is_split_into_documents():
 
 def test_the_data_commands_import_nothing_heavy_at_startup():
     heavy = ("torch", "transformers", "accelerate", "mlflow", "tokenizers", "numpy", "pyarrow")
-    code = f"import sys, orchestrator.commands.data; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, orchestrator.cli.commands.data; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

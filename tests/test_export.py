@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from typer.testing import CliRunner
 
 from jobs.model import build_model
-from orchestrator.commands.model import app
-from orchestrator.config import Recipe, load_recipe
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.model import app
+from orchestrator.core.config import Recipe, load_recipe
+from orchestrator.core.errors import OrchError
 from tests.conftest import orch, status_json
 
 pytestmark = pytest.mark.slow

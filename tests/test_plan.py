@@ -1,8 +1,8 @@
 import pytest
 
-from orchestrator.config import load_profile, load_recipe
-from orchestrator.errors import OrchError
-from orchestrator.plan import gradient_accumulation, make_plan
+from orchestrator.core.config import load_profile, load_recipe
+from orchestrator.core.errors import OrchError
+from orchestrator.core.plan import gradient_accumulation, make_plan
 
 
 def test_accumulation_fills_the_global_batch_exactly():

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_profile, parse_assignment
-from orchestrator.errors import OrchError
-from orchestrator.submit import prepare, sbatch_script
+from orchestrator.cli.executors import sbatch_script
+from orchestrator.cli.submit import build_request
+from orchestrator.core.config import load_profile, parse_assignment
+from orchestrator.core.errors import OrchError
 from tests.conftest import ROOT, orch
 from tests.test_cli_input import assert_refused
 
@@ -25,7 +26,9 @@ KAROLINA_2_NODES = [
 
 
 def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
-    request = prepare("karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}])
+    request = build_request(
+        "karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}]
+    )
     script = sbatch_script(request.profile, request.plan, Path("/scratch/project/open-29-12/orch/runs/RUN"))
     for directive in (
         "--nodes=2",
@@ -45,7 +48,7 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
 
 
 def test_karolina_plan_numbers():
-    plan = prepare("karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "X"}}, {"nodes": 2}]).plan
+    plan = build_request("karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "X"}}, {"nodes": 2}]).plan
     assert (plan.world_size, plan.grad_accum, plan.total_tokens) == (16, 4, 200_000 * 512 * 2048)
     assert plan.allocations == 5
     assert 30 < plan.peak_memory_gb < 40
@@ -72,7 +75,7 @@ def test_command_line_overrides_win_over_the_file():
 
 
 def test_extends_cycle_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("orchestrator.config.PROFILES_DIR", tmp_path)
+    monkeypatch.setattr("orchestrator.core.config.PROFILES_DIR", tmp_path)
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
     with pytest.raises(OrchError, match="without cycles"):
@@ -127,7 +130,7 @@ class TestChecksBeforeSubmission:
     def test_newline_or_nul_in_a_profile_value_is_refused(self, field):
         for bad in ("qgpu\n#SBATCH --exclusive", "qgpu\x00"):
             with pytest.raises(OrchError, match="may only contain"):
-                prepare("karolina", "cstinyllama-1.2b", 10, [{"slurm": {"account": "X", field: bad}}])
+                build_request("karolina", "cstinyllama-1.2b", 10, [{"slurm": {"account": "X", field: bad}}])
 
     def test_sbatch_directive_outside_the_allow_list(self, orch_home):
         assert_refused(

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from jobs.train import requeue_loop
-from orchestrator.runs import Run
+from orchestrator.core.rundir import Run
 
 
 def test_third_start_of_one_job_at_the_same_step_is_refused_with_the_reason(tmp_path: Path):

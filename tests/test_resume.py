@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.runs import read_json
+from orchestrator.core.files import read_json
 from tests.conftest import (
     ROOT,
     final_weights,

@@ -1,7 +1,7 @@
 import pytest
 
 from jobs.optim import lr_factor
-from orchestrator.config import ScheduleSpec
+from orchestrator.core.config import ScheduleSpec
 
 SEED_SCHEDULE = ScheduleSpec(warmup_steps=100, total_steps=200_000, alpha=0.1)
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, Shard
 
 from jobs.model import build_model, shard
-from orchestrator.config import load_recipe
+from orchestrator.core.config import load_recipe
 
 
 def free_port() -> int:

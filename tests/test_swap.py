@@ -18,10 +18,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from typer.testing import CliRunner
 
 from jobs.data import demo_corpus, pack
-from jobs.swap import COPYING_RULES, REPORT_FILE, RULES, TOKENS_FILE, Vocabulary
-from orchestrator.commands.model import app
-from orchestrator.config import load_recipe
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.model import app
+from orchestrator.core.config import load_recipe
+from orchestrator.core.errors import OrchError
+from orchestrator.tools.swap import COPYING_RULES, REPORT_FILE, RULES, TOKENS_FILE, Vocabulary
 from tests.conftest import orch, status_json
 
 ENGLISH = [f"{who} sees a {size} dog in the park." for who in ("Peter", "Jane", "Tom") for size in ("big", "small")]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.commands.analysis import app
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.analysis import app
+from orchestrator.core.errors import OrchError
 from tests.conftest import ROOT, orch, submitted_run_id
 
 CHROMIUM = "/usr/bin/chromium"

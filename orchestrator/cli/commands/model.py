@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchError
+from orchestrator.core.errors import OrchError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -57,7 +57,7 @@ def swap(
     check_file(dictionary, "--dictionary")
     check_file(sample, "--sample")
     check_output(output)
-    from jobs import swap as swap_job
+    from orchestrator.tools import swap as swap_job
 
     report = swap_job.swap(source_model, source_tokenizer, target_tokenizer, output, dictionary, sample)
     print_swap_report(report)
@@ -90,7 +90,7 @@ def export(
 ) -> None:
     """Write a run's checkpoint as a Hugging Face model directory (weights, config, tokenizer)."""
     check_output(output)
-    from jobs import export as export_job
+    from orchestrator.tools import export as export_job
 
     exported = export_job.export(run_id, step, output)
     console.print(f"Exported run {run_id} at step {exported} to {output}.")

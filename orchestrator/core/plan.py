@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from orchestrator.config import Profile, Recipe
-from orchestrator.errors import OrchError
-from orchestrator.estimate import flops_per_token, parameter_count, peak_memory_gb
+from orchestrator.core.config import Profile, Recipe
+from orchestrator.core.errors import OrchError
+from orchestrator.core.estimate import flops_per_token, parameter_count, peak_memory_gb
 
 STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem

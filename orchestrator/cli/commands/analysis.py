@@ -1,7 +1,7 @@
 """`orch compare` and `orch ui`: looking at runs. Both read the MLflow store the runs report to.
 
-The analysis itself is in `jobs.compare`, imported inside the command (with numpy, matplotlib and mlflow) so
-that the CLI starts fast.
+The analysis itself is in `orchestrator.tools.compare`, imported inside the command (with numpy, matplotlib and
+mlflow) so that the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchError
-from orchestrator.runs import get_run, orch_home
+from orchestrator.core.config import load_profile
+from orchestrator.core.errors import OrchError
+from orchestrator.core.rundir import get_run
+from orchestrator.core.settings import EXPERIMENT, orch_home, tracking_uri
 
-EXPERIMENT = "orch"  # the experiment jobs.tracking reports to
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 
@@ -41,7 +42,7 @@ def compare(
     target = output or orch_home() / "compare" / f"{run_a}-vs-{run_b}"
     if target.exists() and not target.is_dir():
         raise OrchError(f"Option --output names {str(target)!r}, which is a file. Allowed: a folder (new or not).")
-    from jobs import compare as analysis
+    from orchestrator.tools import compare as analysis
 
     histories = [analysis.read_history(run.dir) for run in runs]
     for history in histories:
@@ -94,9 +95,10 @@ def print_comparison(result: dict[str, Any], output: Path, logged: list[str]) ->
 def ui(
     port: Annotated[int, typer.Option(help="port to serve on; pick another when a colleague's server holds it")] = 5000,
     host: Annotated[str, typer.Option(help="interface to bind; 127.0.0.1 keeps it to this machine")] = "127.0.0.1",
+    profile: Annotated[str, typer.Option(help="the profile whose runs to show (its tracking_uri)")] = "local",
 ) -> None:
     """The MLflow UI for your runs: serves the embedded store here, or points at the remote tracking server."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{orch_home() / 'mlflow.db'}"
+    uri = tracking_uri(load_profile(profile)[1].tracking_uri)
     if uri.startswith(("http://", "https://")):
         console.print(f"Runs report to the tracking server {uri}: open it, experiment '{EXPERIMENT}'.", soft_wrap=True)
         return

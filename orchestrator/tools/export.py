@@ -14,9 +14,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from jobs import checkpoint
 from jobs.model import build_empty_model, model_config, save_hf_model
-from orchestrator.config import Recipe, read_yaml, validate
-from orchestrator.errors import OrchError
-from orchestrator.runs import Run, get_run, read_json
+from orchestrator.core.config import Recipe, read_yaml, validate
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import read_json
+from orchestrator.core.rundir import Run, get_run
 
 
 def tokenizer_dir(run: Run) -> Path:

@@ -1,6 +1,7 @@
 """`orch data` and `orch tokenizer`: documents become a tokenizer, and token shards that training reads.
 
-The work happens in `jobs.prepare` and `jobs.shards`, imported inside the commands so that the CLI starts fast.
+The work happens in `orchestrator.tools.prepare` and `jobs.shards`, imported inside the commands so that the CLI
+starts fast.
 """
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchError
+from orchestrator.core.corpus import FORMATS_HELP, SHARD_TOKENS, VAL_FRACTION
+from orchestrator.core.errors import OrchError
 
-VAL_FRACTION = 0.001
-SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 tokens per shard file
-FORMATS_HELP = (
-    "one of these formats: .txt (one document per block of non-blank lines; blank lines separate documents), "
-    ".jsonl (one document per line, its 'text' field), either also as .gz or .zst, .parquet (its 'text' column), "
-    "or a folder written by datasets' save_to_disk (its 'text' column)."
-)
 Inputs = Annotated[
     list[Path],
     typer.Option(
@@ -77,8 +72,8 @@ def prepare(
     shard_tokens: Annotated[int, typer.Option(min=1, help="tokens per shard file")] = SHARD_TOKENS,
 ) -> None:
     """Tokenize documents into fixed-width token shards: EOS after every document, a val split held out by document."""
-    from jobs.prepare import RichReporter, Settings
-    from jobs.prepare import prepare as run_prepare
+    from orchestrator.tools.prepare import RichReporter, Settings
+    from orchestrator.tools.prepare import prepare as run_prepare
 
     settings = Settings(val_fraction=val_fraction, seed=seed, dtype=dtype, shard_tokens=shard_tokens)
     report = run_prepare(tokenizer, inputs, output, settings, workers, RichReporter())
@@ -114,7 +109,7 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="tokens in the vocabulary, special and byte tokens included")] = 64000,
 ) -> None:
     """Train a byte-fallback BPE like Llama's: <unk> <s> </s>, 256 byte tokens, Metaspace (▁) pieces."""
-    from jobs.prepare import list_inputs, read_texts, train_tokenizer
+    from orchestrator.tools.prepare import list_inputs, read_texts, train_tokenizer
 
     if output.exists():
         raise OrchError(f"--output {output}: already exists. Allowed: a folder that does not exist yet.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.config import ModelSpec, Recipe
+from orchestrator.core.config import ModelSpec, Recipe
 
 GB = 1e9
 RUNTIME_OVERHEAD_GB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation

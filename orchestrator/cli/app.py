@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from orchestrator.commands.analysis import app as analysis_app
-from orchestrator.commands.bench import app as bench_app
-from orchestrator.commands.data import data_app, tokenizer_app
-from orchestrator.commands.model import app as model_app
-from orchestrator.errors import OrchError
+from orchestrator.cli.commands.analysis import app as analysis_app
+from orchestrator.cli.commands.bench import app as bench_app
+from orchestrator.cli.commands.data import data_app, tokenizer_app
+from orchestrator.cli.commands.model import app as model_app
+from orchestrator.core.errors import OrchError
 
 app = typer.Typer(
     help="orch: pretraining jobs on Slurm clusters, and on this machine.",
@@ -45,12 +45,12 @@ def submit(
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
     """Validate, plan, create a run and submit its training job."""
-    from orchestrator.submit import prepare
-    from orchestrator.submit import submit as submit_run
+    from orchestrator.cli.submit import build_request
+    from orchestrator.cli.submit import submit as submit_run
 
-    request = prepare(profile, recipe, steps, collect_overrides(account, nodes, time, set_))
+    request = build_request(profile, recipe, steps, collect_overrides(account, nodes, time, set_))
     if dry_run:
-        from orchestrator.show import show_plan
+        from orchestrator.cli.show import show_plan
 
         show_plan(request, console)
         return
@@ -64,7 +64,7 @@ def submit(
 
 def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
     """The command line's profile overrides, in the order they apply."""
-    from orchestrator.config import parse_assignment
+    from orchestrator.core.config import parse_assignment
 
     overrides = [parse_assignment(text) for text in assignments or []]
     overrides += [{"slurm": {"account": account}}] if account else []
@@ -88,7 +88,7 @@ def resume(
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
     """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
-    from orchestrator.submit import resume as resume_run
+    from orchestrator.cli.submit import resume as resume_run
 
     run = get_run_or_latest(run_id)
     job_id = resume_run(run, steps, profile, collect_overrides(account, nodes, time, set_), force)
@@ -100,15 +100,15 @@ def resume(
 @app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")]) -> None:
     """Stop a run's job; its checkpoints stay and `orch resume` continues from them."""
-    from orchestrator.runs import get_run
-    from orchestrator.submit import cancel as cancel_run
+    from orchestrator.cli.submit import cancel as cancel_run
+    from orchestrator.core.rundir import get_run
 
     run = get_run(run_id)
     console.print(f"Cancelled job {cancel_run(run)} of run {run.id}; resume it with: orch resume {run.id}")
 
 
 def get_run_or_latest(run_id: str | None):
-    from orchestrator.runs import all_runs, get_run
+    from orchestrator.core.rundir import all_runs, get_run
 
     if run_id:
         return get_run(run_id)
@@ -138,7 +138,7 @@ def parse_minutes(text: str) -> float:
 
 
 def finish(run) -> None:
-    from orchestrator.follow import follow
+    from orchestrator.cli.follow import follow
 
     state = follow(run, console)
     summary = run.summary()
@@ -160,7 +160,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Runs and their state, read from the run directories and the scheduler."""
-    from orchestrator.runs import all_runs, get_run
+    from orchestrator.core.rundir import all_runs, get_run
 
     summaries = [get_run(run_id).summary()] if run_id else summarise(all_runs())
     if as_json:
@@ -191,7 +191,7 @@ def status(
 
 def summarise(runs) -> list[dict]:
     """Summaries of many runs, with one scheduler query for all their live-looking jobs."""
-    from orchestrator.runs import alive_jobs
+    from orchestrator.core.scheduler import alive_jobs
 
     last_jobs = {run.id: run.jobs[-1] for run in runs if run.jobs and run.progress.get("state") != "completed"}
     alive = alive_jobs(list(last_jobs.values()))
@@ -220,7 +220,7 @@ def duration(seconds: float | None) -> str:
 @app.command("ls")
 def list_runs() -> None:
     """Run ids, newest last (no scheduler queries)."""
-    from orchestrator.runs import all_runs
+    from orchestrator.core.rundir import all_runs
 
     for run in all_runs():
         info = run.info
@@ -237,8 +237,8 @@ def logs(
     lines: Annotated[int, typer.Option(help="lines from the end to start with")] = 50,
 ) -> None:
     """The newest job's log of one rank (stdout and stderr, interleaved by time of reading)."""
-    from orchestrator.logs import show_logs
-    from orchestrator.runs import get_run
+    from orchestrator.cli.logs import show_logs
+    from orchestrator.core.rundir import get_run
 
     show_logs(get_run(run_id), rank, follow, lines)
 
@@ -246,7 +246,7 @@ def logs(
 @app.command()
 def sync(run_id: Annotated[str, typer.Argument(help="the run")]) -> None:
     """Send the metrics a tracking outage left in the run directory to MLflow (each step once)."""
-    from orchestrator.runs import get_run
+    from orchestrator.core.rundir import get_run
 
     run = get_run(run_id)
     from jobs.tracking import committed_step, send
@@ -274,8 +274,8 @@ def env_setup(
     import os
     import subprocess
 
-    from orchestrator.config import PROJECT_ROOT, load_profile
-    from orchestrator.submit import fill_path
+    from orchestrator.cli.executors import fill_path
+    from orchestrator.core.config import PROJECT_ROOT, load_profile
 
     path, resolved = load_profile(profile, [{"slurm": {"account": account}}] if account else [])
     if not resolved.env_script:

@@ -7,7 +7,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from orchestrator.runs import TERMINAL_STATES, Run, job_alive
+from orchestrator.core.rundir import TERMINAL_STATES, Run
+from orchestrator.core.scheduler import job_alive
 
 
 def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from jobs.tracking import MetricSpool
-from orchestrator.runs import read_json, write_json_atomic
+from orchestrator.core.files import read_json, write_json_atomic
 
 KEYS = ("loss", "val_perplexity")
 PLOTS = {"loss": "loss.png", "val_perplexity": "val_perplexity.png", "distance": "step_distance.png"}

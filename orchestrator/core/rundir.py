@@ -11,12 +11,7 @@ Each file has one writer and is replaced atomically, so a reader never sees half
 from __future__ import annotations
 
 import fcntl
-import json
-import os
 import secrets
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,56 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import OrchError
+from orchestrator.core.config import Profile, Recipe, read_yaml, validate
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import read_json, write_atomic, write_json_atomic
+from orchestrator.core.scheduler import job_alive
+from orchestrator.core.settings import runs_root
 
 TERMINAL_STATES = ("completed", "failed", "cancelled")
-LIVE_SLURM_STATES = (
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "REQUEUE_HOLD",
-    "REQUEUE_FED",
-    "COMPLETING",
-    "CONFIGURING",
-    "SUSPENDED",
-    "RESIZING",
-    "SIGNALING",
-    "STAGE_OUT",
-    "STOPPED",
-    "RESV_DEL_HOLD",
-)
-
-
-def orch_home() -> Path:
-    return Path(os.environ.get("ORCH_HOME") or Path.home() / ".orch").expanduser().resolve()
-
-
-def runs_root() -> Path:
-    return orch_home() / "runs"
-
-
-def write_json_atomic(path: Path, data: Any, durable: bool = True) -> None:
-    """Write to a temporary file beside `path` (forced to disk when `durable`), then rename it over `path`:
-    a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return default
 
 
 def new_run_id(recipe: str) -> str:
@@ -101,6 +53,19 @@ class Run:
     @property
     def progress(self) -> dict[str, Any]:
         return read_json(self.dir / "progress.json", {})
+
+    def profile(self) -> Profile:
+        """The resolved profile the run's jobs use."""
+        return validate(self.dir / "profile.yaml", Profile, read_yaml(self.dir / "profile.yaml"))
+
+    def recipe(self) -> Recipe:
+        """The resolved recipe the run trains."""
+        return validate(self.dir / "recipe.yaml", Recipe, read_yaml(self.dir / "recipe.yaml"))
+
+    @property
+    def data_dir(self) -> Path:
+        """tokens.json (which prepared shards the run reads) and the tokenizer; the demo corpus's shards."""
+        return self.dir / "data"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -182,72 +147,6 @@ def node_hours(attempts: list[dict[str, Any]], progress: dict[str, Any], state: 
     return sum(a.get("nodes", 1) * max(0.0, end - a["started"]) / 3600 for a, end in zip(attempts, ends, strict=True))
 
 
-def alive_jobs(jobs: list[dict[str, Any]]) -> dict[str, bool]:
-    """Liveness of many jobs with one scheduler query (`orch status` over hundreds of runs stays fast)."""
-    alive = {j["job_id"]: job_alive(j) for j in jobs if j["executor"] == "local"}
-    slurm_ids = [j["job_id"] for j in jobs if j["executor"] != "local"]
-    if slurm_ids:
-        out = subprocess.run(
-            ["squeue", "--noheader", "--format=%i %T", "--jobs", ",".join(slurm_ids)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-        alive.update({job_id: states.get(job_id, "") in LIVE_SLURM_STATES for job_id in slurm_ids})
-    return alive
-
-
-def job_alive(job: dict[str, Any]) -> bool:
-    """Ask the scheduler (or the OS, for local jobs) whether a job is still queued or running."""
-    if job["executor"] == "local":
-        try:
-            os.kill(int(job["job_id"]), 0)
-        except ProcessLookupError:
-            return False
-        return not _is_zombie(int(job["job_id"]))
-    try:
-        out = subprocess.run(
-            ["squeue", "--noheader", "--jobs", job["job_id"], "--format=%T"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise OrchError(f"Cannot ask Slurm about job {job['job_id']}: {err}") from None
-    if out.returncode != 0 and "Invalid job id" not in out.stderr:
-        raise OrchError(f"Cannot ask Slurm about job {job['job_id']}: {out.stderr.strip()}")
-    return out.stdout.strip() not in (
-        "",
-        "COMPLETED",
-        "CANCELLED",
-        "FAILED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "PREEMPTED",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-    )
-
-
-def cancel_job(job: dict[str, Any]) -> None:
-    """scancel, or for a local job an interrupt to its controller (which stops its tasks)."""
-    if job["executor"] == "local":
-        try:
-            os.kill(int(job["job_id"]), signal.SIGINT)
-        except ProcessLookupError:
-            pass
-        return
-    out = subprocess.run(["scancel", job["job_id"]], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise OrchError(f"scancel {job['job_id']} failed: {out.stderr.strip()}")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def create_run(
     run_id: str, info: dict[str, Any], profile_yaml: str, recipe_yaml: str, location: Path | None = None
 ) -> Run:
@@ -260,8 +159,8 @@ def create_run(
         entry.parent.mkdir(parents=True, exist_ok=True)
         entry.symlink_to(location / run_id, target_is_directory=True)
     run = Run(entry)
-    (run.dir / "profile.yaml").write_text(profile_yaml)
-    (run.dir / "recipe.yaml").write_text(recipe_yaml)
+    write_atomic(run.dir / "profile.yaml", profile_yaml)
+    write_atomic(run.dir / "recipe.yaml", recipe_yaml)
     write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})
     return run
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.runs import runs_root
-from orchestrator.submit import Request, fill_path, sbatch_script
+from orchestrator.cli.executors import fill_path, sbatch_script
+from orchestrator.cli.submit import Request
+from orchestrator.core.settings import runs_root
 
 
 def plan_rows(request: Request) -> list[tuple[str, str]]:

@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.errors import OrchError
-from orchestrator.runs import Run
+from orchestrator.core.errors import OrchError
+from orchestrator.core.rundir import Run
 
 
 def log_files(run: Run, rank: int) -> list[Path]:

@@ -1,14 +1,14 @@
 """`orch bench`: training throughput of a recipe on this machine's accelerators, for variants of its train settings.
 
 No run is created: the ranks start here (one per GPU, else the profile's ranks on CPU) and train the recipe's data
-for a few steps per variant. The work itself is bench/step_benchmark.py.
+for a few steps per variant. The steps are the training job's own `Trainer` (jobs/bench.py times it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,10 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from orchestrator.config import PROJECT_ROOT, Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
-from orchestrator.errors import OrchError
-from orchestrator.estimate import flops_per_token
-from orchestrator.plan import gradient_accumulation
+from orchestrator.core.config import Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
+from orchestrator.core.errors import OrchError
+from orchestrator.core.estimate import flops_per_token
+from orchestrator.core.plan import gradient_accumulation
+from orchestrator.core.preflight import check_data
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -142,9 +143,10 @@ def bench(
         base = validate(
             recipe_path, Recipe, merge_all(base.model_dump(), [{"train": {"global_batch_size": global_batch}}])
         )
-    if str(PROJECT_ROOT) not in sys.path:  # bench/ lies beside the installed packages, not in them
-        sys.path.insert(0, str(PROJECT_ROOT))
-    from bench.step_benchmark import available_ranks, run_benchmark
+    check_data(base, recipe_path)
+    from jobs.bench import available_ranks, run_benchmark
+    from jobs.data import load_blocks
+    from orchestrator.tools.run_data import attach_data
 
     where = available_ranks(resolved_profile, ranks)
     gpu = where.device == "cuda"
@@ -156,7 +158,11 @@ def bench(
         f"{recipe_path.stem}: {where.world} {where.device} rank(s), {where.backend}, global batch "
         f"{base.train.global_batch_size} × {base.data.max_seq_len} tokens, {warmup} + {steps} steps per variant"
     )
-    index, results = run_benchmark(list(recipes.items()), where, steps, warmup, data_dir)
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as scratch:
+        folder = data_dir or Path(scratch) / "data"
+        attach_data(base.data, base.model.vocab_size, base.train.seed, folder)
+        index = load_blocks(folder).index
+        results = run_benchmark(list(recipes.items()), where, steps, warmup, folder)
     console.print(
         f"data: {index['tokens']:,} training tokens, token ids below {index['vocab_size']} "
         f"(model vocabulary {base.model.vocab_size})"

@@ -42,9 +42,9 @@ import zstandard
 from tokenizers import Tokenizer
 
 from jobs.shards import DTYPES, Shard, ShardWriter, file_sha256, read_index, token_dtype
-from orchestrator.commands.data import FORMATS_HELP
-from orchestrator.errors import OrchError
-from orchestrator.runs import read_json, write_json_atomic
+from orchestrator.core.corpus import FORMATS_HELP
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import read_json, write_json_atomic
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBas
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from jobs.model import save_hf_model
-from orchestrator.errors import OrchError
+from orchestrator.core.errors import OrchError
 
 COPYING_RULES = ("special", "dictionary", "exact", "normalised")
 RULES = (*COPYING_RULES, "mean-of-pieces", "fallback")

@@ -1,0 +1,132 @@
+"""How a profile's job is queued: one adapter per executor kind, each a submitit executor and the environment the
+submitting process gives it. Liveness and cancelling are `orchestrator.core.scheduler`'s."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.core.config import PROJECT_ROOT, Profile
+from orchestrator.core.plan import Plan
+
+
+def fill_path(template: str, profile: Profile) -> str:
+    """A profile path with its placeholders ({account_lower}, {user}) filled in."""
+    account = (profile.slurm.account if profile.slurm else None) or ""
+    return template.format(account_lower=account.lower(), user=getpass.getuser())
+
+
+def max_requeues(plan: Plan) -> int:
+    """Enough requeues for every allocation the plan needs, plus two for early signals; without an estimate,
+    the requeue-loop guard is what stops a chain."""
+    return plan.allocations + 2 if plan.tokens_per_s else 20
+
+
+class Executor(Protocol):
+    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
+        """A configured submitit executor whose jobs keep their files under `folder`."""
+
+    def environment(self, profile: Profile, log: Path) -> Any:
+        """A context in which `submit` is called."""
+
+
+class LocalExecutor:
+    """submitit's LocalExecutor: the profile's tasks as processes on this machine."""
+
+    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
+        import submitit
+
+        executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_requeues(plan))
+        executor.update_parameters(
+            tasks_per_node=profile.launch.tasks_per_node,
+            timeout_min=profile.time_limit_min,
+            signal_delay_s=plan.signal_delay_s,
+        )
+        return executor
+
+    @contextmanager
+    def environment(self, profile: Profile, log: Path) -> Iterator[None]:
+        """A local job inherits this process's environment and open files while it starts: give it the profile's
+        variables (setup lines would put a shell between the job id and the job, which signals must reach) and
+        a log file instead of our stdout and stderr (a pipe reading them would otherwise wait for the job)."""
+        saved_env, saved_fds = dict(os.environ), (os.dup(1), os.dup(2))
+        os.environ.update(profile.env_vars)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with log.open("a") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, saved in zip((1, 2), saved_fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+class SlurmExecutor:
+    """submitit's SlurmExecutor: an sbatch script with one task per GPU (or per the profile's launch layout)."""
+
+    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
+        import submitit
+
+        slurm = profile.slurm
+        executor = submitit.SlurmExecutor(
+            folder=folder / "%j", max_num_timeout=max_requeues(plan), python=profile.python or None
+        )
+        parameters: dict[str, Any] = {
+            "job_name": f"orch-{folder.parent.name}",
+            "nodes": profile.nodes,
+            "ntasks_per_node": profile.launch.tasks_per_node,
+            "cpus_per_task": slurm.cpus_per_task,
+            "time": int(profile.time_limit_min),
+            "partition": slurm.partition,
+            "signal_delay_s": plan.signal_delay_s,
+            "setup": setup_lines(profile),
+            "additional_parameters": dict(slurm.extra_sbatch),
+        }
+        if profile.node.gpus:
+            parameters["gpus_per_node"] = profile.node.gpus
+        if slurm.account:
+            parameters["account"] = slurm.account
+        if slurm.qos:
+            parameters["qos"] = slurm.qos
+        executor.update_parameters(**parameters)
+        return executor
+
+    @contextmanager
+    def environment(self, profile: Profile, log: Path) -> Iterator[None]:
+        """sbatch runs the setup lines on the node: nothing to change here."""
+        yield
+
+
+EXECUTORS: dict[str, Executor] = {"local": LocalExecutor(), "slurm": SlurmExecutor()}
+
+
+def executor_for(profile: Profile) -> Executor:
+    return EXECUTORS[profile.executor]
+
+
+def setup_lines(profile: Profile) -> list[str]:
+    """Shell lines run before the job starts: the environment script and variables, all quoted."""
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in profile.env_vars.items()]
+    if profile.env_script:
+        if profile.paths.venv:
+            lines.append(f"export ORCH_VENV={shlex.quote(fill_path(profile.paths.venv, profile))}")
+        lines.append(f"source {shlex.quote(str(PROJECT_ROOT / profile.env_script))}")
+    return lines
+
+
+def sbatch_script(profile: Profile, plan: Plan, run_dir: Path) -> str:
+    """The exact script `sbatch` would receive for this run (Slurm profiles)."""
+    executor = SlurmExecutor().make(profile, plan, run_dir / "submitit")
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")

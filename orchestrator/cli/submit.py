@@ -1,0 +1,161 @@
+"""Turn a validated profile + recipe into a run directory and a submitit job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.cli.executors import executor_for, fill_path
+from orchestrator.core.config import (
+    PROJECT_ROOT,
+    Profile,
+    Recipe,
+    load_profile,
+    load_recipe,
+    merge_all,
+    read_yaml,
+    validate,
+)
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.plan import Plan
+from orchestrator.core.preflight import checked_plan
+from orchestrator.core.rundir import Run, create_run, new_run_id
+from orchestrator.core.scheduler import cancel_job, job_alive
+from orchestrator.core.settings import tracking_uri
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything `orch submit` was asked, resolved and checked; nothing written yet."""
+
+    profile: Profile
+    recipe: Recipe
+    plan: Plan
+    info: dict[str, Any]
+
+
+def build_request(profile_name: str, recipe_name: str, steps: int, overrides: list[dict[str, Any]] = ()) -> Request:
+    """Load and check everything before anything is written or submitted."""
+    profile_path, profile = load_profile(profile_name, overrides)
+    recipe_path, recipe = load_recipe(recipe_name)
+    plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+    info = {
+        "profile": profile_path.stem,
+        "recipe": recipe_path.stem,
+        "steps": steps,
+        "profile_file": str(profile_path),
+        "recipe_file": str(recipe_path),
+        "tracking_uri": tracking_uri(profile.tracking_uri),
+        "stop_before_end_s": plan.stop_before_end_s,
+        "git_commit": git_commit(),
+    }
+    return Request(profile, recipe, plan, info)
+
+
+def git_commit() -> str | None:
+    """The code a run trains with, for its MLflow tags."""
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def submit(request: Request) -> Run:
+    profile = request.profile
+    runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
+    run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
+    with run.lock():
+        attach_run_data(run, request.recipe)
+        launch(run, profile, request.plan)
+    return run
+
+
+def attach_run_data(run: Run, recipe: Recipe) -> None:
+    """The run's data, set up here before its job is queued: the job never tokenizes."""
+    from orchestrator.tools.run_data import attach_data
+
+    attach_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, run.data_dir)
+
+
+def launch(run: Run, profile: Profile, plan: Plan) -> str:
+    """Queue the run's next job and record it (the caller holds the run's lock)."""
+    executor = executor_for(profile)
+    with executor.environment(profile, run.submitit_dir / "controller.log"):
+        job_id = executor.make(profile, plan, run.submitit_dir).submit(job_function(run)).job_id
+    run.add_job(job_id, profile.executor)
+    return job_id
+
+
+CONFIRM_TIMEOUT_S = 300
+
+
+def stop_and_confirm(run: Run, job: dict[str, Any]) -> None:
+    """Cancel a job and wait until the scheduler no longer lists it."""
+    cancel_job(job)
+    run.mark_cancelled()
+    deadline = time.time() + CONFIRM_TIMEOUT_S
+    while job_alive(job):
+        if time.time() > deadline:
+            raise OrchError(
+                f"Job {job['job_id']} of run {run.id} is still alive {CONFIRM_TIMEOUT_S} s after "
+                "cancelling it; nothing was resubmitted."
+            )
+        time.sleep(2)
+
+
+def resume(run: Run, steps: int | None, profile_name: str | None, overrides: list[dict[str, Any]], force: bool) -> str:
+    """Submit a new job that continues the run from its newest valid checkpoint; returns the job id."""
+    with run.lock():
+        jobs, report, info = run.jobs, run.progress, run.info
+        if jobs and job_alive(jobs[-1]):
+            if not force:
+                raise OrchError(
+                    f"Run {run.id} already has a live job {jobs[-1]['job_id']} ({run.state()}): two jobs must never "
+                    f"write one run. Wait for it to end, stop it with `orch cancel {run.id}`, or pass --force to "
+                    "cancel it and resume once the scheduler confirms it is gone."
+                )
+            stop_and_confirm(run, jobs[-1])
+        steps = steps or info["steps"]
+        if run.state() == "completed" and steps <= report.get("step", 0):
+            raise OrchError(
+                f"Run {run.id} already completed {report['step']} steps; pass --steps N with N > {report['step']} "
+                "to train further."
+            )
+        if profile_name:
+            profile_path, profile = load_profile(profile_name, overrides)
+        else:
+            profile_path = run.dir / "profile.yaml"
+            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), overrides))
+        recipe_path = run.dir / "recipe.yaml"
+        recipe = validate(recipe_path, Recipe, read_yaml(recipe_path))
+        plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        info.update(steps=steps, profile=profile_name or info["profile"], stop_before_end_s=plan.stop_before_end_s)
+        write_json_atomic(run.dir / "run.json", info)
+        write_atomic(run.dir / "profile.yaml", dump(profile))
+        return launch(run, profile, plan)
+
+
+def cancel(run: Run) -> str:
+    """Stop the run's live job; its checkpoints stay and `orch resume` continues from them."""
+    with run.lock():
+        jobs = run.jobs
+        if not jobs or not job_alive(jobs[-1]):
+            raise OrchError(f"Run {run.id} has no live job to cancel (state: {run.state()}).")
+        cancel_job(jobs[-1])
+        run.mark_cancelled()
+        return jobs[-1]["job_id"]
+
+
+def job_function(run: Run):
+    from jobs.entry import TrainJob
+
+    return TrainJob(run.dir)
+
+
+def dump(config: Profile | Recipe) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

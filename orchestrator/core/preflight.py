@@ -1,0 +1,134 @@
+"""Checks before anything is written or submitted: partition limits, memory, prepared data, the initial model.
+
+`orch submit` and `orch resume` run the same ones; each names the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from orchestrator.core.config import Profile, Recipe
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import read_json
+from orchestrator.core.plan import Plan, make_plan
+
+
+def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
+    check_partition(profile, profile_path)
+    plan = make_plan(profile, recipe, steps)
+    check_memory(profile, profile_path, plan)
+    check_data(recipe, recipe_path)
+    return plan
+
+
+def check_partition(profile: Profile, path: Path) -> None:
+    """The partition's limits, each with what to change."""
+    slurm = profile.slurm
+    if slurm and slurm.account_required and not slurm.account:
+        raise OrchError(
+            f"{path}: partition '{slurm.partition}' needs an account (slurm.account): pass --account PROJECT-ID "
+            "(e.g. --account OPEN-29-12), or set slurm.account in a profile that extends this one."
+        )
+    if slurm and profile.time_limit_min > slurm.max_walltime_min:
+        raise OrchError(
+            f"{path}: time limit {profile.time_limit_min:g} min is above partition '{slurm.partition}''s maximum "
+            f"of {slurm.max_walltime_min:g} min; use --time {int(slurm.max_walltime_min)} or less. Longer runs are "
+            "requeued automatically."
+        )
+    if slurm and profile.nodes > slurm.max_nodes:
+        raise OrchError(
+            f"{path}: {profile.nodes} nodes is above partition '{slurm.partition}''s limit of {slurm.max_nodes}; "
+            f"use --nodes {slurm.max_nodes} or fewer, or a profile for a larger partition."
+        )
+
+
+def check_memory(profile: Profile, path: Path, plan: Plan) -> None:
+    gpu_memory = profile.node.gpu_memory_gb
+    if gpu_memory and plan.peak_memory_gb > gpu_memory:
+        raise OrchError(
+            f"Estimated peak memory {plan.peak_memory_gb:.1f} GB per GPU is above the {gpu_memory:g} GB of "
+            f"{profile.node.gpu_model} ({path}); lower train.micro_batch_size (now {plan.micro_batch}) in the recipe "
+            "or use more nodes."
+        )
+
+
+def check_data(recipe: Recipe, recipe_path: Path) -> None:
+    """What the job will read must exist, be prepared and fit the model before anything is queued: the job itself
+    never tokenizes (GPU time is not paid for CPU work)."""
+    data, model = recipe.data, recipe.model
+    for field, value in (("data.source", data.source), ("data.tokenizer", data.tokenizer)):
+        if value != "demo" and not Path(value).is_dir():
+            raise OrchError(
+                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. "
+                "Allowed: 'demo' or an existing folder."
+            )
+    if data.source != "demo":
+        check_prepared_data(recipe, recipe_path, prepared_index(recipe_path, data.source))
+    if model.init_from:
+        check_init_from(recipe, recipe_path)
+
+
+def prepared_index(recipe_path: Path, source: str) -> dict[str, Any]:
+    """The train split's index of a folder made by `orch data prepare`."""
+    index = read_json(Path(source) / "train" / "index.json")
+    if not isinstance(index, dict):
+        raise OrchError(
+            f"{recipe_path}: field 'data.source' names {source!r}, which holds no prepared token shards "
+            "(train/index.json). Allowed: 'demo', or the output folder of `orch data prepare --tokenizer T "
+            f"--input {source} --output OUT` (run it on a login or CPU node, then set data.source to OUT)."
+        )
+    return index
+
+
+def check_prepared_data(recipe: Recipe, recipe_path: Path, index: dict[str, Any]) -> None:
+    """Shards from `orch data prepare` name their vocabulary size and tokenizer: both must match the recipe, and the
+    train split must hold at least one block."""
+    if index["vocab_size"] > recipe.model.vocab_size:
+        raise OrchError(
+            f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but {recipe.data.source} was "
+            f"tokenized with {index['vocab_size']} token ids. Allowed: at least {index['vocab_size']}."
+        )
+    tokenizer = Path(recipe.data.tokenizer) / "tokenizer.json"
+    if not tokenizer.is_file() or hashlib.sha256(tokenizer.read_bytes()).hexdigest() != index["tokenizer"]["sha256"]:
+        raise OrchError(
+            f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer "
+            f"{recipe.data.source} was prepared with. Allowed: that tokenizer, e.g. {recipe.data.source}/tokenizer."
+        )
+    if index.get("tokens", 0) < recipe.data.max_seq_len:
+        raise OrchError(
+            f"{recipe_path}: {recipe.data.source} has {index.get('tokens', 0)} training tokens, fewer than one "
+            f"block of data.max_seq_len {recipe.data.max_seq_len}. Allowed: a corpus of at least one block."
+        )
+
+
+MODEL_FIELDS = {  # recipe field -> Hugging Face config key
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+}
+
+
+def check_init_from(recipe: Recipe, recipe_path: Path) -> None:
+    """A model directory brings its own architecture: the recipe's (which the plan and estimates use) must agree."""
+    model = recipe.model
+    config = read_json(Path(model.init_from) / "config.json")
+    if config is None:
+        raise OrchError(
+            f"{recipe_path}: field 'model.init_from' names {model.init_from!r}, which has no config.json. "
+            "Allowed: a local Hugging Face model directory, or leave it out to start from scratch."
+        )
+    differ = [
+        f"model.{field} is {getattr(model, field)} but {key} is {config.get(key)}"
+        for field, key in MODEL_FIELDS.items()
+        if config.get(key) != getattr(model, field)
+    ]
+    if differ:
+        raise OrchError(
+            f"{recipe_path}: the model in {model.init_from} differs from the recipe: {'; '.join(differ)}. "
+            "Allowed: the directory's dimensions (copy them into the recipe's model section)."
+        )

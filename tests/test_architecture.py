@@ -1,0 +1,61 @@
+"""The package layout holds: the import contract in pyproject.toml (checked by `lint-imports` in tests/run.sh) says
+which way imports run; these tests check what a contract cannot: no circle of imports, and a CLI that starts
+without the training stack."""
+
+import subprocess
+import sys
+
+import grimp
+
+from tests.conftest import ROOT
+
+PACKAGES = ("orchestrator", "jobs", "bench")
+HEAVY = ("torch", "transformers", "accelerate", "mlflow", "lion_pytorch", "numpy")
+
+
+def import_cycles() -> list[list[str]]:
+    """Every strongly connected group of more than one module in the import graph (Tarjan's algorithm)."""
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
+    edges = {m: sorted(graph.find_modules_directly_imported_by(m) & graph.modules) for m in sorted(graph.modules)}
+    edges = {m: [n for n in targets if n.split(".")[0] in PACKAGES] for m, targets in edges.items()}
+    index, low, on_stack, stack, groups = {}, {}, set(), [], []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in edges.get(module, []):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for module in edges:
+        if module not in index:
+            visit(module)
+    return groups
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    assert import_cycles() == []
+
+
+def test_the_cli_answers_without_importing_the_training_stack():
+    code = (
+        "import sys, orchestrator.cli.app, orchestrator.cli.submit, orchestrator.cli.follow, orchestrator.cli.show, "
+        "orchestrator.cli.logs, orchestrator.cli.commands.bench, orchestrator.core.rundir, jobs.entry;"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
