@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.data import demo_corpus
+from orchestrator.tools.run_data import demo_corpus
 from tests.conftest import ROOT, orch, status_json, submitted_run_id
 
 pytestmark = pytest.mark.slow

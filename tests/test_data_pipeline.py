@@ -20,19 +20,11 @@ import zstandard
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer
 
-from jobs.data import (
-    BlockLoader,
-    GlobalOrder,
-    data_ready,
-    demo_corpus,
-    load_blocks,
-    load_val_blocks,
-    pack,
-    prepare_data,
-)
+from jobs.data import BlockLoader, GlobalOrder, load_blocks, load_val_blocks, pack
 from jobs.shards import TokenBlocks
-from orchestrator.core.config import DataSpec
+from orchestrator.core.config import DataSpec, load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.preflight import check_data
 from orchestrator.tools.prepare import (
     BYTE_TOKENS,
     EMPTY_FILE,
@@ -46,6 +38,7 @@ from orchestrator.tools.prepare import (
     prepare,
     train_tokenizer,
 )
+from orchestrator.tools.run_data import attach_data, data_ready, demo_corpus
 from tests.conftest import ROOT
 
 WORDS = "pes kočka žluťoučký kůň úpěl ďábelské ódy Praha řeka čte knihu 2024 ěščřžýáíé, a. (b) Ä".split()
@@ -442,20 +435,37 @@ def test_a_prepared_source_is_read_in_place_by_the_training_job(tmp_path: Path, 
     spec = DataSpec(source=str(prepared), tokenizer=str(prepared / "tokenizer"), max_seq_len=16)
     data_dir = tmp_path / "run/data"
     assert not data_ready(data_dir)
-    prepare_data(spec, vocab_size=400, seed=0, data_dir=data_dir)
+    attach_data(spec, vocab_size=400, seed=0, data_dir=data_dir)
     assert data_ready(data_dir) and sorted(p.name for p in data_dir.iterdir()) == ["tokenizer", "tokens.json"]
     assert (data_dir / "tokenizer/tokenizer.json").read_bytes() == (prepared / "tokenizer/tokenizer.json").read_bytes()
     assert np.array_equal(load_blocks(data_dir)[np.arange(4)], TokenBlocks(prepared / "train", 16)[np.arange(4)])
     assert len(load_val_blocks(data_dir)) == TokenBlocks(prepared / "val", 16).tokens // 16 > 0
-    with pytest.raises(OrchError, match=r"model.vocab_size is 300. Allowed: a model.vocab_size of at least"):
-        prepare_data(spec, vocab_size=300, seed=0, data_dir=tmp_path / "other")
-    with pytest.raises(OrchError, match=r"data.tokenizer 'demo' is not the tokenizer data.source .* was prepared with"):
-        prepare_data(spec.model_copy(update={"tokenizer": "demo"}), vocab_size=400, seed=0, data_dir=tmp_path / "x")
+
+
+def test_submission_refuses_prepared_data_that_does_not_fit_the_recipe(tmp_path: Path, prepared: Path):
+    _, tiny = load_recipe("tiny")
+    data = {"source": str(prepared), "tokenizer": str(prepared / "tokenizer"), "max_seq_len": 16}
+    fits = tiny.model_copy(
+        update={"data": DataSpec(**data), "model": tiny.model.model_copy(update={"vocab_size": 400})}
+    )
+    check_data(fits, Path("r.yaml"))
+    small_vocab = fits.model_copy(update={"model": tiny.model.model_copy(update={"vocab_size": 300})})
+    with pytest.raises(OrchError, match=r"'model.vocab_size' is 300, .* Allowed: at least"):
+        check_data(small_vocab, Path("r.yaml"))
+    other_tokenizer = fits.model_copy(update={"data": DataSpec(**{**data, "tokenizer": str(tmp_path)})})
+    with pytest.raises(OrchError, match=r"field 'data.tokenizer' .* is not the tokenizer .* was prepared with"):
+        check_data(other_tokenizer, Path("r.yaml"))
+    one_block_too_long = fits.model_copy(update={"data": DataSpec(**{**data, "max_seq_len": 10**7})})
+    with pytest.raises(OrchError, match=r"fewer than one block of data.max_seq_len 10000000"):
+        check_data(one_block_too_long, Path("r.yaml"))
+    raw = fits.model_copy(update={"data": DataSpec(**{**data, "source": str(tmp_path)})})
+    with pytest.raises(OrchError, match=r"holds no prepared token shards .* `orch data prepare"):
+        check_data(raw, Path("r.yaml"))
 
 
 def test_the_demo_goes_through_the_same_prepare_into_the_run_data_folder(tmp_path: Path):
     data_dir = tmp_path / "data"
-    prepare_data(DataSpec(source="demo", tokenizer="demo", max_seq_len=32), vocab_size=300, seed=0, data_dir=data_dir)
+    attach_data(DataSpec(source="demo", tokenizer="demo", max_seq_len=32), vocab_size=300, seed=0, data_dir=data_dir)
     train, val = load_blocks(data_dir), load_val_blocks(data_dir)
     assert train.index["vocab_size"] <= 300 and train.block_len == 32 and len(train) > 10 * len(val) > 0
     demo_tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")

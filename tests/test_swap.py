@@ -17,10 +17,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from jobs.data import demo_corpus, pack
+from jobs.data import pack
 from orchestrator.cli.commands.model import app
 from orchestrator.core.config import load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.tools.run_data import demo_corpus
 from orchestrator.tools.swap import COPYING_RULES, REPORT_FILE, RULES, TOKENS_FILE, Vocabulary
 from tests.conftest import orch, status_json
 
