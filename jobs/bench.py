@@ -54,14 +54,14 @@ def measure(recipe: Recipe, data_dir: Path, ranks: Ranks, steps: int, warmup: in
     trainer = Trainer(recipe, data_dir, ranks)
     if ranks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ranks.device)
-    times, waits, loss = [], [], float("nan")
+    times, waits, losses = [], [], []
     for step in range(warmup + steps):
         started = time.perf_counter()
         result = trainer.step(step)  # its loss.item() waits for the device
         if step >= warmup:
             times.append(time.perf_counter() - started)
             waits.append(result.data_wait)
-        loss = result.loss
+        losses.append(result.loss)
     tokens_per_rank = recipe.train.global_batch_size * recipe.data.max_seq_len / ranks.world
     cuda = ranks.device.type == "cuda"
     return {
@@ -73,7 +73,8 @@ def measure(recipe: Recipe, data_dir: Path, ranks: Ranks, steps: int, warmup: in
         "data_wait_fraction": sum(waits) / sum(times),
         "peak_memory_gb": torch.cuda.max_memory_allocated(ranks.device) / 1e9 if cuda else None,
         "peak_reserved_gb": torch.cuda.max_memory_reserved(ranks.device) / 1e9 if cuda else None,
-        "loss": loss,
+        "loss": losses[-1],
+        "losses": losses,  # every step's, warm-up included: the losses a run on this data trains through
     }
 
 

@@ -64,3 +64,17 @@ def test_minimal_loop_computes_the_losses_of_orchs_job(tmp_path: Path, monkeypat
     losses = [r["loss"] for r in orch["records"]]
     assert [r["loss"] for r in minimal["records"]] == pytest.approx(losses, rel=1e-5)
     assert losses[2] < losses[0]
+
+
+@pytest.mark.slow
+def test_orch_bench_and_a_submitted_run_train_the_same_first_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from bench.overhead import prepare_recipe, run_orch
+    from jobs.bench import available_ranks, run_benchmark
+    from orchestrator.core.config import load_profile
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local profile's setting, which its job gets
+    recipe_file, recipe = prepare_recipe(tmp_path)
+    submitted = [r["loss"] for r in run_orch(recipe_file, 3, tmp_path / "orch-home")["records"]]
+    where = available_ranks(load_profile("local")[1])
+    [benched] = run_benchmark([("recipe", recipe)], where, steps=3, warmup=0, data_dir=Path(recipe.data.source))
+    assert benched["losses"] == submitted
