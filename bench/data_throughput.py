@@ -36,9 +36,9 @@ from orchestrator.tools.prepare import (
     RichReporter,
     Settings,
     list_inputs,
-    load_tokenizer,
     prepare,
     read_texts,
+    read_tokenizer_files,
     train_tokenizer,
 )
 
@@ -94,7 +94,7 @@ def main() -> None:
         size = train_tokenizer(read_texts(files, Counter()), args.vocab_size, work / "tokenizer")
         print(f"tokenizer: {size} tokens")
 
-    tokenizer = load_tokenizer(work / "tokenizer")
+    tokenizer = read_tokenizer_files(work / "tokenizer")
     from tokenizers import Tokenizer
 
     library = Tokenizer.from_str(tokenizer.json)

@@ -64,7 +64,7 @@ def train(run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str,
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world))
     evaluator = Evaluator(recipe.eval, run.dir / "data", recipe.train.micro_batch_size, ranks.device)
-    report = Report(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
+    report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
         "rank %d/%d: steps %d..%d, grad accum %d, attention %s",
         ranks.rank, ranks.world, state.step, plan.steps, trainer.grad_accum, trainer.attention,
@@ -85,7 +85,7 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
     if not agree(rank, lambda: owns_run(run, job_id)):
         raise RuntimeError(f"job {job_id} is not the current job of run {run.id}: refusing to write into it")
     committed = committed_step(run.checkpoints_dir) or 0
-    refusal = agree(rank, lambda: requeue_loop(run, job_id, committed, nodes))
+    refusal = agree(rank, lambda: record_start(run, job_id, committed, nodes))
     if refusal and rank == 0:
         Heartbeat(run, job_id, run.info["steps"], lambda: committed).beat("failed", committed, error=refusal)
     return refusal is None
@@ -119,7 +119,7 @@ def loop(
     plan: Plan,
     checkpointer: Checkpointer,
     evaluator: Evaluator,
-    report: Report | None,
+    report: JobReport | None,
     stop: StopFlag,
     throughput: Throughput,
 ) -> bool:
@@ -277,7 +277,7 @@ class Throughput:
         return metrics
 
 
-class Report:
+class JobReport:
     """Rank 0's account of the job: the heartbeat for `orch status` and the metrics for MLflow."""
 
     def __init__(self, run: Run, job_id: str, plan: Plan, checkpointer: Checkpointer, start_step: int, attention: str):
@@ -334,7 +334,7 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
         time.sleep(0.5)
 
 
-def requeue_loop(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
+def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
     """Record this start in attempts.json (which `orch status` also reads for allocations and node-hours) and stop
     a chain of requeues that makes no progress: the third start of one job at the same committed step fails (a new
     `orch resume` is a new job, and starts a new count)."""

@@ -13,6 +13,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests bench
+.venv/bin/lint-imports  # the import contract in pyproject.toml
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -1,7 +1,6 @@
 """FSDP2 on 2 real gloo processes: each rank holds only its shard of every parameter."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,12 +9,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from jobs.model import build_model, shard
 from orchestrator.core.config import load_recipe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def shard_and_report(rank: int, world: int, port: int, results) -> None:

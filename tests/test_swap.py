@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import mlflow
@@ -23,7 +22,7 @@ from orchestrator.core.config import load_recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.tools.run_data import demo_corpus
 from orchestrator.tools.swap import COPYING_RULES, REPORT_FILE, RULES, TOKENS_FILE, Vocabulary
-from tests.conftest import orch, status_json
+from tests.conftest import free_port, orch, status_json
 
 ENGLISH = [f"{who} sees a {size} dog in the park." for who in ("Peter", "Jane", "Tom") for size in ("big", "small")]
 CZECH_EXTRA = ["Pes je velký a malý pes spí.", "Žluťoučký kůň úpěl ďábelské ódy."]
@@ -229,12 +228,6 @@ def test_swap_refuses_a_taken_output_a_source_without_config_and_a_folder_withou
     )
     assert isinstance(no_tokenizer.exception, OrchError) and "--target-tokenizer" in str(no_tokenizer.exception)
     assert not (tmp_path / "out").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_sharded(rank: int, world: int, port: int, init_from: str, results) -> None:

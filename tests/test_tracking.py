@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,18 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import kill_job_tree, orch, run_dir_of, spooled_losses, status_json, submitted_run_id, wait_for_step
+from tests.conftest import (
+    free_port,
+    kill_job_tree,
+    orch,
+    run_dir_of,
+    spooled_losses,
+    status_json,
+    submitted_run_id,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.commands.analysis import app
 from orchestrator.core.errors import OrchError
-from tests.conftest import ROOT, orch, submitted_run_id
+from tests.conftest import ROOT, free_port, orch, submitted_run_id
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,12 +33,6 @@ class Served:
     run_id: str
     mlflow_run_id: str
     experiment_url: str  # the address `orch ui` printed
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_answering(port: int, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:

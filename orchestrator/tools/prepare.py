@@ -344,7 +344,7 @@ class TokenizerFiles:
     sha256: str
 
 
-def load_tokenizer(directory: Path) -> TokenizerFiles:
+def read_tokenizer_files(directory: Path) -> TokenizerFiles:
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise OrchError(
@@ -643,7 +643,7 @@ def prepare(
     if not 0 <= settings.val_fraction < 1:
         raise OrchError(f"--val-fraction {settings.val_fraction}: not a fraction of documents. Allowed: 0 <= f < 1.")
     reporter = reporter or Reporter()
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = read_tokenizer_files(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size, settings.dtype)
     files, ignored = list_inputs(inputs)
     output.mkdir(parents=True, exist_ok=True)
