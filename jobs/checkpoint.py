@@ -1,10 +1,11 @@
 """Sharded checkpoints that survive a kill at any moment.
 
-A checkpoint is `checkpoints/step_N/`: the model and LionW state as torch.distributed.checkpoint shards
-(one per rank, reshardable to any world size), each rank's RNG state, and `train_state.json` (step,
-scheduler, data position, MLflow run id, recipe hash). It is written into `.step_N.partial/` and counts
-only once rank 0 has written `COMMITTED.json` last - a manifest of every file with its size and SHA-256 -
-and renamed the folder; `latest.json` is then replaced atomically. Nothing older is deleted before that.
+A checkpoint is `checkpoints/step_N/`: the model and LionW state as torch.distributed.checkpoint shards (one per
+rank, reshardable to any world size), each rank's RNG state, and `train_state.json` (`jobs.train.TrainState`: step,
+samples consumed, seed, world size, recipe hash, MLflow run id; and the learning-rate schedule's state). It is
+written into `.step_N.partial/` and counts only once rank 0 has written `COMMITTED.json` last - a manifest of every
+file with its size and SHA-256 - and renamed the folder; `latest.json` is then replaced atomically. Nothing older is
+deleted before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
 
 With `async_save`, training waits only while the state is copied off the accelerator; the write, the
 manifest and the commit go on in a background thread, on a gloo group of their own.

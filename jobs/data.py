@@ -4,7 +4,7 @@ Storage: a corpus is tokenized into token shards before any job starts (`orch da
 `orch submit`, see `orchestrator.tools.run_data`). A run's `data/tokens.json` names the shards it reads.
 
 Packing: every document is followed by EOS and the stream is cut into blocks of `max_seq_len` tokens;
-the labels are the inputs (the model shifts them), so a block trains `max_seq_len - 1` predictions.
+the labels are the inputs (`jobs.loss` shifts them), so a block trains `max_seq_len - 1` predictions.
 The final partial block (fewer than `max_seq_len` tokens) is dropped and counted.
 
 Order: global sample g is block `permutation(seed, epoch)[g % n_blocks]` with `epoch = g // n_blocks`,

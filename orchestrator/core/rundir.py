@@ -1,11 +1,7 @@
-"""The run registry. A run directory is the single source of truth for a run:
+"""The typed run directory: the single source of truth for a run, read by every command through `Run`.
 
-    run.json       what was asked (id, profile, recipe, steps) - written once by `orch submit`
-    profile.yaml   the resolved profile, recipe.yaml the resolved recipe
-    jobs.json      the scheduler jobs of this run, oldest first - written by the orchestrator
-    progress.json  the job's heartbeat (state, step, loss, checkpoint, MLflow run id) - written by rank 0
-
-Each file has one writer and is replaced atomically, so a reader never sees half a file.
+Which file holds what, and its one writer, is in the README ("Where things live"). Every JSON and YAML file is
+replaced atomically (`orchestrator.core.files`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
