@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_json_atomic
+from orchestrator.core.files import write_atomic, write_json_atomic
 
 FORMAT = "orch-token-shards/1"
 INDEX = "index.json"
@@ -112,12 +111,7 @@ class ShardWriter:
     def _flush(self) -> Shard:
         data = self.buffer[: self.filled]
         name = f"shard_{len(self.shards):05d}.bin"
-        tmp = self.directory / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            data.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / name)
+        write_atomic(self.directory / name, data.data)
         shard = Shard(name, int(self.filled), self.documents, hashlib.sha256(data.data).hexdigest())
         self.shards.append(shard)
         self.filled = self.documents = 0

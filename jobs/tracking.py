@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.files import read_json, write_atomic, write_json_atomic
 from orchestrator.core.settings import EXPERIMENT
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class MetricSpool:
     def rollback(self, step: int) -> None:
         """Forget steps after `step`: the run resumes from its checkpoint there."""
         kept = [e for e in self.entries() if e["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
 def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tags: dict[str, str]) -> int:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.executors import sbatch_script
+from orchestrator.cli.executors import SlurmExecutor
 from orchestrator.cli.submit import build_request
 from orchestrator.core.config import load_profile, parse_assignment
 from orchestrator.core.errors import OrchError
@@ -29,7 +29,7 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
     request = build_request(
         "karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}]
     )
-    script = sbatch_script(request.profile, request.plan, Path("/scratch/project/open-29-12/orch/runs/RUN"))
+    script = SlurmExecutor().script(request.profile, request.plan, Path("/scratch/project/open-29-12/orch/runs/RUN"))
     for directive in (
         "--nodes=2",
         "--ntasks-per-node=8",

@@ -35,6 +35,9 @@ class Executor(Protocol):
     def environment(self, profile: Profile, log: Path) -> Any:
         """A context in which `submit` is called."""
 
+    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+        """The job script the scheduler would receive, where there is one."""
+
 
 class LocalExecutor:
     """submitit's LocalExecutor: the profile's tasks as processes on this machine."""
@@ -72,6 +75,9 @@ class LocalExecutor:
             os.environ.clear()
             os.environ.update(saved_env)
 
+    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+        return None
+
 
 class SlurmExecutor:
     """submitit's SlurmExecutor: an sbatch script with one task per GPU (or per the profile's launch layout)."""
@@ -108,6 +114,11 @@ class SlurmExecutor:
         """sbatch runs the setup lines on the node: nothing to change here."""
         yield
 
+    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+        """The exact script `sbatch` would receive for this run."""
+        executor = self.make(profile, plan, run_dir / "submitit")
+        return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
 
 EXECUTORS: dict[str, Executor] = {"local": LocalExecutor(), "slurm": SlurmExecutor()}
 
@@ -124,9 +135,3 @@ def setup_lines(profile: Profile) -> list[str]:
             lines.append(f"export ORCH_VENV={shlex.quote(fill_path(profile.paths.venv, profile))}")
         lines.append(f"source {shlex.quote(str(PROJECT_ROOT / profile.env_script))}")
     return lines
-
-
-def sbatch_script(profile: Profile, plan: Plan, run_dir: Path) -> str:
-    """The exact script `sbatch` would receive for this run (Slurm profiles)."""
-    executor = SlurmExecutor().make(profile, plan, run_dir / "submitit")
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.executors import fill_path, sbatch_script
+from orchestrator.cli.executors import executor_for, fill_path
 from orchestrator.cli.submit import Request
 from orchestrator.core.settings import runs_root
 
@@ -50,9 +50,9 @@ def show_plan(request: Request, console: Console) -> None:
     for name, value in plan_rows(request):
         table.add_row(name, value)
     console.print(table)
-    if request.profile.executor == "slurm":
-        profile = request.profile
-        root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
-        script = sbatch_script(profile, request.plan, root / "RUN_ID")
+    profile = request.profile
+    root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
+    script = executor_for(profile).script(profile, request.plan, root / "RUN_ID")
+    if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)

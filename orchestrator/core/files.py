@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, data: bytes | str, durable: bool = True) -> None:
+def write_atomic(path: Path, data: bytes | memoryview | str, durable: bool = True) -> None:
     """Write to a temporary file beside `path` (forced to disk when `durable`), then rename it over `path`:
     a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

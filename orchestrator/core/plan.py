@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token, parameter_count, peak_memory_gb
+from orchestrator.core.scheduler import SCHEDULERS
 
 STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
-SLURM_SIGNAL_SLACK_S = 60  # headroom in the signal's lead time beyond one step and one save
-SLURM_SIGNAL_CHECK_S = 30  # slurmctld checks time limits this often: its signal may come this much early
+SIGNAL_SLACK_S = 60  # headroom in the signal's lead time beyond one step and one save
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, hint: str = "") -> int:
@@ -79,9 +79,10 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
     # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
     step_s = tokens_per_step / tokens_per_s if tokens_per_s else 0.0
     save_s = 8 * parameters / world / (SAVE_BANDWIDTH_GB_S * 1e9)
-    signal_delay = max(profile.signal_delay_s, math.ceil(2 * (step_s + save_s)) + SLURM_SIGNAL_SLACK_S)
-    if profile.executor == "local":
-        signal_delay = profile.signal_delay_s
+    scheduler = SCHEDULERS[profile.executor]
+    signal_delay = profile.signal_delay_s
+    if scheduler.sizes_signal_delay:
+        signal_delay = max(signal_delay, math.ceil(2 * (step_s + save_s)) + SIGNAL_SLACK_S)
     usable = profile.time_limit_min - STARTUP_MIN - signal_delay / 60
     return Plan(
         steps=steps,
@@ -95,6 +96,6 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
         peak_memory_gb=peak_memory_gb(recipe, world),
         tokens_per_s=tokens_per_s,
         signal_delay_s=signal_delay,
-        stop_before_end_s=signal_delay + (SLURM_SIGNAL_CHECK_S if profile.executor == "slurm" else 0),
+        stop_before_end_s=signal_delay + scheduler.signal_check_s,
         usable_min_per_allocation=max(usable, 1.0),
     )

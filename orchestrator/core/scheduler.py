@@ -35,6 +35,9 @@ LIVE_SLURM_STATES = frozenset(
 
 
 class Scheduler(Protocol):
+    sizes_signal_delay: bool  # whether the plan sizes the warning signal's lead time (else the profile's is used)
+    signal_check_s: int  # how much earlier than asked the warning signal may come
+
     def alive(self, job_ids: list[str]) -> dict[str, bool]:
         """Liveness of many jobs with one query."""
 
@@ -44,6 +47,9 @@ class Scheduler(Protocol):
 
 class LocalProcesses:
     """submitit's LocalExecutor: the job id is the PID of the controller process on this machine."""
+
+    sizes_signal_delay = False  # its controller signals exactly when the profile says
+    signal_check_s = 0
 
     def alive(self, job_ids: list[str]) -> dict[str, bool]:
         return {job_id: self._alive(int(job_id)) for job_id in job_ids}
@@ -68,6 +74,9 @@ class LocalProcesses:
 
 
 class Slurm:
+    sizes_signal_delay = True
+    signal_check_s = 30  # slurmctld checks time limits this often: its signal may come this much early
+
     def alive(self, job_ids: list[str]) -> dict[str, bool]:
         if not job_ids:
             return {}
