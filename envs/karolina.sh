@@ -6,7 +6,7 @@
 
 # Module versions: the one place to change them (`ml av Python CUDA` on a login node lists the current ones).
 ORCH_MODULES=(Python/3.11.5-GCCcore-13.2.0 CUDA/12.4.0)
-ORCH_TORCH="torch==2.6.0"              # a CUDA 12 build from PyPI
+ORCH_TORCH="torch==2.13.0"             # a CUDA 12 build from PyPI; orch needs torch >= 2.13
 : "${ORCH_VENV:?set ORCH_VENV to the virtual environment folder, e.g. /scratch/project/<id>/orch/venv}"
 ORCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -17,9 +17,11 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   set -euo pipefail
   [ -x "$ORCH_VENV/bin/python" ] || python3 -m venv "$ORCH_VENV"
   "$ORCH_VENV/bin/python" -m pip install --upgrade pip
-  "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" -e "$ORCH_REPO"
+  # The tested versions of everything but torch (the lock's torch is the CPU build of envs/local.sh).
+  grep -v '^torch==' "$ORCH_REPO/envs/requirements.lock" > "$ORCH_VENV/constraints.txt"
+  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "$ORCH_REPO"
   # flash-attn 2 is optional: SDPA runs when it is missing.
-  "$ORCH_VENV/bin/python" -m pip install -e "$ORCH_REPO[gpu]" --no-build-isolation || \
+  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "$ORCH_REPO[gpu]" --no-build-isolation || \
     echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
   echo "Karolina environment ready in $ORCH_VENV"
 else

@@ -8,5 +8,6 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+# envs/requirements.lock holds every package at the version the tests last passed with.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/requirements.lock torch==2.13.0 -e '.[test]'
 echo "orch environment ready: $(pwd)/.venv (activate with: source .venv/bin/activate)"

@@ -75,6 +75,15 @@ def materialise_rotary(model: torch.nn.Module, device: torch.device | str) -> No
             module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
 
 
+def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
+    """Non-reentrant checkpointing of each block; transformers before 5.23 names it gradient checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def shard(
     model: LlamaForCausalLM, strategy: str, precision: str, *, recompute: bool = False, compile: bool = False
 ) -> LlamaForCausalLM:
@@ -88,7 +97,7 @@ def shard(
     )
     reshard = strategy == "full_shard"
     if recompute:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     for layer in model.model.layers:
         if compile:
             layer.compile()

@@ -22,4 +22,13 @@ if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   exit 1
 fi
+# The same code on every direct dependency's lower bound (pyproject.toml): the fast tests and one training run.
+bash envs/lowest.sh
+lowest=0
+.venv-lowest/bin/python -m pytest -q -m "not slow" tests/ && .venv-lowest/bin/python -m pytest -q tests/test_end_to_end.py \
+  || lowest=$?
+if [ "$rc" -eq 0 ] && [ "$lowest" -ne 0 ]; then
+  echo "error: the tests failed on the lowest supported versions (.venv-lowest, envs/lowest.sh)" >&2
+  exit 1
+fi
 exit "$rc"
