@@ -60,10 +60,10 @@ def train(run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str,
     plan = make_plan(profile, recipe, run.info["steps"])
     if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
-    trainer = Trainer(recipe, run.dir / "data", ranks)
+    trainer = Trainer(recipe, run.data_dir, ranks)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world))
-    evaluator = Evaluator(recipe.eval, run.dir / "data", recipe.train.micro_batch_size, ranks.device)
+    evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
         "rank %d/%d: steps %d..%d, grad accum %d, attention %s",
@@ -132,6 +132,7 @@ def loop(
         metrics.update(evaluator.maybe_evaluate(state.step, plan.steps, trainer.model))
         if report:
             report.step(state.step, metrics)
+            state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
         stopping = stop.agreed(trainer.device)
         checkpointer.maybe_save(state.step, plan.steps, stopping, trainer, state.to_checkpoint(trainer))
         if stopping and state.step < plan.steps:
