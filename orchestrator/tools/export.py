@@ -22,7 +22,7 @@ from orchestrator.core.rundir import Run, get_run
 
 def tokenizer_dir(run: Run) -> Path:
     """The tokenizer the run's data was tokenized with, as the training job saved it beside the packed data."""
-    return run.dir / "data" / "tokenizer"
+    return run.data_dir / "tokenizer"
 
 
 def choose_step(run: Run, step: int | None) -> int:
