@@ -133,3 +133,19 @@ class TestDataAndModelChecks:
             "differs from the recipe",
             "model.hidden_size is 64 but hidden_size is 128",
         )
+
+
+@pytest.mark.usefixtures("no_run_is_created")
+class TestValuesMeanWhatTheySay:
+    def test_time_under_a_minute_is_refused_not_sent_as_no_limit(self):
+        assert_refused(orch("submit", "--time", "0:30", "--dry-run"), "--time '0:30' is 30 s", "at least one minute")
+
+    def test_alias_bomb_profile_is_one_short_paragraph(self, tmp_path: Path):
+        laughs = 'description: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+            f"x{i}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8)
+        )
+        profile = tmp_path / "bomb.yaml"
+        profile.write_text((ROOT / "cluster_profiles/local.yaml").read_text() + laughs)
+        result = orch("submit", "--profile", str(profile), "--dry-run")
+        assert_refused(result, str(profile), "anchors and aliases")
+        assert len(result.stderr) < 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Annotated, Optional
 
@@ -118,23 +119,46 @@ def get_run_or_latest(run_id: str | None):
     return runs[-1]
 
 
+# Slurm's time formats: (with a day part, number of clock parts) -> the format, its parts and their upper limits.
+TIME_FORMATS = {
+    (False, 1): ("minutes", ("minutes",), (None,)),
+    (False, 2): ("MM:SS", ("minutes", "seconds"), (60, 60)),
+    (False, 3): ("HH:MM:SS", ("hours", "minutes", "seconds"), (None, 60, 60)),
+    (True, 1): ("D-HH", ("hours",), (24,)),
+    (True, 2): ("D-HH:MM", ("hours", "minutes"), (24, 60)),
+    (True, 3): ("D-HH:MM:SS", ("hours", "minutes", "seconds"), (24, 60, 60)),
+}
+TIME_FORMAT = re.compile(r"(?:(?P<days>[0-9]{1,9})-)?(?P<clock>[0-9]{1,9}(?::[0-9]{1,9}){0,2})")  # ASCII digits
+TIME_FORMATS_TEXT = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 1:30:00 or 2-00:00:00)"
+
+
 def parse_minutes(text: str) -> float:
-    """Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
-    try:
-        parts = [int(p) for p in clock.split(":")]
-        day_count = int(days)
-    except ValueError:
-        raise OrchError(f"--time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS.") from None
-    if "-" in text:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    elif len(parts) == 1:
-        hours, minutes, seconds = 0, parts[0], 0
-    elif len(parts) == 2:
-        hours, minutes, seconds = 0, parts[0], parts[1]
-    else:
-        hours, minutes, seconds = parts[-3:]
-    return day_count * 1440 + hours * 60 + minutes + seconds / 60
+    """Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, each part in its range, and at
+    least one minute (Slurm would run a limit it reads as 0 without any limit)."""
+    from orchestrator.core.config import MAX_TIME_LIMIT_MIN, shown
+
+    match = TIME_FORMAT.fullmatch(text)
+    if not match:
+        raise OrchError(f"--time {shown(text)}: expected {TIME_FORMATS_TEXT}.")
+    numbers = [int(part) for part in match["clock"].split(":")]
+    form, names, limits = TIME_FORMATS[match["days"] is not None, len(numbers)]
+    for name, value, limit in zip(names, numbers, limits, strict=True):
+        if limit is not None and value >= limit:
+            raise OrchError(
+                f"--time {shown(text)}: {name} must be below {limit} in {form} (got {value}); "
+                f"write {TIME_FORMATS_TEXT}."
+            )
+    parts = dict(zip(names, numbers, strict=True))
+    days = int(match["days"] or 0)
+    total_s = ((days * 24 + parts.get("hours", 0)) * 60 + parts.get("minutes", 0)) * 60 + parts.get("seconds", 0)
+    if total_s < 60:
+        raise OrchError(
+            f"--time {shown(text)} is {total_s} s: a time limit is at least one minute (in MM:SS, 0:30 is 30 seconds; "
+            "for 30 minutes write 30 or 0:30:00)."
+        )
+    if total_s > MAX_TIME_LIMIT_MIN * 60:
+        raise OrchError(f"--time {shown(text)}: more than a year; write {TIME_FORMATS_TEXT}.")
+    return total_s / 60
 
 
 def finish(run) -> None:
@@ -293,5 +317,13 @@ def main() -> None:
     try:
         app()
     except OrchError as err:
-        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        message = str(err)
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 30] + " ... (message shortened)"
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+MAX_ERROR_CHARS = 4000  # an error stays one readable paragraph, whatever values it quotes

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.core.errors import OrchError
 
@@ -23,9 +33,14 @@ RECIPES_DIR = PROJECT_ROOT / "recipes"
 
 
 class Strict(BaseModel):
-    """Unknown or mistyped keys are errors, never silently ignored."""
+    """Unknown or mistyped keys are errors, never silently ignored; values are taken as they are written (no
+    'yes' for true, no '5' or 5.0 for an integer) and numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+MAX_TIME_LIMIT_MIN = 365 * 1440  # a year: beyond any partition's limit, and a bound on the plan's arithmetic
+MAX_NODES = 100_000  # above the largest machines; node counts drive loops in planning
 
 
 # --- cluster profiles -------------------------------------------------------------------------
@@ -63,8 +78,8 @@ class Slurm(Strict):
     account: str | None = Field(default=None, pattern=SAFE)
     account_required: bool = False
     qos: str | None = Field(default=None, pattern=SAFE)
-    max_walltime_min: float = Field(gt=0)
-    max_nodes: int = Field(ge=1)
+    max_walltime_min: float = Field(gt=0, le=MAX_TIME_LIMIT_MIN)
+    max_nodes: int = Field(ge=1, le=MAX_NODES)
     cpus_per_task: int = Field(default=1, ge=1)
     extra_sbatch: dict[str, str] = Field(default_factory=dict, description=f"allowed keys: {SBATCH_ALLOWED}")
 
@@ -93,9 +108,11 @@ class Profile(Strict):
     description: str = ""
     extends: str | None = Field(default=None, description="a profile whose fields this one overrides")
     executor: Literal["local", "slurm"]
-    nodes: int = Field(default=1, ge=1)
-    time_limit_min: float = Field(gt=0, description="wall-clock limit of one allocation")
-    signal_delay_s: int = Field(default=30, ge=1, description="warning signal at least this long before the limit")
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+    time_limit_min: float = Field(gt=0, le=MAX_TIME_LIMIT_MIN, description="wall-clock limit of one allocation")
+    signal_delay_s: int = Field(
+        default=30, ge=1, le=MAX_TIME_LIMIT_MIN * 60, description="warning signal at least this long before the limit"
+    )
     launch: Launch
     node: Node
     slurm: Slurm | None = None
@@ -105,6 +122,17 @@ class Profile(Strict):
     python: str = Field(default="", pattern=SAFE, description="python on the compute nodes; empty: this one")
     tracking_uri: str | None = None
     expected_mfu: float = Field(default=0.4, gt=0, le=1, description="model FLOPs utilisation for estimates")
+
+    @field_validator("time_limit_min")
+    @classmethod
+    def _whole_minutes_for_slurm(cls, value: float, info: ValidationInfo) -> float:
+        """Slurm counts whole minutes (and a 0 would mean no limit at all); the LocalExecutor takes fractions."""
+        if info.data.get("executor") == "slurm" and (value < 1 or value != int(value)):
+            raise ValueError(
+                "Slurm time limits are whole minutes, at least 1; allowed: a whole number of minutes, "
+                "e.g. --time 30 or --time 1:00:00"
+            )
+        return value
 
     @field_validator("env_vars")
     @classmethod
@@ -123,8 +151,8 @@ class Profile(Strict):
             raise ValueError("executor 'slurm' needs a 'slurm' section (partition, max_walltime_min, max_nodes)")
         if self.executor == "local" and self.env_script:
             raise ValueError("env_script is for Slurm profiles; a local job runs in this environment (use env_vars)")
-        if self.env_script and not (PROJECT_ROOT / self.env_script).is_file():
-            raise ValueError(f"env_script '{self.env_script}' is not a file under {PROJECT_ROOT}")
+        if self.env_script and not is_file(PROJECT_ROOT / self.env_script):
+            raise ValueError(f"env_script {shown(self.env_script)} is not a file under {PROJECT_ROOT}")
         return self
 
     @property
@@ -134,6 +162,14 @@ class Profile(Strict):
     @property
     def gpus(self) -> int:
         return self.nodes * self.node.gpus
+
+
+def is_file(path: Path) -> bool:
+    """Whether `path` is a file; a name the filesystem cannot take (too long) is not one."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 # --- recipes ------------------------------------------------------------------------------------
@@ -149,7 +185,7 @@ class ModelSpec(Strict):
     num_kv_heads: int = Field(ge=1)
     vocab_size: int = Field(ge=2)
     rope_theta: float = Field(default=10000.0, gt=0)
-    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    rms_norm_eps: float = Field(default=1e-5, gt=0, lt=1)
     init_from: str | None = Field(default=None, description="a local Hugging Face model directory")
 
     @model_validator(mode="after")
@@ -182,14 +218,27 @@ class TrainSpec(Strict):
     grad_clip: float = Field(gt=0)
     activation_checkpointing: bool = Field(default=False, description="recompute each block in backward")
     compile: bool = Field(default=False, description="torch.compile each transformer block")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63, description="what NumPy and PyTorch generators accept")
 
 
 class OptimizerSpec(Strict):
     name: Literal["lionw"] = "lionw"
-    lr: float = Field(gt=0)
-    betas: tuple[float, float]
+    lr: float = Field(gt=0, lt=1, description="peak learning rate")
+    betas: tuple[float, float] = Field(description="each in [0, 1)")
     weight_decay: float = Field(ge=0)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _list_is_a_pair(cls, value: Any) -> Any:
+        """YAML and JSON write a pair as a list."""
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("each beta must be at least 0 and below 1")
+        return value
 
 
 class ScheduleSpec(Strict):
@@ -230,6 +279,150 @@ class Recipe(Strict):
 
 # --- loading ------------------------------------------------------------------------------------
 
+MAX_FILE_BYTES = 1 << 20  # profiles and recipes are a few hundred bytes
+MAX_DEPTH = 32  # nesting of mappings and lists
+SHOWN_VALUE_CHARS = 200  # a value quoted in a message
+MAX_MESSAGE_CHARS = 3000  # a whole message stays one readable paragraph
+
+TAG = "tag:yaml.org,2002:"
+
+
+class Refused(yaml.MarkedYAMLError):
+    """YAML that parses but is not accepted in orch's files."""
+
+
+class Loader(yaml.SafeLoader):
+    """YAML 1.2's core schema: only `true`/`false` are booleans, only `null`/`~`/empty is null, numbers are plain
+    decimal (or 0o/0x) integers and floats. `yes`, `no`, `on`, `off`, `1:30:00`, `2024-01-01` stay strings, so a
+    schema refuses them where a number or boolean belongs instead of guessing. Anchors, aliases and merge keys are
+    refused (they let a few lines expand into gigabytes), as are duplicate keys, other tags and deep nesting."""
+
+    yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}  # none of YAML 1.1's
+    yaml_constructors: dict[Any, Any] = {}  # only the core schema's, below
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise Refused(
+                None, None, "anchors and aliases (&name, *name) are not allowed; write each value out", event.start_mark
+            )
+        self.depth = getattr(self, "depth", 0) + 1
+        if self.depth > MAX_DEPTH:
+            raise Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key, _ in node.value:
+                if key.tag == TAG + "merge":
+                    raise Refused(None, None, "merge keys (<<) are not allowed; write each field out", key.start_mark)
+                if isinstance(key, yaml.ScalarNode):
+                    if (key.tag, key.value) in seen:
+                        raise Refused(None, None, f"duplicate key {shown(key.value)}", key.start_mark)
+                    seen.add((key.tag, key.value))
+        return node
+
+    def construct_yaml_bool(self, node: Any) -> bool:
+        value = self.construct_scalar(node)
+        if value.lower() not in ("true", "false"):
+            raise Refused(None, None, f"{shown(value)} is not a boolean (true or false)", node.start_mark)
+        return value.lower() == "true"
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value = self.construct_scalar(node)
+        sign, digits = (-1, value[1:]) if value[:1] == "-" else (1, value.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError:
+            raise Refused(None, None, f"{shown(value)} is not an integer orch can read", node.start_mark) from None
+
+    def construct_yaml_float(self, node: Any) -> float:
+        value = self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?\.(?:inf|Inf|INF)", value):
+            return -math.inf if value.startswith("-") else math.inf
+        if re.fullmatch(r"\.(?:nan|NaN|NAN)", value):
+            return math.nan
+        try:
+            return float(value)
+        except ValueError:
+            raise Refused(None, None, f"{shown(value)} is not a number", node.start_mark) from None
+
+    def construct_undefined(self, node: Any) -> Any:
+        raise Refused(None, None, f"the tag {shown(node.tag)} is not allowed", node.start_mark)
+
+
+for _tag, _pattern, _first in (
+    ("null", r"(?:~|null|Null|NULL|)\Z", ["~", "n", "N", ""]),
+    ("bool", r"(?:true|True|TRUE|false|False|FALSE)\Z", list("tTfF")),
+    ("int", r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z", list("-+0123456789")),
+    (
+        "float",
+        r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z",
+        list("-+0123456789."),
+    ),
+    ("merge", r"<<\Z", ["<"]),  # recognised only to be refused
+):
+    Loader.add_implicit_resolver(TAG + _tag, re.compile(_pattern), _first)
+for _tag, _construct in (
+    ("null", yaml.SafeLoader.construct_yaml_null),
+    ("bool", Loader.construct_yaml_bool),
+    ("int", Loader.construct_yaml_int),
+    ("float", Loader.construct_yaml_float),
+    ("str", yaml.SafeLoader.construct_yaml_str),
+    ("seq", yaml.SafeLoader.construct_yaml_seq),
+    ("map", yaml.SafeLoader.construct_yaml_map),
+):
+    Loader.add_constructor(TAG + _tag, _construct)
+Loader.add_constructor(None, Loader.construct_undefined)
+
+
+class Dumper(yaml.SafeDumper):
+    """Writes what `Loader` reads back as the same values: a string that either YAML 1.1 or 1.2 would take for
+    something else (`yes`, `1e5`, `0o7`) is quoted."""
+
+
+for _first, _resolvers in Loader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        Dumper.add_implicit_resolver(_tag, _regexp, [_first])
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document read with `Loader`; any problem is one OrchError paragraph that starts with `where`."""
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader with fewer types
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = "" if isinstance(err, Refused) else "not valid YAML: "
+        problem = "; ".join(str(part) for part in (err.context, err.problem) if part)
+        raise OrchError(clip(f"{where}{at}: {what}{problem}.")) from None
+    except yaml.YAMLError as err:
+        raise OrchError(clip(f"{where}: not valid YAML: {' '.join(str(err).split())}.")) from None
+
+
+def shown(value: Any) -> str:
+    """A value as quoted in a message: its repr, at most SHOWN_VALUE_CHARS long (the whole of a huge value is never
+    formatted)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = SHOWN_VALUE_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message of at most `limit` characters, on one line."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 30] + " ... (message shortened)"
+
 
 def available(directory: Path) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
@@ -238,49 +431,71 @@ def available(directory: Path) -> list[str]:
 def resolve_file(kind: str, name: str, directory: Path) -> Path:
     """A name from the catalogue, or a path to a YAML file."""
     candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+    if candidate.suffix in (".yaml", ".yml") and is_file(candidate):
         return candidate.resolve()
     path = directory / f"{name}.yaml"
-    if path.is_file():
+    if is_file(path):
         return path
     names = available(directory)
-    close = difflib.get_close_matches(name, names, n=1)
+    close = difflib.get_close_matches(name[:SHOWN_VALUE_CHARS], names, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise OrchError(f"Unknown {kind} '{name}'.{hint} Available {kind}s in {directory}: {', '.join(names)}.")
+    raise OrchError(f"Unknown {kind} {shown(name)}.{hint} Available {kind}s in {directory}: {', '.join(names)}.")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise OrchError(f"{path}: not valid YAML: {err}") from None
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise OrchError(f"{path}: cannot be read: {err.strerror or err}.") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise OrchError(f"{path}: larger than {MAX_FILE_BYTES >> 10} KiB; profiles and recipes are a few lines.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OrchError(f"{path}: not UTF-8 text.") from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise OrchError(f"{path}: expected a mapping of fields at the top level, found {type(data).__name__}.")
     return data
 
 
 def describe_validation_error(path: Path, schema: type[BaseModel], err: ValidationError) -> str:
-    """One readable paragraph: which file, which field, what is allowed."""
+    """One readable paragraph: which file, which field, what is allowed (values quoted short, the whole capped)."""
     problems = []
     for item in err.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        field = clip(".".join(str(part) for part in item["loc"]) or "(top level)", SHOWN_VALUE_CHARS)
         if item["type"] == "extra_forbidden":
             allowed = allowed_fields(schema, item["loc"][:-1])
-            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
+            close = difflib.get_close_matches(str(item["loc"][-1])[:SHOWN_VALUE_CHARS], allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             problems.append(f"unknown field '{field}' ({hint}allowed here: {', '.join(allowed)})")
         elif item["type"] == "missing":
             problems.append(f"field '{field}' is required")
         elif item["type"] == "string_pattern_mismatch":
             problems.append(
-                f"field '{field}': {item['input']!r} may only contain {SAFE_TEXT} (it reaches the job script)"
+                f"field '{field}': {shown(item['input'])} may only contain {SAFE_TEXT} (it reaches the job script)"
             )
         elif not item["loc"]:
             problems.append(item["msg"].removeprefix("Value error, "))
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"field '{field}': {message} (got {item.get('input')!r})")
-    return f"{path}: " + "; ".join(problems) + "."
+            message = item["msg"].removeprefix("Value error, ") + written_as_text_hint(item)
+            problems.append(f"field '{field}': {message} (got {shown(item.get('input'))})")
+    return clip(f"{path}: " + "; ".join(problems) + ".")
+
+
+def written_as_text_hint(item: Any) -> str:
+    """What to write instead of a YAML 1.1 spelling that orch reads as text."""
+    value = item.get("input")
+    if not isinstance(value, str):
+        return ""
+    if item["type"] == "bool_type" and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return "; write true or false"
+    if item["type"] in ("int_type", "float_type") and re.fullmatch(r"[0-9]+(:[0-5]?[0-9])+", value):
+        return "; write the number itself (1:30:00 is text, not 5400)"
+    if item["type"] in ("int_type", "float_type") and re.fullmatch(r"[-+]?[0-9][0-9.eE+-]*", value):
+        return "; write the number without quotes"
+    return ""
 
 
 def allowed_fields(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -299,16 +514,25 @@ def validate(path: Path, schema: type[BaseModel], data: dict[str, Any]) -> Any:
         raise OrchError(describe_validation_error(path, schema, err)) from None
 
 
-def profile_data(name: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """A profile's fields with those of the profile it `extends` underneath."""
+def profile_data(name: str, chain: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """A profile's fields with those of the profile it `extends` underneath. A cycle is found by the files' resolved
+    paths, however each `extends` names them."""
     path = resolve_file("profile", name, PROFILES_DIR)
+    if path.resolve() in chain:
+        files = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise OrchError(
+            clip(
+                f"{chain[-1]}: field 'extends' must name another profile, without cycles; this chain comes back "
+                f"to a file already in it: {files}."
+            )
+        )
     data = read_yaml(path)
     base = data.get("extends")
     if base is None:
         return path, data
-    if not isinstance(base, str) or base in seen + (path.stem,):
-        raise OrchError(f"{path}: field 'extends' must name another profile, without cycles (got {base!r}).")
-    _, merged = profile_data(base, seen + (path.stem,))
+    if not isinstance(base, str) or not base:
+        raise OrchError(f"{path}: field 'extends' must name another profile (got {shown(base)}).")
+    _, merged = profile_data(base, (*chain, path.resolve()))
     return path, deep_merge(merged, data)
 
 
@@ -326,10 +550,10 @@ def parse_assignment(text: str) -> dict[str, Any]:
     """`a.b.c=value` (value read as YAML) as a nested mapping."""
     key, sep, raw = text.partition("=")
     if any(c in text for c in "\n\r\0"):
-        raise OrchError(f"--set {text!r}: a value may not contain line breaks or NUL characters.")
+        raise OrchError(f"--set {shown(text)}: a value may not contain line breaks or NUL characters.")
     if not sep or not key or not all(key.split(".")):
-        raise OrchError(f"--set {text!r}: expected FIELD=VALUE with a dotted field, e.g. --set slurm.qos=normal.")
-    value: Any = yaml.safe_load(raw) if raw else ""
+        raise OrchError(f"--set {shown(text)}: expected FIELD=VALUE with a dotted field, e.g. --set slurm.qos=normal.")
+    value: Any = parse_yaml(raw, f"--set {shown(text)}") if raw else ""
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
@@ -60,9 +61,28 @@ class Plan:
         return self.total_tokens / self.tokens_per_s / 3600 if self.tokens_per_s else None
 
     @property
+    def step_s(self) -> float:
+        """Estimated seconds per optimizer step (0 without an estimate of tokens/s)."""
+        return step_seconds(self.tokens_per_step, self.tokens_per_s)
+
+    @property
+    def save_s(self) -> float:
+        """Estimated seconds to write a checkpoint."""
+        return save_seconds(self.parameters, self.world_size)
+
+    @property
     def allocations(self) -> int:
         """Jobs of one time limit each that the run needs (each requeue is one more)."""
         return max(1, math.ceil(self.hours * 60 / self.usable_min_per_allocation)) if self.hours else 1
+
+
+def step_seconds(tokens_per_step: int, tokens_per_s: float | None) -> float:
+    return tokens_per_step / tokens_per_s if tokens_per_s else 0.0
+
+
+def save_seconds(parameters: int, world_size: int) -> float:
+    """Weights and Lion momentum in fp32, each rank writing its shard."""
+    return 8 * parameters / world_size / (SAVE_BANDWIDTH_GB_S * 1e9)
 
 
 def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
@@ -77,8 +97,8 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
     tokens_per_step = train.global_batch_size * recipe.data.max_seq_len
     parameters = sum(parameter_count(recipe.model).values())
     # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
-    step_s = tokens_per_step / tokens_per_s if tokens_per_s else 0.0
-    save_s = 8 * parameters / world / (SAVE_BANDWIDTH_GB_S * 1e9)
+    step_s = step_seconds(tokens_per_step, tokens_per_s)
+    save_s = save_seconds(parameters, world)
     scheduler = SCHEDULERS[profile.executor]
     signal_delay = profile.signal_delay_s
     if scheduler.sizes_signal_delay:
@@ -99,3 +119,17 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
         stop_before_end_s=signal_delay + scheduler.signal_check_s,
         usable_min_per_allocation=max(usable, 1.0),
     )
+
+
+def check_time_limit(profile: Profile, path: Path | str, plan: Plan) -> None:
+    """An allocation must outlast the time the job stops before its limit (the warning signal's lead time) by more
+    than one step and one save, or no step could ever finish and be saved in it."""
+    limit_s = profile.time_limit_min * 60
+    needed_s = plan.stop_before_end_s + plan.step_s + plan.save_s
+    if limit_s <= needed_s:
+        raise OrchError(
+            f"{path}: field 'time_limit_min' is {profile.time_limit_min:g} min ({limit_s:g} s), not longer than the "
+            f"warning signal's lead time ({plan.stop_before_end_s} s before the limit) plus one step "
+            f"({plan.step_s:.0f} s) and one save ({plan.save_s:.0f} s): no step could finish and be saved in it. "
+            f"Allowed: more than {needed_s:.0f} s, e.g. --time {math.floor(needed_s / 60) + 1}."
+        )
