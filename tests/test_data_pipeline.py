@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zstandard
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer
 
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, load_val_blocks, pack
@@ -33,9 +33,13 @@ from orchestrator.tools.prepare import (
     MALFORMED_JSON,
     MISSING_TEXT,
     NOT_A_STRING,
+    SLICE_CHARS,
     SPECIAL_TOKENS,
+    ChunkTokenizer,
     Settings,
+    cuts_at_spaces,
     prepare,
+    slices,
     train_tokenizer,
 )
 from orchestrator.tools.run_data import attach_data, data_ready, demo_corpus
@@ -259,6 +263,97 @@ def test_inputs_that_are_missing_or_of_an_unknown_type_are_refused(tmp_path: Pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(OrchError, match="no input files found"):
         prepare(tokenizer_dir, [tmp_path / "empty"], tmp_path / "out", settings())
+
+
+# --- prepare: nothing to prepare -------------------------------------------------------------------------------------
+
+
+def test_an_empty_train_split_is_refused_and_the_new_output_folder_is_removed(tmp_path: Path, tokenizer_dir):
+    write_jsonl(tmp_path / "few.jsonl", documents(3))
+    output = tmp_path / "new" / "parent" / "out"
+    with pytest.raises(OrchError) as refused:
+        prepare(tokenizer_dir, [tmp_path / "few.jsonl"], output, settings(val_fraction=0.99))
+    assert str(refused.value).startswith(
+        "--val-fraction 0.99: the train split would be empty, all 3 documents fall into val with --seed 0. "
+        "Read 1 input file and 3 records; skipped 0 (none); usable documents: 3; tokens: "
+    )
+    assert str(refused.value).endswith(
+        f"--output {output} was not created. Allowed: a smaller --val-fraction, or more documents."
+    )
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_prepare_leaves_an_existing_output_folder_as_it_was(tmp_path: Path, tokenizer_dir):
+    (tmp_path / "bad.jsonl").write_text('{"text": "  "}\n{"no": "text"}\n')
+    output = tmp_path / "out"
+    (output / "train").mkdir(parents=True)
+    (output / "notes.txt").write_text("kept")
+    before = sorted(output.rglob("*")), tree(output)
+    with pytest.raises(
+        OrchError, match=r"nothing to prepare, no document holds text\. Read 1 input file and 2 records"
+    ):
+        prepare(tokenizer_dir, [tmp_path / "bad.jsonl"], output, settings(shard_tokens=1))
+    assert (sorted(output.rglob("*")), tree(output)) == before
+
+
+# --- prepare: long documents ----------------------------------------------------------------------------------------
+
+
+def long_text(seed: int, words: int) -> str:
+    """Words, runs of spaces and of other whitespace, characters spelled with byte tokens, literal special tokens."""
+    rng = random.Random(seed)
+    pieces = [*WORDS, "", " ", "\n", "\t", "\n\n", "漢字", "🙂", "</s>", "<s>x"]
+    return " ".join(rng.choice(pieces) for _ in range(words))
+
+
+def test_a_long_document_tokenized_in_slices_cut_before_spaces_has_the_ids_of_the_whole(tokenizer_dir: Path):
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True
+    texts = [
+        long_text(1, 40_000) + " " + "ž" * (SLICE_CHARS + 10) + " konec",  # a stretch without a space to cut at
+        "  " + long_text(2, 30_000) + "  ",  # starts and ends with spaces
+        "krátký dokument",
+    ]
+    pieces = list(slices(texts[0], SLICE_CHARS))
+    assert len(pieces) > 4 and "".join(pieces) == texts[0]
+    assert all(piece.startswith(" ") for piece in pieces[1:])
+    assert max(map(len, pieces)) > SLICE_CHARS  # the stretch without a space stays whole
+    whole = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    assert [id for piece in pieces for id in tokenizer.encode(piece, add_special_tokens=False).ids] == whole[0]
+
+    worker = ChunkTokenizer(tokenizer.to_str(), 2, "uint16", 0, 0.0)
+    assert worker.sliceable
+    tokens, lengths = worker.encode(texts)
+    assert lengths.tolist() == [len(ids) + 1 for ids in whole]
+    assert tokens.tolist() == [id for ids in whole for id in [*ids, 2]]
+
+
+def test_only_tokenizers_that_split_before_every_space_are_tokenized_in_slices(tokenizer_dir: Path):
+    def ours() -> Tokenizer:
+        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+    assert cuts_at_spaces(ours())
+    llama_like = ours()  # SentencePiece converted: spaces replaced by a normalizer, BPE over the whole text
+    llama_like.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    llama_like.pre_tokenizer = None
+    assert not cuts_at_spaces(llama_like)
+    unsplit = ours()
+    unsplit.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+    assert not cuts_at_spaces(unsplit)
+    byte_level = ours()
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not cuts_at_spaces(byte_level)
+    with_added = ours()
+    with_added.add_tokens(["dva slova"])
+    assert not cuts_at_spaces(with_added)
+
+
+def test_a_long_document_is_prepared_and_decodes_to_itself(tmp_path: Path, tokenizer_dir, hf_tokenizer):
+    docs = [documents(1)[0], long_text(3, 3 * SLICE_CHARS // 5).replace("</s>", "").replace("<s>", ""), "ahoj"]
+    write_jsonl(tmp_path / "long.jsonl", docs)
+    report = prepare(tokenizer_dir, [tmp_path / "long.jsonl"], tmp_path / "out", settings(0.0, shard_tokens=1 << 20))
+    assert report.indexes["train"]["documents"] == 3
+    assert decoded_documents(tmp_path / "out/train", hf_tokenizer) == docs
 
 
 # --- prepare: resume ------------------------------------------------------------------------------------------------

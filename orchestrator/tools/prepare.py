@@ -9,7 +9,10 @@ Inputs are files and folders; folders are walked recursively in sorted name orde
 Prepare tokenizes in worker processes, appends EOS to every document and writes two splits with `jobs.shards`:
 a document goes to `val/` when a hash of (seed, its file's name under its input, its record number) falls below
 the validation fraction, so the split depends on neither the workers nor the other files. Records that are not
-usable documents are skipped and counted by reason; a file that cannot be read at all stops the prepare.
+usable documents are skipped and counted by reason; a file that cannot be read at all stops the prepare. Input
+that yields no document, no token or an empty train split is refused with those counts, and what the refused
+prepare added to its output folder is removed. Long documents are tokenized in slices cut before a space (see
+`cuts_at_spaces`), so memory grows with the document's text, not with a list of its token ids.
 
 Resuming: `manifest.json` records the settings and, after every shard written, each split's shards, the input
 position the split has consumed up to (file number, record number, tokens of that record written) and its skip
@@ -50,6 +53,8 @@ SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 TEXT_FIELD = "text"
 CHUNK_BYTES = 1 << 20  # input text per unit of work sent to a worker
+BATCH_CHARS = 1 << 20  # text tokenized in one call of the tokenizer
+SLICE_CHARS = 1 << 16  # a longer document is tokenized in slices of about this many characters, cut before a space
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
 MAX_ALPHABET = 1000  # characters kept as base tokens; rarer ones are spelled with byte tokens
@@ -115,7 +120,7 @@ def list_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
     if not files:
         raise OrchError(
             f"--input {', '.join(map(str, paths))}: no input files found. "
-            f"Allowed: folders holding files of {FORMATS_HELP}"
+            f"{reading_counts(0, len(ignored), 0, Counter())}. Allowed: folders holding files of {FORMATS_HELP}"
         )
     return files, ignored
 
@@ -401,8 +406,43 @@ def validation_mask(key: str, records: np.ndarray, seed: int, fraction: float) -
     return (x ^ (x >> np.uint64(31))) < np.uint64(fraction * 2.0**64)
 
 
+def cuts_at_spaces(tokenizer: Tokenizer) -> bool:
+    """Whether encoding a text cut before any space, piece by piece, gives the ids of the whole text.
+
+    True for the tokenizers `train_tokenizer` makes: no normalizer, a Metaspace pre-tokenizer that splits before
+    every space (BPE never merges across that boundary, byte fallback spells each word alone) and adds no `▁` to a
+    text that already starts with a space, and no added tokens but special ones (encoded as text by prepare, so
+    none can span a cut). Other tokenizers encode every document whole."""
+    from tokenizers import pre_tokenizers
+
+    pre = tokenizer.pre_tokenizer
+    return (
+        tokenizer.normalizer is None
+        and isinstance(pre, pre_tokenizers.Metaspace)
+        and pre.split
+        and pre.replacement != " "
+        and all(token.special for token in tokenizer.get_added_tokens_decoder().values())
+    )
+
+
+def slices(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive slices of about `size` characters, every slice after the first starting with a space
+    (a slice is longer where there is no space to cut before)."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size + 1)
+        if cut < 0:
+            cut = text.find(" ", start + size + 1)
+            if cut < 0:
+                break
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
 class ChunkTokenizer:
-    """Decodes a chunk's records, tokenizes the documents in one batch and sorts them into the splits."""
+    """Decodes a chunk's records (taking them out of the chunk), tokenizes the documents in batches and sorts them
+    into the splits."""
 
     def __init__(self, tokenizer_json: str, eos_id: int, dtype: str, seed: int, val_fraction: float) -> None:
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -410,6 +450,44 @@ class ChunkTokenizer:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.eos_id, self.dtype, self.seed, self.val_fraction = eos_id, DTYPES[dtype], seed, val_fraction
+        self.sliceable = cuts_at_spaces(self.tokenizer)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The documents' token ids, each document followed by EOS, and how many tokens each has (its EOS included).
+
+        Batches of about `BATCH_CHARS` characters go through the tokenizer, and each batch's ids go straight into
+        an array, so a long document never exists as one list of ids (a Python int per token) nor as one encoding
+        (the library keeps offsets and strings per token). With a tokenizer that `cuts_at_spaces`, a document
+        longer than `SLICE_CHARS` is encoded as slices cut before a space, which give the same ids."""
+        arrays, lengths = [np.zeros(0, dtype=self.dtype)], np.ones(len(texts), dtype=np.int64)
+        for batch, owners, ends in self.batches(texts):
+            ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
+            counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(counts.sum()))
+            del ids
+            np.add.at(lengths, np.array(owners, dtype=np.int64), counts)
+            arrays.append(np.insert(flat, np.cumsum(counts)[np.array(ends, dtype=bool)], self.eos_id))
+        return np.concatenate(arrays), lengths
+
+    def batches(self, texts: list[str]) -> Iterator[tuple[list[str], list[int], list[bool]]]:
+        """The texts, or their slices, in batches of about `BATCH_CHARS`: each piece with its document's number and
+        whether it ends that document."""
+        batch, owners, ends, size = [], [], [], 0
+        for number, text in enumerate(texts):
+            pieces = slices(text, SLICE_CHARS) if self.sliceable else iter((text,))
+            piece = next(pieces)
+            while piece is not None:
+                following = next(pieces, None)
+                batch.append(piece)
+                owners.append(number)
+                ends.append(following is None)
+                size += len(piece)
+                if size >= BATCH_CHARS:
+                    yield batch, owners, ends
+                    batch, owners, ends, size = [], [], [], 0
+                piece = following
+        if batch:
+            yield batch, owners, ends
 
     def __call__(self, chunk: Chunk) -> TokenizedChunk:
         numbers = np.arange(chunk.first, chunk.first + max(len(chunk.records), chunk.empty_file), dtype=np.int64)
@@ -418,25 +496,22 @@ class ChunkTokenizer:
         texts, kept, skipped = [], [], {split: [] for split in SPLITS}
         if chunk.empty_file:
             skipped[split_of[0]].append((0, EMPTY_FILE))
-        for i, record in enumerate(chunk.records):
-            text, reason = document_text(chunk.kind, record)
+        records = chunk.records
+        records.reverse()  # taken out one by one, so that a record's raw bytes are freed once it is decoded
+        for i in range(len(records)):
+            text, reason = document_text(chunk.kind, records.pop())
             if reason:
                 skipped[split_of[i]].append((chunk.first + i, reason))
             else:
                 texts.append(text)
                 kept.append(i)
-        ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-        tokens = np.full(int(lengths.sum()), self.eos_id, dtype=self.dtype)
-        is_text = np.ones(len(tokens), dtype=bool)
-        is_text[np.cumsum(lengths) - 1] = False
-        tokens[is_text] = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(is_text.sum()))
+        tokens, lengths = self.encode(texts)
+        del texts
         kept = np.array(kept, dtype=np.int64)
         parts = {}
         for split, chosen in (("train", ~in_val[kept]), ("val", in_val[kept])):
-            parts[split] = Part(
-                numbers[kept][chosen], lengths[chosen], tokens[np.repeat(chosen, lengths)], skipped[split]
-            )
+            ids = tokens if chosen.all() else tokens[np.repeat(chosen, lengths)]  # no copy when one split has all
+            parts[split] = Part(numbers[kept][chosen], lengths[chosen], ids, skipped[split])
         return TokenizedChunk(chunk.file_no, chunk.input_bytes, parts)
 
 
@@ -646,6 +721,7 @@ def prepare(
     tokenizer = read_tokenizer_files(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size, settings.dtype)
     files, ignored = list_inputs(inputs)
+    fresh = FreshPaths(output)
     output.mkdir(parents=True, exist_ok=True)
     recorded = {**asdict(settings), "dtype": dtype, "tokenizer_sha256": tokenizer.sha256}
     manifest = Manifest(output, {**recorded, "inputs": [[f.key, f.size] for f in files]})
@@ -666,11 +742,109 @@ def prepare(
             skipped = consume(chunks, manifest, writers, reporter)
         finally:
             reporter.stop()
+        refusal = empty_result(inputs, settings, files, ignored, writers, skipped, output)
+        if refusal:
+            raise OrchError(f"{refusal[0]} {fresh.remove()} {refusal[1]}")
         for split, writer in writers.items():
             writer.finish({**header, "split": split, "skipped": skipped[split]})
             manifest.splits[split] = SplitState(writer.shards, manifest.splits[split].cursor, skipped[split], True)
             manifest.save()
     return Report({split: read_index(output / split) for split in SPLITS}, ignored)
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
+def reading_counts(files: int, ignored: int, documents: int, skipped: Counter[str]) -> str:
+    """What a data tool read, as a refusal states it: files, records, those skipped by reason, those usable."""
+    reasons = ", ".join(f"{reason}: {count:,}" for reason, count in skipped.most_common()) or "none"
+    ignored_files = f" ({counted(ignored, 'other file')} ignored: not a supported format)" if ignored else ""
+    return (
+        f"Read {counted(files, 'input file')}{ignored_files} and {counted(documents + skipped.total(), 'record')}; "
+        f"skipped {skipped.total():,} ({reasons}); usable documents: {documents:,}"
+    )
+
+
+NO_DOCUMENT = (
+    "Allowed: input with at least one record that is a document (a .txt block, a .jsonl line's 'text' field or a "
+    "table's 'text' value that is not only whitespace)."
+)
+
+
+def empty_result(
+    inputs: list[Path],
+    settings: Settings,
+    files: list[InputFile],
+    ignored: list[Path],
+    writers: dict[str, ShardWriter],
+    skipped: dict[str, dict[str, int]],
+    output: Path,
+) -> tuple[str, str] | None:
+    """Why the prepared corpus would be useless (no documents, no tokens, an empty train split) and what is allowed,
+    or None."""
+    documents, tokens = Counter(), Counter()
+    for split in SPLITS:
+        if split in writers:
+            shards, writer = writers[split].shards, writers[split]
+            documents[split] = sum(s.documents for s in shards) + writer.documents
+            tokens[split] = sum(s.tokens for s in shards) + writer.filled
+        else:
+            index = read_index(output / split)
+            documents[split], tokens[split] = index["documents"], index["tokens"]
+    reasons = sum((Counter(counts) for counts in skipped.values()), Counter())
+    counts = f"{reading_counts(len(files), len(ignored), documents.total(), reasons)}; tokens: {tokens.total():,}."
+    if not documents.total() or not tokens.total():
+        inputs_named = ", ".join(map(str, inputs))
+        return f"--input {inputs_named}: nothing to prepare, no document holds text. {counts}", NO_DOCUMENT
+    if not documents["train"] or not tokens["train"]:
+        return (
+            f"--val-fraction {settings.val_fraction}: the train split would be empty, all "
+            f"{counted(documents['val'], 'document')} fall into val with --seed {settings.seed}. {counts}",
+            "Allowed: a smaller --val-fraction, or more documents.",
+        )
+    return None
+
+
+class FreshPaths:
+    """What a prepare may add to its output folder, noted before it starts so that a refused prepare can take its
+    additions away: the whole folder (and the parents made for it) when it is new, else the entries and the files
+    in them that were not there. A folder holding an unfinished prepare (a manifest) is kept as it is."""
+
+    ENTRIES = (MANIFEST, "tokenizer", *SPLITS)
+
+    def __init__(self, output: Path) -> None:
+        self.output, self.existed = output, output.exists()
+        self.parents = [] if self.existed else [p for p in output.parents if not p.exists()]
+        self.resumed = (output / MANIFEST).exists()
+        self.before = set(self.listing()) if self.existed and not self.resumed else set()
+
+    def listing(self) -> Iterator[Path]:
+        for name in self.ENTRIES:
+            path = self.output / name
+            if path.exists():
+                yield path
+            if path.is_dir():
+                yield from path.iterdir()
+
+    def remove(self) -> str:
+        """Remove them; returns a sentence saying what the output folder is left as."""
+        if not self.existed:
+            shutil.rmtree(self.output, ignore_errors=True)
+            for parent in self.parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            return f"--output {self.output} was not created."
+        if self.resumed:
+            return f"--output {self.output} keeps the unfinished prepare it held; no split index was written."
+        for path in sorted(set(self.listing()) - self.before, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return f"--output {self.output} is left as it was."
 
 
 def consume(

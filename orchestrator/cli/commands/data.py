@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Annotated
 
@@ -109,7 +110,7 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="tokens in the vocabulary, special and byte tokens included")] = 64000,
 ) -> None:
     """Train a byte-fallback BPE like Llama's: <unk> <s> </s>, 256 byte tokens, Metaspace (▁) pieces."""
-    from orchestrator.tools.prepare import list_inputs, read_texts, train_tokenizer
+    from orchestrator.tools.prepare import NO_DOCUMENT, list_inputs, read_texts, reading_counts, train_tokenizer
 
     if output.exists():
         raise OrchError(f"--output {output}: already exists. Allowed: a folder that does not exist yet.")
@@ -122,7 +123,14 @@ def train(
             used[0] += 1
             yield text
 
-    size = train_tokenizer(texts(), vocab_size, output, show_progress=True)
+    documents = texts()
+    first = next(documents, None)  # all the input is read when it holds no document: then nothing is trained
+    if first is None:
+        raise OrchError(
+            f"--input {', '.join(map(str, inputs))}: nothing to train a tokenizer on, no document holds text. "
+            f"{reading_counts(len(files), len(ignored), 0, skipped)}. --output {output} was not created. {NO_DOCUMENT}"
+        )
+    size = train_tokenizer(chain([first], documents), vocab_size, output, show_progress=True)
     console.print(f"Trained a tokenizer of {size:,} tokens on {used[0]:,} documents into {output}")
     show_skipped(used[0] + skipped.total(), skipped, ignored)
 
