@@ -32,33 +32,30 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from jobs.shards import file_sha256
 from orchestrator.core.config import CheckpointSpec
 from orchestrator.core.files import write_json_atomic
+from orchestrator.core.runfiles import COMMIT_MARKER, DamagedFile, committed_steps, read_model
 
 log = logging.getLogger(__name__)
-MARKER = "COMMITTED.json"
+
+
+PROTECTED = "protected.json"
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def committed_steps(root: Path) -> list[int]:
-    """Steps with a commit marker, newest first."""
-    steps = [int(p.name.removeprefix("step_")) for p in root.glob("step_*") if (p / MARKER).is_file()]
-    return sorted(steps, reverse=True)
-
-
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     return {
         str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
+        if p.is_file() and p.name != COMMIT_MARKER
     }
 
 
 def damage(folder: Path) -> str | None:
     """What is wrong with a committed checkpoint, or None when every file matches its manifest."""
     try:
-        expected = json.loads((folder / MARKER).read_text())["files"]
+        expected = json.loads((folder / COMMIT_MARKER).read_text())["files"]
     except (OSError, ValueError, KeyError) as err:
         return f"unreadable commit marker ({err})"
     for name, entry in expected.items():
@@ -139,7 +136,7 @@ class Checkpointer:
 
     def _commit(self, step: int, partial: Path, train_state: dict) -> None:
         (partial / "train_state.json").write_text(json.dumps({"step": step, **train_state}))
-        write_json_atomic(partial / MARKER, {"step": step, "files": manifest(partial)})
+        write_json_atomic(partial / COMMIT_MARKER, {"step": step, "files": manifest(partial)})
         final = step_dir(self.root, step)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -150,10 +147,27 @@ class Checkpointer:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        """Keep the newest `keep_last` checkpoints and every `keep_every`-th step (milestones)."""
+        """Keep the newest `keep_last` checkpoints, every `keep_every`-th step (milestones) and the protected ones."""
+        protected = self.protected()
         for step in committed_steps(self.root)[self.keep_last :]:
-            if not (self.keep_every and step % self.keep_every == 0):
+            if not (self.keep_every and step % self.keep_every == 0) and str(step) not in protected:
                 shutil.rmtree(step_dir(self.root, step))
+
+    def forget_latest(self) -> None:
+        """Rank 0: no committed checkpoint is left to name (training starts over)."""
+        if self.rank == 0:
+            (self.root / "latest.json").unlink(missing_ok=True)
+
+    def protect(self, step: int, reason: str) -> None:
+        """Rank 0: retention never deletes this checkpoint (`checkpoints/protected.json`: step -> reason)."""
+        if self.rank == 0:
+            write_json_atomic(self.root / PROTECTED, {**self.protected(), str(step): reason})
+
+    def protected(self) -> dict[str, str]:
+        try:
+            return read_model(self.root / PROTECTED, dict[str, str], {})
+        except DamagedFile:
+            return {}  # rewritten whole by the next protect
 
     def wait(self) -> None:
         """Block until the save in flight is written everywhere and committed."""
@@ -178,7 +192,7 @@ class Checkpointer:
             for path in self.root.glob(".step_*.partial"):
                 shutil.rmtree(path)
             for path in self.root.glob("step_*"):
-                if path.is_dir() and not (path / MARKER).is_file():
+                if path.is_dir() and not (path / COMMIT_MARKER).is_file():
                     shutil.rmtree(path)
         dist.barrier()
 

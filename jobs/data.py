@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from jobs.shards import TokenBlocks
+from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json
 
 POINTER = "tokens.json"
@@ -101,8 +102,12 @@ class BlockLoader:
 
 
 def load_split(data_dir: Path, split: str) -> TokenBlocks:
+    """A split of the corpus tokens.json names: a folder elsewhere, or (relative, ".") the run's own data folder,
+    which moves with the run."""
     pointer = read_json(data_dir / POINTER)
-    return TokenBlocks(Path(pointer["tokens"]) / split, pointer["max_seq_len"])
+    if pointer is None:
+        raise OrchError(f"{data_dir / POINTER} is missing: the run has no data attached (`orch submit` attaches it).")
+    return TokenBlocks(data_dir / pointer["tokens"] / split, pointer["max_seq_len"])
 
 
 def load_blocks(data_dir: Path) -> TokenBlocks:

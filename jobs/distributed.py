@@ -32,10 +32,24 @@ def start_process_group(device: str, backend: str) -> Ranks:
 
 
 def agree(rank: int, decide: Callable[[], Any]) -> Any:
-    """Rank 0 decides, every rank gets the same answer."""
-    answer = [decide() if rank == 0 else None]
+    """Rank 0 decides, every rank gets the same answer; if deciding fails, every rank fails (none waits forever)."""
+    answer: list[Any] = [None, None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            answer[0] = decide()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error, answer[1] = err, f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(answer, src=0)
+    if error is not None:
+        raise error
+    if answer[1] is not None:
+        raise PeerFailed(f"rank 0 failed: {answer[1]}")
     return answer[0]
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed first; its own report says why."""
 
 
 def free_port() -> int:

@@ -140,11 +140,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_damage(split_dir: Path) -> str | None:
+    """What is wrong with a split's shards, cheaply: every size against the index, and the checksum of every shard
+    changed after the index was written (prepare writes the index last, so a later change is not prepare's)."""
+    index = read_index(split_dir)
+    written = (split_dir / INDEX).stat().st_mtime_ns
+    itemsize = DTYPES[index["dtype"]].itemsize
+    for shard in (Shard(**s) for s in index["shards"]):
+        path = split_dir / shard.file
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{path} is missing"
+        if stat.st_size != shard.tokens * itemsize:
+            return f"{path} has {stat.st_size} bytes, the index lists {shard.tokens * itemsize}"
+        if stat.st_mtime_ns > written and file_sha256(path) != shard.sha256:
+            return f"{path} was changed after it was prepared (its SHA-256 no longer matches the index)"
+    return None
+
+
 class TokenBlocks:
     """A prepared split's token stream, memory-mapped and cut into blocks of `block_len` (the recipe's max_seq_len).
 
     Block b is stream tokens [b·block_len, (b+1)·block_len); blocks may span shard boundaries. The labels are the
-    inputs (the Hugging Face model shifts them internally), so a block trains block_len - 1 predictions. The last,
+    inputs (the loss shifts them, `jobs.loss`), so a block trains block_len - 1 predictions. The last,
     partial block is dropped. `blocks[rows]` with an integer array gives a (len(rows), block_len) array.
     Opening checks every shard's size against the index; `verify_checksums()` also reads and hashes them.
     """

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.files import read_json, write_atomic, write_json_atomic
+from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
 from orchestrator.core.settings import EXPERIMENT
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,20 @@ class MetricSpool:
             f.write(json.dumps({"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}) + "\n")
 
     def entries(self) -> list[dict[str, Any]]:
+        """Every readable entry; a torn or garbled line (a crash mid-write, a damaged disk) is left out, so that one
+        bad line never blocks a resume (the next rollback drops it from the file)."""
         if not self.path.is_file():
             return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}")]  # a torn last line is not an entry
+        entries = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                entries.append(
+                    {"step": int(entry["step"]), "time_ms": int(entry["time_ms"]), "metrics": dict(entry["metrics"])}
+                )
+            except (ValueError, KeyError, TypeError):
+                continue
+        return entries
 
     def rollback(self, step: int) -> None:
         """Forget steps after `step`: the run resumes from its checkpoint there."""
@@ -59,16 +70,18 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
 
     client = mlflow.MlflowClient(uri)
     state_path = run_dir / "mlflow.json"
-    state = read_json(state_path, {})
-    if "run_id" not in state:
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else create_experiment(client, uri)
-        run = client.create_run(experiment_id, run_name=run_dir.name, tags={"orch.run_id": run_dir.name})
-        flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
-        items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run.info.run_id, params=items[i : i + 100])
-        state = {"run_id": run.info.run_id, "sent_through": 0}
+    try:
+        known = read_model(state_path, MlflowState)
+    except DamagedFile as damage:
+        log.warning("%s; finding the run's MLflow run by its orch.run_id tag", damage)
+        known = None
+    if known is not None and known.tracking_uri not in (None, uri):
+        log.info("the run now reports to %s (it reported to %s)", uri, known.tracking_uri)
+        known = None
+    state = (
+        known.model_dump() if known else {**find_or_create_run(client, uri, run_dir.name, params), "tracking_uri": uri}
+    )
+    if known is None:
         write_json_atomic(state_path, state)
     if tags:
         client.log_batch(state["run_id"], tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
@@ -84,6 +97,25 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
         state["sent_through"] = entries[-1]["step"]
         write_json_atomic(state_path, state)
     return state["sent_through"]
+
+
+def find_or_create_run(client: Any, uri: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow run tagged with this orch run (mlflow.json lost or damaged) and the last step it has, or a new one
+    with the run's parameters."""
+    import mlflow
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else create_experiment(client, uri)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`orch.run_id` = '{name}'", max_results=1)
+    if found:
+        history = client.get_metric_history(found[0].info.run_id, "loss")
+        return {"run_id": found[0].info.run_id, "sent_through": max((m.step for m in history), default=0)}
+    run = client.create_run(experiment_id, run_name=name, tags={"orch.run_id": name})
+    flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return {"run_id": run.info.run_id, "sent_through": 0}
 
 
 def create_experiment(client: Any, uri: str) -> str:
@@ -108,13 +140,12 @@ def upload_artifacts(run_dir: Path, uri: str, files: list[Path]) -> None:
             client.log_artifact(run_id, str(path), folder)
 
 
-def committed_step(checkpoints: Path) -> int | None:
-    """The newest committed checkpoint's step: metrics up to it are final."""
-    return read_json(checkpoints / "latest.json", {}).get("step")
-
-
 def mlflow_run_id(run_dir: Path) -> str | None:
-    return read_json(run_dir / "mlflow.json", {}).get("run_id")
+    try:
+        state = read_model(run_dir / "mlflow.json", MlflowState)
+    except DamagedFile:
+        return None
+    return state.run_id if state else None
 
 
 def flatten(prefix: str, data: Any) -> dict[str, str]:

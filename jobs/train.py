@@ -29,40 +29,74 @@ from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
-from jobs.tracking import Tracker, committed_step, mlflow_run_id
+from jobs.shards import shard_damage
+from jobs.tracking import Tracker, mlflow_run_id
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
-from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
 from orchestrator.core.rundir import Run
+from orchestrator.core.runfiles import committed_step
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
 
 
 def run_training(run_dir: Path, stop: StopFlag) -> int | None:
-    """Join this job's process group (from the scheduler's variables), then train."""
+    """Join this job's process group (from the scheduler's variables), then train. A rank that fails writes why
+    into the run (`errors/`), where `orch status` and `--wait` find it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run = Run(run_dir)
-    profile, recipe = run.profile(), run.recipe()
-    stop.deadline = process_started() + profile.time_limit_min * 60 - run.info["stop_before_end_s"]
-    job_id = str(submitit.JobEnvironment().job_id)
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    ranks = start_process_group(profile.launch.device, profile.launch.backend)
+    run, job = Run(run_dir), submitit.JobEnvironment()
+    position = Position()
     try:
-        return train(run, profile, recipe, ranks, job_id, stop)
-    finally:
-        dist.destroy_process_group()
+        profile, recipe = run.profile(), run.recipe()
+        stop.deadline = process_started() + profile.time_limit_min * 60 - run.info.stop_before_end_s
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        ranks = start_process_group(profile.launch.device, profile.launch.backend)
+        try:
+            return train(run, profile, recipe, ranks, str(job.job_id), stop, position)
+        finally:
+            dist.destroy_process_group()
+    except Exception as err:
+        record_failure(run, str(job.job_id), job.global_rank, position.step, err)
+        raise
 
 
-def train(run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str, stop: StopFlag) -> int | None:
-    plan = make_plan(profile, recipe, run.info["steps"])
+@dataclass
+class Position:
+    """The step this rank is training, for its failure report."""
+
+    step: int | None = None
+
+
+def record_failure(run: Run, job_id: str, rank: int, step: int | None, err: BaseException) -> None:
+    failure = {
+        "job_id": job_id,
+        "rank": rank,
+        "host": socket.gethostname(),
+        "step": step,
+        "type": type(err).__name__,
+        "message": str(err)[:2000],
+        "time": time.time(),
+    }
+    try:
+        write_json_atomic(run.errors_dir / f"{job_id}.rank{rank}.json", failure)
+    except OSError as write_error:  # a full disk: the log still has it
+        log.error("could not record the failure in %s: %s", run.errors_dir, write_error)
+
+
+def train(
+    run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str, stop: StopFlag, position: Position
+) -> int | None:
+    plan = make_plan(profile, recipe, run.info.steps)
     if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
+    check_data(run.data_dir, ranks.rank)
     trainer = Trainer(recipe, run.data_dir, ranks)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
-    state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world))
+    state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world), run.info.from_scratch)
+    position.step = state.step
     evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
@@ -70,7 +104,8 @@ def train(run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str,
         ranks.rank, ranks.world, state.step, plan.steps, trainer.grad_accum, trainer.attention,
     )  # fmt: skip
     try:
-        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, Throughput(profile, recipe, plan))
+        throughput = Throughput(profile, recipe, plan)
+        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position)
     except Exception as err:
         if report:
             report.failed(err)
@@ -87,19 +122,38 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
     committed = committed_step(run.checkpoints_dir) or 0
     refusal = agree(rank, lambda: record_start(run, job_id, committed, nodes))
     if refusal and rank == 0:
-        Heartbeat(run, job_id, run.info["steps"], lambda: committed).beat("failed", committed, error=refusal)
+        Heartbeat(run, job_id, run.info.steps, lambda: committed).beat("failed", committed, error=refusal)
     return refusal is None
 
 
-def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState) -> TrainState:
+def check_data(data_dir: Path, rank: int) -> None:
+    """The run's token shards are what `orch data prepare` wrote, before any GPU time is spent on them."""
+    problem = agree(rank, lambda: shard_damage(load_blocks(data_dir).dir))
+    if problem:
+        raise OrchError(f"the training data is damaged: {problem}. Prepare it again (`orch data prepare`).")
+
+
+def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, from_scratch: bool) -> TrainState:
     """Restore the newest committed checkpoint that passes its manifest (if any) into the trainer; returns the
-    training state to continue from, checked against what this run expects."""
+    training state to continue from, checked against what this run expects. Where checkpoints were committed and
+    none can be loaded, the job stops instead of training from step 0, unless the run was resumed --from-scratch."""
     checkpointer.clean_incomplete()
+    existed = committed_step(checkpointer.root)
     step, damaged = checkpointer.choose()
     for problem in damaged:
-        log.warning("%s; using the previous committed checkpoint", problem)
+        log.warning("%s; set aside", problem)
+    if step is None and existed is not None and not from_scratch:
+        raise OrchError(
+            f"no committed checkpoint can be loaded ({'; '.join(damaged) or 'the checkpoint folders are gone'}), "
+            f"though one was committed at step {existed}: nothing was trained. `orch repair RUN` shows what is left; "
+            "`orch resume RUN --from-scratch` trains from step 0."
+        )
     if step is None:
+        if existed is not None:
+            checkpointer.forget_latest()  # it names a checkpoint that was set aside
         return state
+    if damaged:
+        checkpointer.protect(step, "the last good checkpoint before damaged ones")
     saved = checkpointer.load(step, trainer.model, trainer.optimizer)
     trainer.scheduler.load_state_dict(saved["scheduler"])
     restored = TrainState.from_checkpoint(saved)
@@ -122,9 +176,11 @@ def loop(
     report: JobReport | None,
     stop: StopFlag,
     throughput: Throughput,
+    position: Position,
 ) -> bool:
     """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
     for step in range(state.step, plan.steps):
+        position.step = step
         started = time.perf_counter()
         result = trainer.step(step)
         state.advance(trainer.global_batch)
@@ -286,15 +342,15 @@ class JobReport:
         params = {"recipe": yaml.safe_load(recipe.read_text()), "profile": yaml.safe_load(profile.read_text())}
         params["run"] = {"steps": plan.steps, "world_size": plan.world_size, "grad_accum": plan.grad_accum}
         tags = {
-            "orch.job_ids": ",".join(j["job_id"] for j in run.jobs),
-            "orch.profile": run.info["profile"],
-            "orch.recipe": run.info["recipe"],
+            "orch.job_ids": ",".join(j.job_id for j in run.jobs),
+            "orch.profile": run.info.profile,
+            "orch.recipe": run.info.recipe,
             "orch.attention": attention,
-            "orch.git_commit": run.info.get("git_commit") or "unknown",
+            "orch.git_commit": run.info.git_commit or "unknown",
             "orch.nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
         }
         self.run, self.job_id, self.steps = run, job_id, plan.steps
-        self.tracker = Tracker(run.dir, run.info["tracking_uri"], params, tags, checkpointer.last_committed)
+        self.tracker = Tracker(run.dir, run.tracking_uri, params, tags, checkpointer.last_committed)
         self.tracker.spool.rollback(start_step)
         self.tracker.flush(through=0)  # first contact (an embedded store creates its tables) before the steps
         self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
@@ -328,9 +384,9 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
     until = time.time() + wait_s
     while True:
         jobs = run.jobs
-        if jobs and jobs[-1]["job_id"] == job_id:
+        if jobs and jobs[-1].job_id == job_id:
             return True
-        if time.time() > until or any(j["job_id"] == job_id for j in jobs):
+        if time.time() > until or any(j.job_id == job_id for j in jobs):
             return False
         time.sleep(0.5)
 
@@ -339,11 +395,10 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     """Record this start in attempts.json (which `orch status` also reads for allocations and node-hours) and stop
     a chain of requeues that makes no progress: the third start of one job at the same committed step fails (a new
     `orch resume` is a new job, and starts a new count)."""
-    path = run.dir / "attempts.json"
-    attempts = read_json(path, [])
+    attempts = [a.model_dump() for a in run.attempts]
     stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]
     attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
-    write_json_atomic(path, attempts + [attempt])
+    write_json_atomic(run.dir / "attempts.json", attempts + [attempt])
     if len(stuck) >= 2:
         return (
             f"requeue loop: job {job_id} started at step {start_step} {len(stuck) + 1} times without committing "

@@ -5,9 +5,12 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from orchestrator.core.scheduler import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,23 +64,6 @@ needs_slurm = pytest.mark.skipif(
 )
 
 
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_job_tree(job_id: str) -> None:
     """kill -9 a local job's controller and every training process under it."""
     for pid in [int(job_id), *descendants(int(job_id))]:
@@ -123,3 +109,33 @@ def final_weights(run_dir: Path, step: int) -> dict:
 def submitted_run_id(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.split("Submitted run ")[1].split()[0]
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast this machine trains the tiny recipe on the local profile right now, from a run that did it."""
+
+    run_id: str  # the measured run: extend it with `orch resume --steps N --wait` to get a reference of N steps
+    step_s: float  # median seconds per step
+    startup_s: float  # seconds from submission to the end of the first step
+
+
+def measure_pace(steps: int = 40) -> Pace:
+    """Train `steps` steps of the tiny recipe on the local profile and time them: tests that need a number of
+    allocations size their step counts from this, not from a guess about the machine."""
+    import statistics
+
+    run_id = submitted_run_id(orch("submit", "--steps", str(steps), "--wait"))
+    run_dir = Path(status_json(run_id)["run_dir"])
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    submitted = json.loads((run_dir / "jobs.json").read_text())[0]["submitted"]
+    step_s = statistics.median(e["metrics"]["step_time_s"] for e in entries[1:])
+    return Pace(run_id, step_s, entries[0]["time_ms"] / 1000 - submitted)
+
+
+def steps_for_allocations(pace: Pace, allocations: float, limit_s: float, stop_before_end_s: float) -> int:
+    """Steps that take about `allocations` allocations of `limit_s`, when each stops `stop_before_end_s` before its
+    end and starts by paying `pace.startup_s` again."""
+    trains_s = limit_s - stop_before_end_s - pace.startup_s
+    assert trains_s > 5 * pace.step_s, f"an allocation of {limit_s} s leaves no time to train at {pace}"
+    return max(20, round(allocations * trains_s / pace.step_s))

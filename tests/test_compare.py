@@ -43,6 +43,7 @@ def fake_run_dir(home: Path, name: str, uri: str, mlflow_run_id: str | None) -> 
     run_dir = home / "runs" / name
     run_dir.mkdir(parents=True)
     info = {"run_id": name, "created": time.time(), "profile": "local", "recipe": "tiny", "tracking_uri": uri}
+    info.update(steps=int(STEPS[-1]), stop_before_end_s=0)
     (run_dir / "run.json").write_text(json.dumps(info))
     if mlflow_run_id:
         (run_dir / "mlflow.json").write_text(json.dumps({"run_id": mlflow_run_id, "sent_through": int(STEPS[-1])}))

@@ -4,11 +4,13 @@ whether a job is alive."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.core.errors import OrchError
+from orchestrator.core.runfiles import JobRecord
 from orchestrator.core.scheduler import LocalProcesses, Slurm, alive_jobs
 from orchestrator.core.settings import runs_root, tracking_uri
 
@@ -32,36 +34,69 @@ def fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str, st
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
 
+def slurm_jobs(*ids: str) -> list[JobRecord]:
+    return [JobRecord(job_id=job_id, executor="slurm", submitted=time.time()) for job_id in ids]
+
+
 def test_a_slurm_job_is_alive_only_in_a_queued_or_running_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fake_squeue(tmp_path, monkeypatch, "1 RUNNING\\n2 COMPLETED\\n3 PENDING\\n4 REQUEUED\\n5 PREEMPTED\\n")
-    alive = Slurm().alive(["1", "2", "3", "4", "5", "6"])
+    alive = Slurm().alive(slurm_jobs("1", "2", "3", "4", "5", "6"))
     assert alive == {"1": True, "2": False, "3": True, "4": True, "5": False, "6": False}
 
 
 def test_a_job_slurm_has_forgotten_is_gone_and_a_failing_squeue_is_an_error(tmp_path, monkeypatch):
     fake_squeue(tmp_path, monkeypatch, "", "slurm_load_jobs error: Invalid job id specified", rc=1)
-    assert Slurm().alive(["7"]) == {"7": False}
+    assert Slurm().alive(slurm_jobs("7")) == {"7": False}
     fake_squeue(tmp_path, monkeypatch, "", "slurm_load_jobs error: Unable to contact slurm controller", rc=1)
     with pytest.raises(OrchError, match="Cannot ask Slurm about jobs 7: .*Unable to contact"):
-        Slurm().alive(["7"])
+        Slurm().alive(slurm_jobs("7"))
 
 
-def test_a_local_job_is_alive_while_its_process_runs_and_not_as_a_zombie():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def fake_controller() -> subprocess.Popen:
+    """A process whose command line is that of submitit's local job controller."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+
+
+def local_job(pid: int, submitted: float | None = None) -> JobRecord:
+    return JobRecord(job_id=str(pid), executor="local", submitted=time.time() if submitted is None else submitted)
+
+
+def test_a_local_job_is_alive_while_its_controller_runs_and_not_as_a_zombie():
+    controller = fake_controller()
     try:
-        assert LocalProcesses().alive([str(child.pid)]) == {str(child.pid): True}
-        child.kill()
-        child_exited = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet collected
-        assert child_exited is not None
-        assert LocalProcesses().alive([str(child.pid)]) == {str(child.pid): False}
+        assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): True}
+        controller.kill()
+        os.waitid(os.P_PID, controller.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet collected: a zombie
+        assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): False}
     finally:
-        child.kill()
-        child.wait()
-    assert LocalProcesses().alive([str(child.pid)]) == {str(child.pid): False}
+        controller.kill()
+        controller.wait()
+    assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): False}
+
+
+def test_a_reused_pid_is_not_the_job_and_gets_no_signal():
+    started_before_the_record = fake_controller()
+    other_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        recorded_an_hour_ago = local_job(started_before_the_record.pid, time.time() - 3600)
+        assert LocalProcesses().alive([recorded_an_hour_ago]) == {str(started_before_the_record.pid): False}
+        assert LocalProcesses().alive([local_job(other_process.pid)]) == {str(other_process.pid): False}
+        LocalProcesses().cancel(recorded_an_hour_ago)
+        LocalProcesses().cancel(local_job(other_process.pid))
+        time.sleep(0.2)
+        assert started_before_the_record.poll() is None and other_process.poll() is None
+    finally:
+        for process in (started_before_the_record, other_process):
+            process.kill()
+            process.wait()
 
 
 def test_liveness_of_many_jobs_asks_each_scheduler_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fake_squeue(tmp_path, monkeypatch, "11 RUNNING\\n")
-    jobs = [{"job_id": "11", "executor": "slurm"}, {"job_id": "12", "executor": "slurm"}]
-    jobs.append({"job_id": str(os.getpid()), "executor": "local"})
-    assert alive_jobs(jobs) == {"11": True, "12": False, str(os.getpid()): True}
+    controller = fake_controller()
+    try:
+        jobs = [*slurm_jobs("11", "12"), local_job(controller.pid)]
+        assert alive_jobs(jobs) == {"11": True, "12": False, str(controller.pid): True}
+    finally:
+        controller.kill()
+        controller.wait()

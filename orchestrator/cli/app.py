@@ -56,7 +56,7 @@ def submit(
         show_plan(request, console)
         return
     run = submit_run(request)
-    console.print(f"Submitted run [bold]{run.id}[/] (job {run.jobs[-1]['job_id']}), run directory {run.dir}")
+    console.print(f"Submitted run [bold]{run.id}[/] (job {run.jobs[-1].job_id}), run directory {run.dir}")
     if wait:
         finish(run)
     else:
@@ -87,12 +87,15 @@ def resume(
         bool, typer.Option(help="cancel a live job first and resume once the scheduler confirms it is gone")
     ] = False,
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
+    from_scratch: Annotated[
+        bool, typer.Option(help="train from step 0 when no committed checkpoint can be loaded (else the job stops)")
+    ] = False,
 ) -> None:
     """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
     from orchestrator.cli.submit import resume as resume_run
 
     run = get_run_or_latest(run_id)
-    job_id = resume_run(run, steps, profile, collect_overrides(account, nodes, time, set_), force)
+    job_id = resume_run(run, steps, profile, collect_overrides(account, nodes, time, set_), force, from_scratch)
     console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
     if wait:
         finish(run)
@@ -162,9 +165,18 @@ def parse_minutes(text: str) -> float:
 
 
 def finish(run) -> None:
+    """Follow the run to its end (`--wait`); Ctrl-C stops the following, never the job."""
     from orchestrator.cli.follow import follow
 
-    state = follow(run, console)
+    try:
+        state = follow(run, console)
+    except KeyboardInterrupt:
+        console.print(
+            f"\nStopped following run {run.id}; its job goes on. Follow it again with `orch status {run.id}` or "
+            f"`orch logs {run.id} -f`; stop it with `orch cancel {run.id}`.",
+            highlight=False,
+        )
+        raise SystemExit(130) from None
     summary = run.summary()
     if state != "completed":
         logs = run.submitit_dir
@@ -214,12 +226,21 @@ def status(
 
 
 def summarise(runs) -> list[dict]:
-    """Summaries of many runs, with one scheduler query for all their live-looking jobs."""
+    """Summaries of many runs, with one scheduler query for all their live-looking jobs; a damaged run is
+    summarised as damaged and the others as usual."""
+    from orchestrator.core.runfiles import DamagedFile
     from orchestrator.core.scheduler import alive_jobs
 
-    last_jobs = {run.id: run.jobs[-1] for run in runs if run.jobs and run.progress.get("state") != "completed"}
+    last_jobs = {}
+    for run in runs:
+        try:
+            jobs, progress = run.jobs, run.progress
+        except DamagedFile:
+            continue  # its summary says so
+        if jobs and not (progress and progress.state == "completed"):
+            last_jobs[run.id] = jobs[-1]
     alive = alive_jobs(list(last_jobs.values()))
-    return [run.summary(alive.get(last_jobs[run.id]["job_id"]) if run.id in last_jobs else None) for run in runs]
+    return [run.summary(alive.get(last_jobs[run.id].job_id) if run.id in last_jobs else None) for run in runs]
 
 
 def print_columns(headers: list[str], rows: list[list[str]]) -> None:
@@ -245,12 +266,14 @@ def duration(seconds: float | None) -> str:
 def list_runs() -> None:
     """Run ids, newest last (no scheduler queries)."""
     from orchestrator.core.rundir import all_runs
+    from orchestrator.core.runfiles import DamagedFile
 
     for run in all_runs():
-        info = run.info
-        console.print(
-            f"{run.id}  {info.get('profile')}  {info.get('recipe')}  {info.get('steps')} steps", highlight=False
-        )
+        try:
+            info = run.info
+            console.print(f"{run.id}  {info.profile}  {info.recipe}  {info.steps} steps", highlight=False)
+        except DamagedFile as damage:
+            console.print(f"{run.id}  {damage}", highlight=False, markup=False)
 
 
 @app.command()
@@ -278,11 +301,29 @@ def sync(run_id: Annotated[str, typer.Argument(help="the run")]) -> None:
     through = committed_step(run.checkpoints_dir)
     if through is None:
         raise OrchError(f"Run {run.id} has no committed checkpoint yet: no metrics are due in MLflow.")
+    uri = run.tracking_uri
     try:
-        sent = send(run.dir, run.info["tracking_uri"], through, {}, {})
+        sent = send(run.dir, uri, through, {}, {})
     except Exception as err:  # noqa: BLE001 - any failure to reach the server is the user's to know
-        raise OrchError(f"Tracking server {run.info['tracking_uri']} unreachable: {err}") from None
+        raise OrchError(f"Tracking server {uri} unreachable: {err}") from None
     console.print(f"MLflow has the metrics of run {run.id} through step {sent}.")
+
+
+@app.command()
+def repair(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    check: Annotated[bool, typer.Option(help="only say what is wrong and what a repair would do")] = False,
+) -> None:
+    """Check every file of a run directory and repair what other files make possible (see docs/run-directory.md)."""
+    from orchestrator.core.rundir import get_run
+    from orchestrator.tools.repair import repair as repair_run
+
+    run = get_run(run_id)
+    with run.lock():
+        findings = repair_run(run, fix=not check)
+    print_columns(["file", "state", "detail"], [[f.file, f.state, f.detail] for f in findings])
+    if any(f.state == "damaged" for f in findings):
+        raise OrchError(f"Run {run.id} still has damaged files (above); they need a hand or a backup.")
 
 
 env_app = typer.Typer(help="The software environment where a profile's jobs run.", no_args_is_help=True)

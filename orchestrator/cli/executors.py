@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +58,11 @@ class LocalExecutor:
     def environment(self, profile: Profile, log: Path) -> Iterator[None]:
         """A local job inherits this process's environment and open files while it starts: give it the profile's
         variables (setup lines would put a shell between the job id and the job, which signals must reach) and
-        a log file instead of our stdout and stderr (a pipe reading them would otherwise wait for the job)."""
+        a log file instead of our stdout and stderr (a pipe reading them would otherwise wait for the job). The job
+        starts with SIGINT ignored: it shares the terminal's process group, and Ctrl-C on `--wait` must stop the
+        following only (`orch cancel` stops the job)."""
         saved_env, saved_fds = dict(os.environ), (os.dup(1), os.dup(2))
+        saved_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.environ.update(profile.env_vars)
         log.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
@@ -74,6 +78,7 @@ class LocalExecutor:
                 os.close(saved)
             os.environ.clear()
             os.environ.update(saved_env)
+            signal.signal(signal.SIGINT, saved_interrupt)
 
     def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
         return None

@@ -24,15 +24,15 @@ def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(run.id, total=run.info["steps"], loss="-", tokens_per_s="-")
+        task = progress.add_task(run.id, total=run.info.steps, loss="-", tokens_per_s="-")
         while True:
             state, beat = run.state(), run.progress
             progress.update(
                 task,
-                completed=beat.get("step", 0),
+                completed=beat.step if beat else 0,
                 description=f"{run.id} [{state}]",
-                loss=f"{beat['loss']:.4f}" if beat.get("loss") is not None else "-",
-                tokens_per_s=f"{beat['tokens_per_s']:,.0f}" if beat.get("tokens_per_s") else "-",
+                loss=f"{beat.loss:.4f}" if beat and beat.loss is not None else "-",
+                tokens_per_s=f"{beat.tokens_per_s:,.0f}" if beat and beat.tokens_per_s else "-",
             )
             if state in TERMINAL_STATES:
                 wait_for_exit(run, poll_s)

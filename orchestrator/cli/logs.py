@@ -14,7 +14,7 @@ def log_files(run: Run, rank: int) -> list[Path]:
     jobs = run.jobs
     if not jobs:
         raise OrchError(f"Run {run.id} has no job yet.")
-    job_id = jobs[-1]["job_id"]
+    job_id = jobs[-1].job_id
     folder = run.submitit_dir / job_id
     files = [folder / f"{job_id}_{rank}_log.{kind}" for kind in ("out", "err")]
     if not any(f.is_file() for f in files):
@@ -23,8 +23,15 @@ def log_files(run: Run, rank: int) -> list[Path]:
     return files
 
 
+def show_failures(run: Run) -> None:
+    """Why the newest job's ranks stopped, as they recorded it, before the log itself."""
+    for failure in run.failures(run.jobs[-1].job_id):
+        print(f"job {failure.job_id} failed: {failure.describe()}", file=sys.stderr)
+
+
 def show_logs(run: Run, rank: int, follow: bool, lines: int) -> None:
     files = log_files(run, rank)
+    show_failures(run)
     offsets = {}
     for path in files:
         text = path.read_text(errors="replace") if path.is_file() else ""

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import time
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from orchestrator.cli.executors import executor_for, fill_path
 from orchestrator.core.config import (
     PROJECT_ROOT,
     Profile,
     Recipe,
+    dump_yaml,
     load_profile,
     load_recipe,
     merge_all,
@@ -21,12 +22,13 @@ from orchestrator.core.config import (
     validate,
 )
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
 from orchestrator.core.preflight import checked_plan
-from orchestrator.core.rundir import Run, create_run, new_run_id
-from orchestrator.core.scheduler import cancel_job, job_alive
-from orchestrator.core.settings import tracking_uri
+from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
+from orchestrator.core.runfiles import JobRecord
+from orchestrator.core.scheduler import cancel_job, job_alive, wait_until_gone
+from orchestrator.core.settings import named_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def build_request(profile_name: str, recipe_name: str, steps: int, overrides: li
         "steps": steps,
         "profile_file": str(profile_path),
         "recipe_file": str(recipe_path),
-        "tracking_uri": tracking_uri(profile.tracking_uri),
+        "tracking_uri": named_tracking_uri(profile.tracking_uri),  # None: the embedded store beside the run
         "stop_before_end_s": plan.stop_before_end_s,
         "git_commit": git_commit(),
     }
@@ -66,12 +68,17 @@ def git_commit() -> str | None:
 
 
 def submit(request: Request) -> Run:
+    """Create the run, attach its data and queue its job; if any of it fails, the new run is removed again."""
     profile = request.profile
     runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
     run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
-    with run.lock():
-        attach_run_data(run, request.recipe)
-        launch(run, profile, request.plan)
+    try:
+        with run.lock():
+            attach_run_data(run, request.recipe)
+            launch(run, profile, request.plan)
+    except BaseException:
+        remove_run(run)
+        raise
     return run
 
 
@@ -83,10 +90,15 @@ def attach_run_data(run: Run, recipe: Recipe) -> None:
 
 
 def launch(run: Run, profile: Profile, plan: Plan) -> str:
-    """Queue the run's next job and record it (the caller holds the run's lock)."""
+    """Queue the run's next job and record it (the caller holds the run's lock). A refusal by the scheduler is
+    an OrchError with its message."""
     executor = executor_for(profile)
-    with executor.environment(profile, run.submitit_dir / "controller.log"):
-        job_id = executor.make(profile, plan, run.submitit_dir).submit(job_function(run)).job_id
+    try:
+        with executor.environment(profile, run.submitit_dir / "controller.log"):
+            job_id = executor.make(profile, plan, run.submitit_dir).submit(job_function(run)).job_id
+    except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
+        message = " ".join(str(err).split())[:1000] or type(err).__name__
+        raise OrchError(f"The {profile.executor} scheduler refused the job of run {run.id}: {message}") from None
     run.add_job(job_id, profile.executor)
     return job_id
 
@@ -94,37 +106,42 @@ def launch(run: Run, profile: Profile, plan: Plan) -> str:
 CONFIRM_TIMEOUT_S = 300
 
 
-def stop_and_confirm(run: Run, job: dict[str, Any]) -> None:
+def stop_and_confirm(run: Run, job: JobRecord) -> None:
     """Cancel a job and wait until the scheduler no longer lists it."""
     cancel_job(job)
     run.mark_cancelled()
-    deadline = time.time() + CONFIRM_TIMEOUT_S
-    while job_alive(job):
-        if time.time() > deadline:
-            raise OrchError(
-                f"Job {job['job_id']} of run {run.id} is still alive {CONFIRM_TIMEOUT_S} s after "
-                "cancelling it; nothing was resubmitted."
-            )
-        time.sleep(2)
+    if not wait_until_gone(job, CONFIRM_TIMEOUT_S):
+        raise OrchError(
+            f"Job {job.job_id} of run {run.id} is still alive {CONFIRM_TIMEOUT_S} s after cancelling it; "
+            "nothing was resubmitted."
+        )
 
 
-def resume(run: Run, steps: int | None, profile_name: str | None, overrides: list[dict[str, Any]], force: bool) -> str:
-    """Submit a new job that continues the run from its newest valid checkpoint; returns the job id."""
+def resume(
+    run: Run,
+    steps: int | None,
+    profile_name: str | None,
+    overrides: list[dict[str, Any]],
+    force: bool,
+    from_scratch: bool = False,
+) -> str:
+    """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
+    run changes unless the job is queued."""
     with run.lock():
         jobs, report, info = run.jobs, run.progress, run.info
         if jobs and job_alive(jobs[-1]):
             if not force:
                 raise OrchError(
-                    f"Run {run.id} already has a live job {jobs[-1]['job_id']} ({run.state()}): two jobs must never "
+                    f"Run {run.id} already has a live job {jobs[-1].job_id} ({run.state()}): two jobs must never "
                     f"write one run. Wait for it to end, stop it with `orch cancel {run.id}`, or pass --force to "
                     "cancel it and resume once the scheduler confirms it is gone."
                 )
             stop_and_confirm(run, jobs[-1])
-        steps = steps or info["steps"]
-        if run.state() == "completed" and steps <= report.get("step", 0):
+        steps = steps or info.steps
+        done = report.step if report else 0
+        if run.state() == "completed" and steps <= done:
             raise OrchError(
-                f"Run {run.id} already completed {report['step']} steps; pass --steps N with N > {report['step']} "
-                "to train further."
+                f"Run {run.id} already completed {done} steps; pass --steps N with N > {done} to train further."
             )
         if profile_name:
             profile_path, profile = load_profile(profile_name, overrides)
@@ -134,10 +151,29 @@ def resume(run: Run, steps: int | None, profile_name: str | None, overrides: lis
         recipe_path = run.dir / "recipe.yaml"
         recipe = validate(recipe_path, Recipe, read_yaml(recipe_path))
         plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
-        info.update(steps=steps, profile=profile_name or info["profile"], stop_before_end_s=plan.stop_before_end_s)
-        write_json_atomic(run.dir / "run.json", info)
-        write_atomic(run.dir / "profile.yaml", dump(profile))
-        return launch(run, profile, plan)
+        changed = info.model_copy(
+            update={
+                "steps": steps,
+                "profile": profile_name or info.profile,
+                "stop_before_end_s": plan.stop_before_end_s,
+                "from_scratch": from_scratch,
+            }
+        )
+        with rewritten(run.dir / "run.json", json.dumps(changed.model_dump(), indent=2, sort_keys=True)):
+            with rewritten(run.dir / "profile.yaml", dump(profile)):
+                return launch(run, profile, plan)
+
+
+@contextmanager
+def rewritten(path: Path, text: str) -> Iterator[None]:
+    """`path` holds `text` from here on, unless the block fails: then it is put back as it was."""
+    before = path.read_bytes()
+    write_atomic(path, text)
+    try:
+        yield
+    except BaseException:
+        write_atomic(path, before)
+        raise
 
 
 def cancel(run: Run) -> str:
@@ -148,7 +184,7 @@ def cancel(run: Run) -> str:
             raise OrchError(f"Run {run.id} has no live job to cancel (state: {run.state()}).")
         cancel_job(jobs[-1])
         run.mark_cancelled()
-        return jobs[-1]["job_id"]
+        return jobs[-1].job_id
 
 
 def job_function(run: Run):
@@ -158,4 +194,5 @@ def job_function(run: Run):
 
 
 def dump(config: Profile | Recipe) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML that reads back to the same values (strings such as 'yes' or '1e5' stay quoted)."""
+    return dump_yaml(config.model_dump(mode="json"))

@@ -12,12 +12,13 @@ from typing import Any
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json
-from orchestrator.core.plan import Plan, make_plan
+from orchestrator.core.plan import Plan, check_time_limit, make_plan
 
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
     check_partition(profile, profile_path)
     plan = make_plan(profile, recipe, steps)
+    check_time_limit(profile, profile_path, plan)
     check_memory(profile, profile_path, plan)
     check_data(recipe, recipe_path)
     return plan

@@ -7,7 +7,10 @@ replaced atomically (`orchestrator.core.files`), so a reader never sees half a f
 from __future__ import annotations
 
 import fcntl
+import os
+import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,20 +20,33 @@ from typing import Any
 
 from orchestrator.core.config import Profile, Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import read_json, write_atomic, write_json_atomic
+from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.runfiles import (
+    Attempt,
+    DamagedFile,
+    Failure,
+    JobRecord,
+    MlflowState,
+    Progress,
+    RunInfo,
+    read_model,
+)
 from orchestrator.core.scheduler import job_alive
-from orchestrator.core.settings import runs_root
+from orchestrator.core.settings import embedded_store, runs_root
 
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+TERMINAL_STATES = ("completed", "failed", "cancelled", "damaged")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
 
 def new_run_id(recipe: str) -> str:
-    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """The recipe's name (characters that are unsafe in a folder or a job name become '-'), time and a nonce."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", recipe).strip(".-")[:80] or "run"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)
 class Run:
-    """A handle on one run directory."""
+    """A handle on one run directory; every file is read through its model (`orchestrator.core.runfiles`)."""
 
     dir: Path
 
@@ -39,16 +55,33 @@ class Run:
         return self.dir.name
 
     @property
-    def info(self) -> dict[str, Any]:
-        return read_json(self.dir / "run.json", {})
+    def info(self) -> RunInfo:
+        info = read_model(self.dir / "run.json", RunInfo)
+        if info is None:
+            raise DamagedFile(self.dir / "run.json", "missing")
+        return info
 
     @property
-    def jobs(self) -> list[dict[str, Any]]:
-        return read_json(self.dir / "jobs.json", [])
+    def jobs(self) -> list[JobRecord]:
+        return read_model(self.dir / "jobs.json", list[JobRecord], [])
 
     @property
-    def progress(self) -> dict[str, Any]:
-        return read_json(self.dir / "progress.json", {})
+    def progress(self) -> Progress | None:
+        return read_model(self.dir / "progress.json", Progress)
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return read_model(self.dir / "attempts.json", list[Attempt], [])
+
+    @property
+    def mlflow(self) -> MlflowState | None:
+        return read_model(self.dir / "mlflow.json", MlflowState)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The store the run reports to: the one named at submission, else the embedded store of the ORCH_HOME the
+        run lives in now (a run directory moved to another ORCH_HOME reports there)."""
+        return self.info.tracking_uri or embedded_store(self.dir.parent.parent)
 
     def profile(self) -> Profile:
         """The resolved profile the run's jobs use."""
@@ -71,76 +104,130 @@ class Run:
     def submitit_dir(self) -> Path:
         return self.dir / "submitit"
 
+    @property
+    def errors_dir(self) -> Path:
+        """One file per rank that stopped on an error: `<job id>.rank<N>.json`, written by that rank."""
+        return self.dir / "errors"
+
+    def failures(self, job_id: str) -> list[Failure]:
+        """Why the ranks of a job stopped: the causes first, then ranks that only stopped because another failed
+        (PeerFailed), each group earliest first; unreadable reports are left out."""
+        found = []
+        for path in sorted(self.errors_dir.glob(f"{job_id}.rank*.json")):
+            try:
+                found.append(read_model(path, Failure))
+            except DamagedFile:
+                continue
+        return sorted((f for f in found if f is not None), key=lambda f: (f.type == "PeerFailed", f.time))
+
     def add_job(self, job_id: str, executor: str) -> None:
-        jobs = self.jobs + [{"job_id": job_id, "executor": executor, "submitted": time.time()}]
-        write_json_atomic(self.dir / "jobs.json", jobs)
+        job = JobRecord(job_id=job_id, executor=executor, submitted=time.time())
+        self._write_jobs([*self.jobs, job])
+
+    def mark_cancelled(self) -> None:
+        jobs = self.jobs
+        jobs[-1].cancelled = True
+        self._write_jobs(jobs)
+
+    def _write_jobs(self, jobs: list[JobRecord]) -> None:
+        write_json_atomic(self.dir / "jobs.json", [job.model_dump() for job in jobs])
 
     def state(self, alive: bool | None = None) -> str:
         """queued, running, completed, failed or cancelled, from the newest job's report and the scheduler
         (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
-        jobs = self.jobs
+        jobs, report = self.jobs, self.progress
+        if not jobs and report is not None:
+            raise DamagedFile(self.dir / "jobs.json", "missing, though a job has reported (progress.json)")
         if not jobs:
             return "queued"
-        job, report = jobs[-1], self.progress
-        reported = report.get("state") if report.get("job_id") == job["job_id"] else None
+        job = jobs[-1]
+        reported = report.state if report and report.job_id == job.job_id else None
         if reported == "completed":
             return reported
         alive = job_alive(job) if alive is None else alive
-        if job.get("cancelled") and not alive:
+        if job.cancelled and not alive:
             return "cancelled"
         if reported == "failed" or not alive:
             return "failed"
         return "running" if reported == "running" else "queued"
 
-    def mark_cancelled(self) -> None:
-        jobs = self.jobs
-        jobs[-1]["cancelled"] = True
-        write_json_atomic(self.dir / "jobs.json", jobs)
-
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Serialises the orchestrator's decisions about one run (two `orch resume` at once start one job)."""
-        with (self.dir / ".orch.lock").open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Serialises the orchestrator's decisions about one run (two `orch resume` at once start one job).
+        The lock file is opened without following a symbolic link planted in its place."""
+        path = self.dir / ".orch.lock"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise OrchError(f"{path}: cannot be opened as the run's lock ({err.strerror}); remove it.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def summary(self, alive: bool | None = None) -> dict[str, Any]:
-        info, progress, jobs = self.info, self.progress, self.jobs
-        attempts = read_json(self.dir / "attempts.json", [])
+        """What `orch status` shows; a damaged run file gives state "damaged" with the file and why."""
+        try:
+            return self._summary(alive)
+        except DamagedFile as damage:
+            return {**empty_summary(self), "state": "damaged", "error": str(damage)}
+
+    def _summary(self, alive: bool | None) -> dict[str, Any]:
+        info, progress, jobs, attempts = self.info, self.progress, self.jobs, self.attempts
         state = self.state(alive)
-        step, steps = progress.get("step", 0), info.get("steps")
-        step_time = progress.get("step_time_s")
+        step = progress.step if progress else 0
+        step_time = progress.step_time_s if progress else None
+        mlflow = self.mlflow
+        error = None
+        if state in ("failed", "running", "queued") and jobs:  # the first rank to fail names the cause
+            failures = self.failures(jobs[-1].job_id)
+            error = failures[0].describe() if failures else None
+        error = error or (progress.error if progress else None)
         return {
-            "run_id": self.id,
+            **empty_summary(self),
             "state": state,
             "step": step,
-            "steps": steps,
-            "loss": progress.get("loss"),
-            "tokens_per_s": progress.get("tokens_per_s"),
-            "eta_s": (steps - step) * step_time if state == "running" and step_time and steps else None,
-            "last_checkpoint_step": progress.get("last_checkpoint_step"),
-            "mlflow_run_id": read_json(self.dir / "mlflow.json", {}).get("run_id") or progress.get("mlflow_run_id"),
-            "job_ids": [job["job_id"] for job in jobs],
+            "steps": info.steps,
+            "loss": progress.loss if progress else None,
+            "tokens_per_s": progress.tokens_per_s if progress else None,
+            "eta_s": (info.steps - step) * step_time if state == "running" and step_time else None,
+            "last_checkpoint_step": progress.last_checkpoint_step if progress else None,
+            "mlflow_run_id": (mlflow.run_id if mlflow else None) or (progress.mlflow_run_id if progress else None),
+            "job_ids": [job.job_id for job in jobs],
             "allocations": len(attempts),
             "node_hours": node_hours(attempts, progress, state),
-            "run_dir": str(self.dir),
-            "profile": info.get("profile"),
-            "recipe": info.get("recipe"),
-            "created": info.get("created"),
-            "error": progress.get("error"),
+            "profile": info.profile,
+            "recipe": info.recipe,
+            "created": info.created,
+            "error": error,
         }
 
 
-def node_hours(attempts: list[dict[str, Any]], progress: dict[str, Any], state: str) -> float:
+def empty_summary(run: Run) -> dict[str, Any]:
+    keys = ("step", "steps", "loss", "tokens_per_s", "eta_s", "last_checkpoint_step", "mlflow_run_id", "profile")
+    return {
+        "run_id": run.id,
+        "state": "queued",
+        **dict.fromkeys(keys),
+        "recipe": None,
+        "created": None,
+        "job_ids": [],
+        "allocations": 0,
+        "node_hours": 0.0,
+        "run_dir": str(run.dir),
+        "error": None,
+    }
+
+
+def node_hours(attempts: list[Attempt], progress: Progress | None, state: str) -> float:
     """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
     if not attempts:
         return 0.0
-    ends = [a["started"] for a in attempts[1:]]
-    ends.append(time.time() if state in ("running", "queued") else progress.get("updated", time.time()))
-    return sum(a.get("nodes", 1) * max(0.0, end - a["started"]) / 3600 for a, end in zip(attempts, ends, strict=True))
+    ends = [a.started for a in attempts[1:]]
+    last_beat = progress.updated if progress else time.time()
+    ends.append(time.time() if state in ("running", "queued") else last_beat)
+    return sum(a.nodes * max(0.0, end - a.started) / 3600 for a, end in zip(attempts, ends, strict=True))
 
 
 def create_run(
@@ -161,17 +248,33 @@ def create_run(
     return run
 
 
+def remove_run(run: Run) -> None:
+    """Delete a run that never got a job (its submission failed), wherever the profile kept it."""
+    target = run.dir.resolve()
+    if run.dir.is_symlink():
+        run.dir.unlink()
+    shutil.rmtree(target, ignore_errors=True)
+
+
 def all_runs() -> list[Run]:
+    """Every run in the store, oldest first; a run whose run.json is damaged or gone sorts first and is still listed."""
     root = runs_root()
     if not root.is_dir():
         return []
-    runs = [Run(d) for d in root.iterdir() if (d / "run.json").is_file()]
-    return sorted(runs, key=lambda r: r.info.get("created", 0))
+    runs = [Run(d) for d in root.iterdir() if d.is_dir() and RUN_ID.match(d.name)]
+    return sorted(runs, key=created)
+
+
+def created(run: Run) -> float:
+    try:
+        return run.info.created
+    except DamagedFile:
+        return 0.0
 
 
 def get_run(run_id: str) -> Run:
     run = Run(runs_root() / run_id)
-    if not (run.dir / "run.json").is_file():
+    if not RUN_ID.match(run_id) or not run.dir.is_dir():
         known = [r.id for r in all_runs()][-5:]
         hint = f" Recent runs: {', '.join(known)}." if known else " There are no runs yet."
         raise OrchError(f"No run '{run_id}' in {runs_root()}.{hint}")

@@ -18,6 +18,16 @@ def runs_root() -> Path:
     return orch_home() / "runs"
 
 
+def named_tracking_uri(profile_uri: str | None = None) -> str | None:
+    """MLFLOW_TRACKING_URI, else the profile's `tracking_uri`; None when neither names a store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or profile_uri
+
+
+def embedded_store(home: Path) -> str:
+    """The SQLite store beside the runs of an ORCH_HOME."""
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
 def tracking_uri(profile_uri: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else the profile's `tracking_uri`, else the embedded SQLite store in ORCH_HOME."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or profile_uri or f"sqlite:///{orch_home() / 'mlflow.db'}"
+    """The named store, else the embedded SQLite store in ORCH_HOME."""
+    return named_tracking_uri(profile_uri) or embedded_store(orch_home())

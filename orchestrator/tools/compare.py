@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from jobs.tracking import MetricSpool
-from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.files import write_json_atomic
+from orchestrator.core.rundir import Run
 
 KEYS = ("loss", "val_perplexity")
 PLOTS = {"loss": "loss.png", "val_perplexity": "val_perplexity.png", "distance": "step_distance.png"}
@@ -123,10 +124,10 @@ def store_missing(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
 
 
-def read_history(run_dir: Path) -> History:
+def read_history(run: Run) -> History:
     """MLflow's history of the run when it has a loss; RUN_DIR/metrics.jsonl otherwise."""
-    uri = read_json(run_dir / "run.json", {}).get("tracking_uri")
-    mlflow_run_id = read_json(run_dir / "mlflow.json", {}).get("run_id")
+    run_dir, uri = run.dir, run.tracking_uri
+    mlflow_run_id = run.mlflow.run_id if run.mlflow else None
     if not mlflow_run_id:
         note = "it has no MLflow run yet"
     elif not uri or store_missing(uri):

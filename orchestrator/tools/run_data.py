@@ -55,7 +55,7 @@ def is_prepared(folder: Path) -> bool:
 def data_ready(data_dir: Path) -> bool:
     """Whether `data_dir` already names complete token shards (then `attach_data` has nothing to do)."""
     pointer = read_json(data_dir / POINTER)
-    return pointer is not None and is_prepared(Path(pointer["tokens"]))
+    return pointer is not None and is_prepared(data_dir / pointer["tokens"])
 
 
 def write_demo_corpus(path: Path, seed: int) -> Path:
@@ -75,7 +75,8 @@ def attach_data(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> N
     else:
         tokens = Path(spec.source)
         copy_tokenizer(Path(spec.tokenizer), data_dir)
-    write_json_atomic(data_dir / POINTER, {"tokens": str(tokens.resolve()), "max_seq_len": spec.max_seq_len})
+    where = "." if tokens == data_dir else str(tokens.resolve())  # the run's own shards move with it
+    write_json_atomic(data_dir / POINTER, {"tokens": where, "max_seq_len": spec.max_seq_len})
 
 
 def prepare_demo(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> None:

@@ -44,7 +44,7 @@ def compare(
         raise OrchError(f"Option --output names {str(target)!r}, which is a file. Allowed: a folder (new or not).")
     from orchestrator.tools import compare as analysis
 
-    histories = [analysis.read_history(run.dir) for run in runs]
+    histories = [analysis.read_history(run) for run in runs]
     for history in histories:
         if "loss" not in history.series:
             raise OrchError(

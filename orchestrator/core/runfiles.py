@@ -1,0 +1,180 @@
+"""The files of a run directory as typed models, read through one function that tells damage apart from absence.
+
+A file that is missing reads as its default (a run that has not got that far); a file that is there but cannot be
+parsed or does not match its model raises `DamagedFile`, which names the file and says why. Callers decide what a
+damaged file means for them: `orch status` marks that one run damaged and lists the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from orchestrator.core.errors import OrchError
+
+SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+MAX_RUN_FILE_BYTES = 64 << 20  # no run file is near this; a larger one is damage, not something to parse
+
+
+class DamagedFile(OrchError):
+    """A run file that is present but unreadable or not what its model says."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path, self.why = path, why[:300]
+        super().__init__(f"damaged: {path.name}: {self.why}")
+
+
+class RunFile(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # fields of later versions are kept out
+
+
+class RunInfo(RunFile):
+    """run.json: what was asked."""
+
+    run_id: str
+    created: float
+    profile: str
+    recipe: str
+    steps: int = Field(ge=1)
+    tracking_uri: str | None = None  # None: the embedded store of the ORCH_HOME the run lives in
+    stop_before_end_s: int = Field(ge=0)
+    git_commit: str | None = None
+    profile_file: str | None = None
+    recipe_file: str | None = None
+    from_scratch: bool = False  # the next job starts at step 0 even where damaged checkpoints exist
+
+
+class JobRecord(RunFile):
+    """One entry of jobs.json: a job of the run, as the scheduler named it."""
+
+    job_id: str
+    executor: Literal["local", "slurm"]
+    submitted: float
+    cancelled: bool = False
+
+    @model_validator(mode="after")
+    def _job_id_fits_its_scheduler(self) -> JobRecord:
+        """Ids reach `kill` and `scancel`: a negative PID or an option-like string must never get there."""
+        if self.executor == "slurm" and not SLURM_JOB_ID.match(self.job_id):
+            raise ValueError(f"Slurm job id {self.job_id[:40]!r} is not a number (NNN or NNN_N)")
+        if self.executor == "local" and not (self.job_id.isdigit() and int(self.job_id) > 1):
+            raise ValueError(f"local job id {self.job_id[:40]!r} is not a process id above 1")
+        return self
+
+
+class Progress(RunFile):
+    """progress.json: the job's heartbeat."""
+
+    state: Literal["running", "requeued", "failed", "completed"]
+    step: int = Field(ge=0)
+    steps: int = Field(ge=1)
+    job_id: str
+    updated: float
+    last_checkpoint_step: int | None = None
+    mlflow_run_id: str | None = None
+    error: str | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    lr: float | None = None
+    step_time_s: float | None = None
+
+
+class Attempt(RunFile):
+    """One entry of attempts.json: a start of a job."""
+
+    job_id: str
+    start_step: int = Field(ge=0)
+    started: float
+    nodes: int = Field(default=1, ge=1)
+
+
+class MlflowState(RunFile):
+    """mlflow.json: the MLflow run and the step it has every metric through."""
+
+    run_id: str
+    sent_through: int = Field(ge=0)
+    tracking_uri: str | None = None  # the store that has this run; another store (a moved run) starts over
+
+
+class Latest(RunFile):
+    """checkpoints/latest.json: the newest committed checkpoint."""
+
+    step: int = Field(ge=0)
+    dir: str
+
+
+class Failure(RunFile):
+    """errors/<job>.rank<N>.json: why a rank of a job stopped."""
+
+    job_id: str
+    rank: int = Field(ge=0)
+    host: str
+    step: int | None = None
+    type: str
+    message: str
+    time: float
+
+    def describe(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        return f"{self.type}: {self.message[:500]} (rank {self.rank} on {self.host}{at})"
+
+
+Model = TypeVar("Model")
+
+
+def read_model(path: Path, model: type[Model] | Any, default: Any = None) -> Any:
+    """The file parsed as `model` (a model class or a type such as list[JobRecord]); `default` when it is absent."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise DamagedFile(path, "a dangling symbolic link")
+        if path.stat().st_size > MAX_RUN_FILE_BYTES:
+            raise DamagedFile(path, f"{path.stat().st_size} bytes, far more than any run file holds")
+        text = path.read_text()
+    except FileNotFoundError:
+        return default
+    except (OSError, UnicodeDecodeError) as err:
+        raise DamagedFile(path, f"cannot be read ({err})") from None
+    if not text.strip():
+        raise DamagedFile(path, "empty")
+    try:
+        return TypeAdapter(model).validate_python(json.loads(text))
+    except ValueError as err:  # json.JSONDecodeError and pydantic's ValidationError are both ValueErrors
+        raise DamagedFile(path, describe(err)) from None
+
+
+COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
+
+
+def committed_steps(checkpoints: Path) -> list[int]:
+    """Steps of the checkpoint folders that carry a commit marker, newest first."""
+    steps = []
+    for folder in checkpoints.glob("step_*"):
+        number = folder.name.removeprefix("step_")
+        if number.isdigit() and (folder / COMMIT_MARKER).is_file():
+            steps.append(int(number))
+    return sorted(steps, reverse=True)
+
+
+def committed_step(checkpoints: Path) -> int | None:
+    """The newest committed checkpoint's step: what latest.json names, or, where latest.json is damaged or gone,
+    the newest folder with a commit marker."""
+    try:
+        latest = read_model(checkpoints / "latest.json", Latest)
+    except DamagedFile:
+        latest = None
+    if latest is not None:
+        return latest.step
+    steps = committed_steps(checkpoints)
+    return steps[0] if steps else None
+
+
+def describe(err: ValueError) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the top level"
+        return f"{where}: {first['msg']}" + (f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else "")
+    return f"not valid JSON ({err})"

@@ -1,0 +1,175 @@
+"""`orch repair RUN`: what is wrong with a run directory, and the repairs that other files make possible.
+
+Each run file is checked through its model. What can be rebuilt is rebuilt from what the run still has:
+- checkpoints/latest.json from the checkpoint folders that carry a commit marker;
+- jobs.json from the job folders submitit keeps (`submitit/<job id>/`), with the profile's executor;
+- metrics.jsonl: unreadable lines are dropped; when it is gone, it is rebuilt from the run's MLflow run;
+- mlflow.json from the MLflow run tagged with the run's id;
+- progress.json and attempts.json, which the next job writes again, are set aside (renamed *.damaged).
+run.json, profile.yaml and recipe.yaml say what was asked: they are reported, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.tracking import MetricSpool, find_or_create_run
+from orchestrator.core.config import Profile, Recipe, read_yaml, validate
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.rundir import Run
+from orchestrator.core.runfiles import (
+    SLURM_JOB_ID,
+    Attempt,
+    DamagedFile,
+    JobRecord,
+    Latest,
+    MlflowState,
+    Progress,
+    RunInfo,
+    committed_steps,
+    read_model,
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    state: str  # "ok", "missing", "damaged", "repaired", "set aside", "left alone"
+    detail: str = ""
+
+
+def repair(run: Run, fix: bool) -> list[Finding]:
+    """Check every run file; with `fix`, repair what can be repaired. Returns what was found and done."""
+    findings = [check_yaml(run.dir / "profile.yaml", Profile), check_yaml(run.dir / "recipe.yaml", Recipe)]
+    findings.append(check(run.dir / "run.json", RunInfo, None, "what was asked: restore it from a backup"))
+    findings.append(repair_jobs(run, fix))
+    findings.append(repair_latest(run, fix))
+    findings.append(repair_metrics(run, fix))
+    findings.append(repair_mlflow(run, fix))
+    for name, model in (("progress.json", Progress), ("attempts.json", list[Attempt])):
+        findings.append(set_aside(run.dir / name, model, fix))
+    return findings
+
+
+def check(path: Path, model: object, fixable: str | None, otherwise: str) -> Finding:
+    try:
+        found = read_model(path, model)
+    except DamagedFile as damage:
+        return Finding(path.name, "damaged", f"{damage.why}; {fixable or otherwise}")
+    return Finding(path.name, "ok" if found is not None else "missing")
+
+
+def check_yaml(path: Path, schema: type) -> Finding:
+    try:
+        validate(path, schema, read_yaml(path))
+    except (OrchError, OSError) as err:
+        return Finding(path.name, "damaged", f"{err}; it says what was asked: restore it by hand")
+    return Finding(path.name, "ok")
+
+
+def repair_jobs(run: Run, fix: bool) -> Finding:
+    found = check(run.dir / "jobs.json", list[JobRecord], "rebuilt from the job folders under submitit/", "")
+    if found.state != "damaged" or not fix:
+        return found
+    executor = read_yaml(run.dir / "profile.yaml").get("executor", "local")
+    folders = [p for p in run.submitit_dir.glob("*") if p.is_dir() and SLURM_JOB_ID.match(p.name)]
+    jobs = [
+        JobRecord(job_id=p.name, executor=executor, submitted=p.stat().st_mtime)
+        for p in sorted(folders, key=lambda p: p.stat().st_mtime)
+        if executor == "slurm" or int(p.name) > 1
+    ]
+    write_json_atomic(run.dir / "jobs.json", [job.model_dump() for job in jobs])
+    return Finding("jobs.json", "repaired", f"{len(jobs)} jobs from submitit/ ({executor})")
+
+
+def repair_latest(run: Run, fix: bool) -> Finding:
+    path = run.checkpoints_dir / "latest.json"
+    steps = committed_steps(run.checkpoints_dir)
+    found = check(path, Latest, "rebuilt from the committed checkpoint folders", "")
+    try:
+        named = read_model(path, Latest)
+    except DamagedFile:
+        named = None
+    stale = named is not None and named.step not in steps
+    if found.state == "ok" and not stale:
+        return found
+    if not steps:
+        return Finding(path.name, found.state, "no committed checkpoint folder to name")
+    detail = f"names step {steps[0]}, the newest committed folder"
+    if not fix:
+        return Finding(path.name, "damaged" if stale else found.state, f"would be rebuilt: {detail}")
+    write_json_atomic(path, {"step": steps[0], "dir": f"step_{steps[0]:08d}"})
+    return Finding(path.name, "repaired", detail)
+
+
+def repair_metrics(run: Run, fix: bool) -> Finding:
+    spool = MetricSpool(run.dir)
+    if spool.path.is_file():
+        lines = spool.path.read_text(errors="replace").splitlines()
+        entries = spool.entries()
+        bad = len(lines) - len(entries)
+        if not bad:
+            return Finding(spool.path.name, "ok")
+        if not fix:
+            return Finding(spool.path.name, "damaged", f"{bad} unreadable lines; they would be dropped")
+        write_atomic(spool.path, "".join(json.dumps(e) + "\n" for e in entries))
+        return Finding(spool.path.name, "repaired", f"{bad} unreadable lines dropped, {len(entries)} steps kept")
+    if not fix:
+        return Finding(spool.path.name, "missing", "would be rebuilt from the run's MLflow run")
+    try:
+        count = rebuild_metrics_from_mlflow(run)
+    except Exception as err:  # noqa: BLE001 - the store may be unreachable: say so, change nothing
+        return Finding(spool.path.name, "missing", f"MLflow at {run.tracking_uri} could not be read: {err}")
+    return Finding(spool.path.name, "repaired" if count else "missing", f"{count} steps from MLflow")
+
+
+def rebuild_metrics_from_mlflow(run: Run) -> int:
+    import mlflow
+
+    state = run.mlflow
+    if state is None:
+        return 0
+    client = mlflow.MlflowClient(run.tracking_uri)
+    keys = client.get_run(state.run_id).data.metrics.keys()
+    by_step: dict[int, dict] = {}
+    for key in keys:
+        for metric in client.get_metric_history(state.run_id, key):
+            entry = by_step.setdefault(metric.step, {"step": metric.step, "time_ms": metric.timestamp, "metrics": {}})
+            entry["metrics"][key] = metric.value
+    write_atomic(MetricSpool(run.dir).path, "".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)))
+    return len(by_step)
+
+
+def repair_mlflow(run: Run, fix: bool) -> Finding:
+    found = check(run.dir / "mlflow.json", MlflowState, "found again by the run's orch.run_id tag", "")
+    if found.state != "damaged" or not fix:
+        return found
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(run.tracking_uri)
+        found_run = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`orch.run_id` = '{run.id}'",
+            max_results=1,
+        )
+    except Exception as err:  # noqa: BLE001 - an unreachable store leaves the file as it is
+        return Finding("mlflow.json", "damaged", f"MLflow at {run.tracking_uri} could not be read: {err}")
+    if not found_run:
+        (run.dir / "mlflow.json").rename(run.dir / "mlflow.json.damaged")
+        return Finding("mlflow.json", "set aside", "no MLflow run has this run's tag; the next job creates one")
+    state = find_or_create_run(client, run.tracking_uri, run.id, {})
+    write_json_atomic(run.dir / "mlflow.json", state)
+    return Finding("mlflow.json", "repaired", f"MLflow run {state['run_id']}, metrics through {state['sent_through']}")
+
+
+def set_aside(path: Path, model: object, fix: bool) -> Finding:
+    found = check(path, model, "set aside; the next job writes it again", "")
+    if found.state != "damaged" or not fix:
+        return found
+    path.rename(path.with_name(f"{path.name}.damaged-{int(time.time())}"))
+    return Finding(path.name, "set aside", "the next job writes it again")
