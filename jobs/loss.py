@@ -21,8 +21,10 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
     if model.config.tie_word_embeddings:  # the head shares the body's root: let the model compute its loss
-        return model(input_ids=tokens, labels=tokens).loss
-    hidden = model.model(input_ids=tokens).last_hidden_state[:, :-1]
+        return model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    # Training needs no KV cache; building one every step also makes torch.compile recompile (its layers'
+    # is_initialized flags change) until dynamo's recompile limit.
+    hidden = model.model(input_ids=tokens, use_cache=False).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.size(-1))
     targets = tokens[:, 1:].reshape(-1)
     total = sum(
