@@ -14,7 +14,7 @@
 #   PYTHON       default python
 #
 # Nothing is installed: torch with CUDA, transformers, accelerate, lion-pytorch, submitit, pydantic, typer, rich,
-# pyyaml, numpy and tokenizers must import (installed, or wheels unpacked on PYTHONPATH); flash-attn is optional.
+# pyyaml, numpy, tokenizers, zstandard and pyarrow must import (installed, or wheels unpacked on PYTHONPATH); flash-attn is optional.
 # One rank, NCCL. The global batch is set to 8 for the benchmark (16 for the micro batch 16 variant): micro batch
 # 8 × 2048 tokens × 1 GPU × accumulation 1, so each step is the recipe's per-GPU work without its 64-fold
 # accumulation. The data is the demo corpus with its own small tokenizer (ids far below the vocabulary of 64000;
@@ -40,7 +40,7 @@ fi
 import importlib
 
 for name in ("torch", "transformers", "accelerate", "lion_pytorch", "submitit", "pydantic", "typer", "rich", "yaml",
-             "numpy", "tokenizers"):
+             "numpy", "tokenizers", "zstandard", "pyarrow"):  # everything `orch bench` imports, the data tools too
     module = importlib.import_module(name)
     print(f"{name} {getattr(module, '__version__', '')}")
 import torch

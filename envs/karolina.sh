@@ -11,7 +11,11 @@ ORCH_TORCH="torch==2.13.0"             # a CUDA 12 build from PyPI; orch needs t
 ORCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 ml purge >/dev/null 2>&1 || true
-ml "${ORCH_MODULES[@]}"
+# A module that does not load stops here, with its name, instead of surfacing later as an import error.
+if ! ml "${ORCH_MODULES[@]}"; then
+  echo "envs/karolina.sh: could not load the modules ${ORCH_MODULES[*]} (see \`ml av Python CUDA\`)" >&2
+  if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then exit 1; else return 1 2>/dev/null || exit 1; fi
+fi
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   set -euo pipefail

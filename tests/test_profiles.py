@@ -45,6 +45,28 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
     assert "export ORCH_VENV=/scratch/project/open-29-12/orch/venv\n" in script
     assert f"source {ROOT}/envs/karolina.sh\n" in script
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
+    assert "#SBATCH --requeue\n" in script and "--wckey" not in script  # requeue always; no wckey the site may refuse
+    assert "--cpus-per-task=16 --kill-on-bad-exit=1 python" in script  # srun gets both itself
+
+
+def test_the_design_cards_command_plans_the_seed_recipe_and_says_the_demo_corpus_needs_replacing():
+    result = orch("submit", "--profile", "karolina", "--steps", "200000", "--account", "OPEN-00-00", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "karolina / cstinyllama-1.2b" in result.stdout and "DEMO CORPUS" in result.stdout
+
+
+def test_a_real_submission_of_the_demo_corpus_on_a_cluster_profile_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    result = orch("submit", "--profile", "karolina", "--steps", "10", "--account", "OPEN-00-00")
+    assert result.returncode == 2 and "demo_data: false" in result.stderr and "orch data prepare" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "home" / "runs").exists()
+
+
+def test_a_batch_that_does_not_divide_names_the_micro_batches_and_node_counts_that_do():
+    result = orch("submit", "--profile", "karolina", "--steps", "10", "--account", "X", "--nodes", "16", "--dry-run")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Micro batches that divide at 16 node(s): 1, 2, 4." in result.stderr  # 512 / (4 × 128 ranks) = 1
+    assert "Node counts that work with micro batch 8: 1, 2, 4, 8." in result.stderr
 
 
 def test_karolina_plan_numbers():
@@ -97,7 +119,7 @@ class TestChecksBeforeSubmission:
         assert_refused(
             orch("submit", *KAROLINA_2_NODES, "--nodes", "3"),
             "micro batch 8 × world size 24 = 192",
-            "Node counts that work with this profile: 1, 2, 4, 8",
+            "Node counts that work with micro batch 8: 1, 2, 4, 8",
         )
 
     def test_memory_above_the_gpu(self, orch_home, tmp_path: Path):

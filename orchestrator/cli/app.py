@@ -34,7 +34,9 @@ errors = Console(stderr=True)
 @app.command()
 def submit(
     profile: Annotated[str, typer.Option(help="cluster profile: a name in cluster_profiles/ or a YAML path")] = "local",
-    recipe: Annotated[str, typer.Option(help="training recipe: a name in recipes/ or a YAML path")] = "tiny",
+    recipe: Annotated[
+        Optional[str], typer.Option(help="training recipe: a name in recipes/ or a YAML path [default: the profile's]")
+    ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps to train (the schedule's length is the recipe's)")] = 200,
     account: Annotated[Optional[str], typer.Option(help="Slurm account (project id), e.g. OPEN-29-12")] = None,
     nodes: Annotated[Optional[int], typer.Option(help="number of nodes")] = None,

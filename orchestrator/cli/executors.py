@@ -103,7 +103,12 @@ class SlurmExecutor:
             "partition": slurm.partition,
             "signal_delay_s": plan.signal_delay_s,
             "setup": setup_lines(profile),
-            "additional_parameters": dict(slurm.extra_sbatch),
+            "wckey": slurm.wckey,  # None leaves it out (submitit's default, "submitit", is refused where enforced)
+            # srun does not take --cpus-per-task from sbatch on Slurm 22.05-23.02; one crashed rank ends the step
+            # instead of leaving the others blocked in a collective until the timeout.
+            "srun_args": [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"],
+            # requeue after a timeout or preemption, whatever the site's default
+            "additional_parameters": {"requeue": True, **slurm.extra_sbatch},
         }
         if profile.node.gpus:
             parameters["gpus_per_node"] = profile.node.gpus

@@ -22,6 +22,7 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("steps / total tokens", f"{plan.steps:,} / {plan.total_tokens / 1e9:,.1f} B"),
         ("model", f"{plan.parameters / 1e9:.3f} B parameters, {plan.flops_per_token / 1e9:.2f} GFLOP per token"),
+        ("data", data_row(request)),
     ]
     if plan.tokens_per_s:
         node_hours = profile.gpus * plan.hours / profile.node.gpus
@@ -43,6 +44,15 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
         rows.append(("peak memory per GPU", f"{plan.peak_memory_gb:.1f} GB of {profile.node.gpu_memory_gb:g} GB"))
     rows.append(("warning signal", f"{plan.signal_delay_s} s before the time limit"))
     return rows
+
+
+def data_row(request: Request) -> str:
+    data = request.recipe.data
+    if data.source != "demo":
+        return data.source
+    if request.profile.demo_data:
+        return "demo (a generated Czech-like corpus, prepared at submission)"
+    return "DEMO CORPUS: a real submission on this profile is refused; prepare your data (docs/data.md)"
 
 
 def show_plan(request: Request, console: Console) -> None:

@@ -41,10 +41,12 @@ class Request:
     info: dict[str, Any]
 
 
-def build_request(profile_name: str, recipe_name: str, steps: int, overrides: list[dict[str, Any]] = ()) -> Request:
-    """Load and check everything before anything is written or submitted."""
+def build_request(
+    profile_name: str, recipe_name: str | None, steps: int, overrides: list[dict[str, Any]] = ()
+) -> Request:
+    """Load and check everything before anything is written or submitted; no recipe named: the profile's."""
     profile_path, profile = load_profile(profile_name, overrides)
-    recipe_path, recipe = load_recipe(recipe_name)
+    recipe_path, recipe = load_recipe(recipe_name or profile.default_recipe)
     plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
     info = {
         "profile": profile_path.stem,
@@ -70,6 +72,12 @@ def git_commit() -> str | None:
 def submit(request: Request) -> Run:
     """Create the run, attach its data and queue its job; if any of it fails, the new run is removed again."""
     profile = request.profile
+    if request.recipe.data.source == "demo" and not profile.demo_data:
+        raise OrchError(
+            f"{request.info['profile_file']}: this profile trains prepared data only (demo_data: false), and the "
+            f"recipe {request.info['recipe_file']} names the demo corpus (data.source: demo). Prepare your corpus on "
+            "a login or CPU node (`orch data prepare`, docs/data.md), then set data.source and data.tokenizer."
+        )
     runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
     run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
     try:

@@ -80,7 +80,8 @@ class Slurm(Strict):
     qos: str | None = Field(default=None, pattern=SAFE)
     max_walltime_min: float = Field(gt=0, le=MAX_TIME_LIMIT_MIN)
     max_nodes: int = Field(ge=1, le=MAX_NODES)
-    cpus_per_task: int = Field(default=1, ge=1)
+    cpus_per_task: int = Field(default=1, ge=1, description="also passed to srun (Slurm 22.05-23.02 does not)")
+    wckey: str | None = Field(default=None, pattern=SAFE, description="only where the site wants one")
     extra_sbatch: dict[str, str] = Field(default_factory=dict, description=f"allowed keys: {SBATCH_ALLOWED}")
 
     @field_validator("extra_sbatch")
@@ -122,6 +123,8 @@ class Profile(Strict):
     python: str = Field(default="", pattern=SAFE, description="python on the compute nodes; empty: this one")
     tracking_uri: str | None = None
     expected_mfu: float = Field(default=0.4, gt=0, le=1, description="model FLOPs utilisation for estimates")
+    default_recipe: str = Field(default="tiny", description="the recipe `orch submit` trains when none is named")
+    demo_data: bool = Field(default=True, description="whether a real submission may train the generated demo corpus")
 
     @field_validator("time_limit_min")
     @classmethod

@@ -89,7 +89,12 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
     if steps < 1:
         raise OrchError(f"--steps must be a positive number of optimizer steps, got {steps}.")
     train, world = recipe.train, profile.world_size
-    hint = f" Node counts that work with this profile: {', '.join(map(str, working_node_counts(profile, recipe)))}."
+    micro = [m for m in range(1, train.global_batch_size + 1) if train.global_batch_size % (m * world) == 0]
+    nodes = working_node_counts(profile, recipe)
+    hint = (
+        f" Micro batches that divide at {profile.nodes} node(s): {', '.join(map(str, micro)) or 'none'}."
+        f" Node counts that work with micro batch {train.micro_batch_size}: {', '.join(map(str, nodes)) or 'none'}."
+    )
     grad_accum = gradient_accumulation(train.global_batch_size, train.micro_batch_size, world, hint)
     flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
     node = profile.node
