@@ -27,7 +27,7 @@ def make_runs(home: Path, count: int) -> None:
         running = i % 2 == 1
         files = {
             "run.json": {"run_id": run_dir.name, "created": time.time() + i, "profile": "karolina", "recipe": "tiny",
-                         "steps": 200000, "tracking_uri": "sqlite:///x.db", "signal_delay_s": 300},
+                         "steps": 200000, "tracking_uri": "sqlite:///x.db", "stop_before_end_s": 330},
             "jobs.json": [{"job_id": str(900000 + i), "executor": "slurm" if running else "local", "submitted": 0}],
             "progress.json": {"state": "running" if running else "completed", "step": 1234, "steps": 200000,
                               "job_id": str(900000 + i), "loss": 2.5, "tokens_per_s": 290000.0, "step_time_s": 3.6,

@@ -298,7 +298,8 @@ def sync(run_id: Annotated[str, typer.Argument(help="the run")]) -> None:
     from orchestrator.core.rundir import get_run
 
     run = get_run(run_id)
-    from jobs.tracking import committed_step, send
+    from jobs.tracking import send
+    from orchestrator.core.runfiles import committed_step
 
     through = committed_step(run.checkpoints_dir)
     if through is None:
