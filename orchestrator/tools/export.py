@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.distributed.checkpoint as dcp
-from transformers import AutoTokenizer, LlamaForCausalLM
-
-from jobs import checkpoint
-from jobs.model import build_empty_model, model_config, save_hf_model
 from orchestrator.core.config import Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import read_json
 from orchestrator.core.rundir import Run, get_run
+from orchestrator.core.runfiles import committed_step, committed_steps
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 
 def tokenizer_dir(run: Run) -> Path:
@@ -27,11 +26,11 @@ def tokenizer_dir(run: Run) -> Path:
 
 def choose_step(run: Run, step: int | None) -> int:
     """The asked step if it has a committed checkpoint; by default the one `latest.json` names, else the newest."""
-    steps = sorted(checkpoint.committed_steps(run.checkpoints_dir))
+    steps = sorted(committed_steps(run.checkpoints_dir))
     if not steps:
         raise OrchError(f"Run {run.id} has no checkpoint yet (none in {run.checkpoints_dir}); nothing to export.")
     if step is None:
-        latest = read_json(run.checkpoints_dir / "latest.json", {}).get("step")
+        latest = committed_step(run.checkpoints_dir)
         return latest if latest in steps else steps[-1]
     if step not in steps:
         raise OrchError(
@@ -43,6 +42,11 @@ def choose_step(run: Run, step: int | None) -> int:
 
 def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
     """The full model of one checkpoint whose files match their manifest, on the CPU, in float32 as trained."""
+    import torch.distributed.checkpoint as dcp
+
+    from jobs import checkpoint
+    from jobs.model import build_empty_model, model_config
+
     recipe_path = run.dir / "recipe.yaml"
     spec = validate(recipe_path, Recipe, read_yaml(recipe_path)).model
     if spec.init_from and not (Path(spec.init_from) / "config.json").is_file():
@@ -63,6 +67,10 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
 
 def export(run_id: str, step: int | None, output: Path) -> int:
     """Write the checkpoint of `step` (default: the latest) of a run to `output`; returns the step exported."""
+    from transformers import AutoTokenizer
+
+    from jobs.model import save_hf_model
+
     run = get_run(run_id)
     chosen = choose_step(run, step)
     tokenizer_path = tokenizer_dir(run)

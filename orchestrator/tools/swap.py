@@ -18,30 +18,41 @@ The first four copy one source row: the token is aligned.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-from jobs.model import save_hf_model
 from orchestrator.core.errors import OrchError
+
+if TYPE_CHECKING:  # torch and transformers are imported where they are used: the CLI imports this module lazily
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 COPYING_RULES = ("special", "dictionary", "exact", "normalised")
 RULES = (*COPYING_RULES, "mean-of-pieces", "fallback")
 REPORT_FILE = "swap_report.json"
 TOKENS_FILE = "swap_tokens.jsonl"
 
-BYTE_TO_CHAR = bytes_to_unicode()
-CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 SPACE_MARK = "▁"
+
+
+@functools.cache
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a byte-level BPE vocabulary."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+@functools.cache
+def char_to_byte() -> dict[str, int]:
+    return {char: byte for byte, char in byte_to_char().items()}
 
 
 @dataclass(frozen=True)
@@ -113,8 +124,8 @@ class Vocabulary:
 
     def spelled_bytes(self, token: str) -> bytes:
         """The bytes a vocabulary token stands for."""
-        if self.byte_level and all(char in CHAR_TO_BYTE for char in token):
-            return bytes(CHAR_TO_BYTE[char] for char in token)
+        if self.byte_level and all(char in char_to_byte() for char in token):
+            return bytes(char_to_byte()[char] for char in token)
         piece = BYTE_PIECE.fullmatch(token) if self.byte_fallback else None
         if piece:
             return bytes([int(piece[1], 16)])
@@ -123,7 +134,7 @@ class Vocabulary:
     def pieces(self, text: bytes) -> tuple[int, ...]:
         """The source tokenizer's split of some bytes, without unknown or special pieces."""
         if self.byte_level:
-            ids = [token.id for token in self.model.tokenize("".join(BYTE_TO_CHAR[byte] for byte in text))]
+            ids = [token.id for token in self.model.tokenize("".join(byte_to_char()[byte] for byte in text))]
         else:
             try:
                 ids = [token.id for token in self.model.tokenize(text.decode().replace(" ", SPACE_MARK))]
@@ -134,6 +145,8 @@ class Vocabulary:
 
 def load_tokenizer(path: Path, option: str) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer folder, or one clear paragraph saying why it is not one."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -220,6 +233,8 @@ def align(
 
 def transfer_rows(source_rows: torch.Tensor, alignment: Alignment) -> torch.Tensor:
     """Each target row is the mean of its source rows, or of all source rows when it has none (in float32)."""
+    import torch
+
     targets = [t for t, token in enumerate(alignment.tokens) for _ in token.sources]
     sources = [s for token in alignment.tokens for s in token.sources]
     weights = [1 / len(token.sources) for token in alignment.tokens for _ in token.sources]
@@ -237,6 +252,8 @@ def transfer_rows(source_rows: torch.Tensor, alignment: Alignment) -> torch.Tens
 
 def swap_vocabulary(model: LlamaForCausalLM, alignment: Alignment) -> None:
     """Replace the input embedding and output head by rows for the target vocabulary, in place."""
+    import torch
+
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     new_embedding = transfer_rows(embedding.detach(), alignment)
     new_head = None if head is embedding else transfer_rows(head.detach(), alignment)
@@ -296,6 +313,10 @@ def swap(
     sample: Path | None = None,
 ) -> dict[str, Any]:
     """Write the target model directory with swap_report.json and swap_tokens.jsonl; returns the report."""
+    from transformers import LlamaForCausalLM
+
+    from jobs.model import save_hf_model
+
     source_tok = load_tokenizer(source_tokenizer, "--source-tokenizer")
     target_tok = load_tokenizer(target_tokenizer, "--target-tokenizer")
     alignment = align(source_tok, target_tok, read_dictionary(dictionary) if dictionary else None)
