@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class TrainJob(Checkpointable):
     def __call__(self) -> int | None:
         from jobs.preemption import StopFlag
 
+        offline_and_unlimited()
         stop = StopFlag()  # before the heavy imports: from now on a warning signal waits for a step boundary
         from jobs.train import run_training
 
@@ -33,3 +35,13 @@ class TrainJob(Checkpointable):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(requeued.code if isinstance(requeued.code, int) else 1)
+
+
+def offline_and_unlimited() -> None:
+    """Compute nodes reach no internet: no Hugging Face hub lookups, no MLflow telemetry. Every shard may be read:
+    the open-file limit is raised to the hard limit the site allows."""
+    for name, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(name, value)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -14,6 +14,7 @@ A shard's `documents` counts the documents that end in it (a document may start 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from orchestrator.core.files import write_atomic, write_json_atomic
 
 FORMAT = "orch-token-shards/1"
 INDEX = "index.json"
+OPEN_SHARDS = 64  # mapped shards kept open per split
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -181,7 +183,9 @@ class TokenBlocks:
                     f"{path}: {'missing' if size is None else f'{size} bytes'}, but {split_dir / INDEX} lists "
                     f"{shard.tokens} tokens ({expected} bytes). The prepared split is damaged; prepare it again."
                 )
-        self.maps = [np.memmap(split_dir / s.file, dtype=self.dtype, mode="r") for s in self.shards]
+        # Shards are mapped on first read and at most OPEN_SHARDS stay open: each map holds a file descriptor, and a
+        # corpus of thousands of shards would pass the usual 1024 open-file limit on every rank.
+        self._map = functools.lru_cache(maxsize=OPEN_SHARDS)(self._open)
         self.starts = np.cumsum([0] + [s.tokens for s in self.shards])
         self.tokens = int(self.starts[-1])
 
@@ -204,9 +208,12 @@ class TokenBlocks:
         done = 0
         while done < len(out):
             offset = start + done - int(self.starts[shard])
-            piece = self.maps[shard][offset : offset + len(out) - done]
+            piece = self._map(shard)[offset : offset + len(out) - done]
             out[done : done + len(piece)] = piece
             done, shard = done + len(piece), shard + 1
+
+    def _open(self, shard: int) -> np.memmap:
+        return np.memmap(self.dir / self.shards[shard].file, dtype=self.dtype, mode="r")
 
     def verify_checksums(self) -> None:
         """Hash every shard and compare with the index; reads the whole split."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer
 
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, load_val_blocks, pack
-from jobs.shards import TokenBlocks
+from jobs.shards import OPEN_SHARDS, TokenBlocks
 from orchestrator.core.config import DataSpec, load_recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.preflight import check_data
@@ -476,6 +478,24 @@ def test_blocks_are_the_packed_stream_across_shard_boundaries_with_the_partial_t
     assert blocks[3].tolist() == expected[3].tolist()
     with pytest.raises(IndexError):
         blocks[np.array([len(blocks)])]
+
+
+def test_a_split_of_more_shards_than_the_open_file_limit_reads_every_block(tmp_path: Path, tokenizer_dir: Path):
+    write_jsonl(tmp_path / "c.jsonl", documents(200))
+    prepare(tokenizer_dir, [tmp_path / "c.jsonl"], tmp_path / "out", settings(val_fraction=0.1, shard_tokens=7))
+    split = tmp_path / "out" / "train"
+    shards = len(json.loads((split / "index.json").read_text())["shards"])
+    stream = split_stream(split)
+    expected = stream[: len(stream) // 16 * 16].reshape(-1, 16)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = len(os.listdir("/proc/self/fd")) + OPEN_SHARDS + 16  # fewer descriptors than the split has shards
+    assert shards > limit, "the fixture must have more shards than the lowered limit"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        fresh = TokenBlocks(split, 16)
+        assert np.array_equal(fresh[np.arange(len(fresh))], expected)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_opening_a_split_checks_shard_sizes_and_verify_checks_checksums(tmp_path: Path, prepared: Path):
