@@ -1,10 +1,15 @@
 """Timeouts and preemption: the signal only sets a flag; every rank stops at the same step boundary.
 
-submitit sends SIGUSR2 before the time limit and on preemption, to every task. Its own handler would
-requeue from inside the signal handler on rank 0 while the other ranks are mid-step, which cannot save
-a sharded checkpoint (a collective). So each rank records the signal; at each step boundary the ranks
-agree through an all-reduce, save together, and only then rank 0 hands over to submitit's handler,
-which requeues the job. The job also knows its own end time and stops before it if no signal came.
+submitit sends SIGUSR2 before the time limit (and on preemption where the site sends user signals), to every
+task. Its own handler would requeue from inside the signal handler on rank 0 while the other ranks are
+mid-step, which cannot save a sharded checkpoint (a collective). So each rank records the signal; at each
+step boundary the ranks agree through an all-reduce, save together, and only then rank 0 hands over to
+submitit's handler, which requeues the job. The job also knows its own end time and stops before it if no
+signal came.
+
+A partition that preempts sends SIGTERM, then SIGKILL after its grace time, and requeues the job itself
+(submitit ignores SIGTERM). Where the profile says `preemptible`, SIGTERM is a stop of its own kind: the ranks
+save at the next step boundary and leave, and the scheduler's requeue starts the job again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+STOPS = (None, "time", "preempted")  # what agreed() returns, by the code the ranks reduce with MAX
 
 
 def process_started() -> float:
@@ -37,22 +43,30 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.deadline: float | None = None  # set once the job knows its time limit
-        self.signalled = False
+        self.signalled = self.preempted = False
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signalled = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank once any rank was signalled or passed the deadline."""
+    def _on_preemption(self, signum: int, frame: object) -> None:
+        self.preempted = True
+
+    def listen_for_preemption(self) -> None:
+        """SIGTERM stops the job at the next step boundary instead of being ignored until SIGKILL."""
+        signal.signal(signal.SIGTERM, self._on_preemption)
+
+    def agreed(self, device: torch.device) -> str | None:
+        """Collective: on every rank, "preempted" once any rank got SIGTERM (where listened for), else "time" once
+        any rank was signalled or passed the deadline, else None."""
         import torch
         import torch.distributed as dist
 
-        local = self.signalled or (self.deadline is not None and time.time() >= self.deadline)
-        flag = torch.tensor([int(local)], device=device)
+        timed_out = self.signalled or (self.deadline is not None and time.time() >= self.deadline)
+        flag = torch.tensor([STOPS.index("preempted") if self.preempted else int(timed_out)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return STOPS[int(flag.item())]
 
     def requeue(self) -> None:
         """Rank 0, after the checkpoint is committed: submitit's handler requeues the job and exits."""

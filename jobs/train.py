@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import submitit
 import torch
@@ -52,6 +52,8 @@ def run_training(run_dir: Path, stop: StopFlag) -> int | None:
     try:
         profile, recipe = run.profile(), run.recipe()
         stop.deadline = process_started() + profile.time_limit_min * 60 - run.info.stop_before_end_s
+        if profile.preemptible:
+            stop.listen_for_preemption()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         ranks = start_process_group(profile.launch.device, profile.launch.backend)
         try:
@@ -100,8 +102,8 @@ def train(
     evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
-        "rank %d/%d: steps %d..%d, grad accum %d, attention %s",
-        ranks.rank, ranks.world, state.step, plan.steps, trainer.grad_accum, trainer.attention,
+        "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s",
+        ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
     )  # fmt: skip
     try:
         throughput = Throughput(profile, recipe, plan)
@@ -190,10 +192,12 @@ def loop(
             report.step(state.step, metrics)
             state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
         stopping = stop.agreed(trainer.device)
-        checkpointer.maybe_save(state.step, plan.steps, stopping, trainer, state.to_checkpoint(trainer))
+        checkpointer.maybe_save(state.step, plan.steps, stopping is not None, trainer, state.to_checkpoint(trainer))
         if stopping and state.step < plan.steps:
             checkpointer.close()
-            if report:
+            if report and stopping == "preempted":
+                report.preempted(state.step)  # the scheduler requeues a preempted job itself
+            elif report:
                 report.requeued(state.step)
                 stop.requeue()  # exits this process through submitit
             return False
@@ -361,8 +365,16 @@ class JobReport:
         self.heartbeat.beat("running", done, metrics)
 
     def requeued(self, done: int) -> None:
+        self.stopped_early("requeued", done)
+
+    def preempted(self, done: int) -> None:
+        self.stopped_early("preempted", done)
+
+    def stopped_early(self, how: Literal["requeued", "preempted"], done: int) -> None:
+        """Saved and stopping before the end: the attempt records how, which the requeue-loop guard reads."""
         self.tracker.close("RUNNING", artifacts(self.run, self.job_id))
-        self.heartbeat.beat("requeued", done)
+        end_attempt(self.run, self.job_id, how)
+        self.heartbeat.beat(how, done)
 
     def failed(self, err: BaseException) -> None:
         self.tracker.close("FAILED", artifacts(self.run, self.job_id, logs=True))
@@ -393,10 +405,13 @@ def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:
 
 def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | None:
     """Record this start in attempts.json (which `orch status` also reads for allocations and node-hours) and stop
-    a chain of requeues that makes no progress: the third start of one job at the same committed step fails (a new
-    `orch resume` is a new job, and starts a new count)."""
+    a chain of requeues that makes no progress: the third start of one job at the same committed step after two
+    requeues of its own fails (a new `orch resume` is a new job, and starts a new count). Restarts the scheduler
+    made (a preemption, a node failure) do not count: the job did not choose them."""
     attempts = [a.model_dump() for a in run.attempts]
-    stuck = [a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step]
+    stuck = [
+        a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step and a["ended"] == "requeued"
+    ]
     attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
     write_json_atomic(run.dir / "attempts.json", attempts + [attempt])
     if len(stuck) >= 2:
@@ -405,6 +420,15 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
             "a newer checkpoint; the chain is stopped. See the job logs, then `orch resume`."
         )
     return None
+
+
+def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted"]) -> None:
+    """Mark this job's newest attempt with how it stopped early."""
+    attempts = run.attempts
+    last = max((i for i, a in enumerate(attempts) if a.job_id == job_id), default=None)
+    if last is not None:
+        attempts[last] = attempts[last].model_copy(update={"ended": how})
+        write_json_atomic(run.dir / "attempts.json", [a.model_dump() for a in attempts])
 
 
 class Heartbeat:

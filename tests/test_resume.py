@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from orchestrator.core.files import read_json
+from orchestrator.core.scheduler import descendants
 from tests.conftest import (
     ROOT,
     final_weights,
@@ -93,6 +95,21 @@ def test_chaos_kills_including_during_saves_never_load_an_incomplete_checkpoint(
     assert_same_training(run_dir, uninterrupted)
     logs = "".join(p.read_text() for p in run_dir.glob("submitit/*/*_0_log.err"))
     assert "damaged" not in logs  # an interrupted save is never mistaken for a checkpoint
+
+
+def test_a_preemption_saves_at_the_next_step_and_resume_matches_the_uninterrupted_run(orch_home, uninterrupted):
+    run_id, run_dir = start("--set", "preemptible=true")
+    wait_for_step(run_dir, 13)
+    for pid in descendants(int(status_json(run_id)["job_ids"][-1])):  # the scheduler signals every task
+        os.kill(pid, signal.SIGTERM)
+    assert wait_state(run_id, ("preempted", "failed", "completed"), timeout=120) == "preempted"
+    status = status_json(run_id)
+    assert status["last_checkpoint_step"] == status["step"] < STEPS  # saved where it stopped, off the cadence
+    assert json.loads((run_dir / "attempts.json").read_text())[-1]["ended"] == "preempted"
+
+    result = orch("resume", run_id, "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_training(run_dir, uninterrupted)
 
 
 def finished(run_dir: Path) -> bool:

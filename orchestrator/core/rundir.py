@@ -34,7 +34,7 @@ from orchestrator.core.runfiles import (
 from orchestrator.core.scheduler import job_alive
 from orchestrator.core.settings import embedded_store, runs_root
 
-TERMINAL_STATES = ("completed", "failed", "cancelled", "damaged")
+TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
 
@@ -133,7 +133,7 @@ class Run:
         write_json_atomic(self.dir / "jobs.json", [job.model_dump() for job in jobs])
 
     def state(self, alive: bool | None = None) -> str:
-        """queued, running, completed, failed or cancelled, from the newest job's report and the scheduler
+        """queued, running, completed, failed, cancelled or preempted, from the newest job's report and the scheduler
         (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
         jobs, report = self.jobs, self.progress
         if not jobs and report is not None:
@@ -147,6 +147,8 @@ class Run:
         alive = job_alive(job) if alive is None else alive
         if job.cancelled and not alive:
             return "cancelled"
+        if reported == "preempted" and not alive:  # saved; where the scheduler requeues it, it is alive (queued)
+            return "preempted"
         if reported == "failed" or not alive:
             return "failed"
         return "running" if reported == "running" else "queued"

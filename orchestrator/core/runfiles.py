@@ -70,7 +70,7 @@ class JobRecord(RunFile):
 class Progress(RunFile):
     """progress.json: the job's heartbeat."""
 
-    state: Literal["running", "requeued", "failed", "completed"]
+    state: Literal["running", "requeued", "preempted", "failed", "completed"]
     step: int = Field(ge=0)
     steps: int = Field(ge=1)
     job_id: str
@@ -91,6 +91,7 @@ class Attempt(RunFile):
     start_step: int = Field(ge=0)
     started: float
     nodes: int = Field(default=1, ge=1)
+    ended: Literal["requeued", "preempted"] | None = None  # how the job stopped early, where it saw that itself
 
 
 class MlflowState(RunFile):
