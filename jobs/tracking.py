@@ -19,7 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.plan import make_plan
+from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
 from orchestrator.core.settings import EXPERIMENT
 
@@ -154,11 +158,42 @@ def flatten(prefix: str, data: Any) -> dict[str, str]:
     return {prefix: str(data)}
 
 
+def describe(run: Run) -> tuple[dict[str, Any], dict[str, str]]:
+    """The MLflow run's parameters (the resolved recipe and profile, steps, world size) and tags, from the run
+    directory: the same whether the job or `orch sync` creates the MLflow run."""
+    plan = make_plan(run.profile(), run.recipe(), run.info.steps)
+    params = {
+        "recipe": yaml.safe_load((run.dir / "recipe.yaml").read_text()),
+        "profile": yaml.safe_load((run.dir / "profile.yaml").read_text()),
+        "run": {"steps": plan.steps, "world_size": plan.world_size, "grad_accum": plan.grad_accum},
+    }
+    tags = {
+        "orch.job_ids": ",".join(j.job_id for j in run.jobs),
+        "orch.profile": run.info.profile,
+        "orch.recipe": run.info.recipe,
+        "orch.git_commit": run.info.git_commit or "unknown",
+    }
+    return params, tags
+
+
+def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:
+    """What the MLflow run keeps of a job: the resolved recipe and profile, the job script, at the end the logs."""
+    files = [run.dir / "recipe.yaml", run.dir / "profile.yaml", run.submitit_dir / job_id / f"{job_id}_submission.sh"]
+    return files + (sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else [])
+
+
 class Tracker:
-    """Rank 0's link to MLflow: spools every step and sends committed steps from a background thread."""
+    """Rank 0's link to MLflow: spools every step and, where the job sends to the store itself (`uri` given), sends
+    committed steps from a background thread. Without `uri` the job writes only the spool, and `orch sync
+    --follow` (or `orch ui`) on the login node is the store's single writer."""
 
     def __init__(
-        self, run_dir: Path, uri: str, params: dict[str, Any], tags: dict[str, str], committed: Callable[[], int | None]
+        self,
+        run_dir: Path,
+        uri: str | None,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        committed: Callable[[], int | None],
     ) -> None:
         self.run_dir, self.uri, self.params, self.tags, self.committed = run_dir, uri, params, tags, committed
         self.spool = MetricSpool(run_dir)
@@ -166,13 +201,14 @@ class Tracker:
         self.outage_reported = False
         self.sent_through: int | None = None
         self.thread = threading.Thread(target=self._loop, name="mlflow", daemon=True)
-        self.thread.start()
+        if uri:
+            self.thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Spool the step; wake the sender only when a newer checkpoint has committed since it last sent."""
         self.spool.append(step, metrics)
         committed = self.committed()
-        if committed is not None and (self.sent_through is None or committed > self.sent_through):
+        if self.uri and committed is not None and (self.sent_through is None or committed > self.sent_through):
             self.wake.set()
 
     def _loop(self) -> None:
@@ -183,7 +219,7 @@ class Tracker:
 
     def flush(self, through: int | None = None) -> None:
         through = self.committed() if through is None else through
-        if through is None or (self.sent_through is not None and through <= self.sent_through):
+        if not self.uri or through is None or (self.sent_through is not None and through <= self.sent_through):
             return
         try:
             self.sent_through = send(self.run_dir, self.uri, through, self.params, self.tags)
@@ -200,17 +236,25 @@ class Tracker:
 
     def close(self, status: str, artifacts: list[Path]) -> None:
         """Stop the thread, send what is committed, upload the artifacts and mark the MLflow run's status."""
+        if not self.uri:
+            return
         self.stopping.set()
         self.wake.set()
         self.thread.join()
         self.flush()
-        run_id = mlflow_run_id(self.run_dir)
-        if run_id is None or self.outage_reported:
-            return
-        import mlflow
+        if not self.outage_reported:
+            finish_run(self.run_dir, self.uri, status, artifacts)
 
-        try:
-            upload_artifacts(self.run_dir, self.uri, artifacts)
-            mlflow.MlflowClient(self.uri).set_terminated(run_id, status=status)
-        except Exception as err:  # noqa: BLE001 - best effort: the files stay in the run directory
-            log.warning("could not finish the MLflow run (artifacts, status): %s", err)
+
+def finish_run(run_dir: Path, uri: str, status: str, artifacts: list[Path]) -> None:
+    """Upload the artifacts and mark the MLflow run's status (best effort: the files stay in the run directory)."""
+    run_id = mlflow_run_id(run_dir)
+    if run_id is None:
+        return
+    import mlflow
+
+    try:
+        upload_artifacts(run_dir, uri, artifacts)
+        mlflow.MlflowClient(uri).set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - best effort: the files stay in the run directory
+        log.warning("could not finish the MLflow run (artifacts, status): %s", err)

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import submitit
 import torch
 import torch.distributed as dist
-import yaml
 
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks
@@ -30,7 +29,7 @@ from jobs.model import attention_implementation, build_sharded_model, set_gradie
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
 from jobs.shards import shard_damage
-from jobs.tracking import Tracker, mlflow_run_id
+from jobs.tracking import Tracker, artifacts, describe, mlflow_run_id
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
@@ -102,8 +101,9 @@ def train(
     evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     log.info(
-        "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s",
+        "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s, code %s",
         ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
+        Path(__file__).parent.parent,
     )  # fmt: skip
     try:
         throughput = Throughput(profile, recipe, plan)
@@ -342,19 +342,12 @@ class JobReport:
     """Rank 0's account of the job: the heartbeat for `orch status` and the metrics for MLflow."""
 
     def __init__(self, run: Run, job_id: str, plan: Plan, checkpointer: Checkpointer, start_step: int, attention: str):
-        profile, recipe = run.dir / "profile.yaml", run.dir / "recipe.yaml"
-        params = {"recipe": yaml.safe_load(recipe.read_text()), "profile": yaml.safe_load(profile.read_text())}
-        params["run"] = {"steps": plan.steps, "world_size": plan.world_size, "grad_accum": plan.grad_accum}
-        tags = {
-            "orch.job_ids": ",".join(j.job_id for j in run.jobs),
-            "orch.profile": run.info.profile,
-            "orch.recipe": run.info.recipe,
-            "orch.attention": attention,
-            "orch.git_commit": run.info.git_commit or "unknown",
-            "orch.nodes": os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
-        }
+        params, tags = describe(run)
+        tags["orch.attention"] = attention
+        tags["orch.nodes"] = os.environ.get("SLURM_JOB_NODELIST", socket.gethostname())
         self.run, self.job_id, self.steps = run, job_id, plan.steps
-        self.tracker = Tracker(run.dir, run.tracking_uri, params, tags, checkpointer.last_committed)
+        uri = run.tracking_uri if run.profile().job_tracking == "direct" else None
+        self.tracker = Tracker(run.dir, uri, params, tags, checkpointer.last_committed)
         self.tracker.spool.rollback(start_step)
         self.tracker.flush(through=0)  # first contact (an embedded store creates its tables) before the steps
         self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
@@ -383,12 +376,6 @@ class JobReport:
     def completed(self) -> None:
         self.tracker.close("FINISHED", artifacts(self.run, self.job_id, logs=True))
         self.heartbeat.beat("completed", self.steps)
-
-
-def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:
-    """What the MLflow run keeps of a job: the resolved recipe and profile, the job script, at the end the logs."""
-    files = [run.dir / "recipe.yaml", run.dir / "profile.yaml", run.submitit_dir / job_id / f"{job_id}_submission.sh"]
-    return files + (sorted((run.submitit_dir / job_id).glob("*_log.*")) if logs else [])
 
 
 def owns_run(run: Run, job_id: str, wait_s: float = 60) -> bool:

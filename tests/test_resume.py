@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from orchestrator.core.files import read_json
+from orchestrator.core.rundir import Run
 from orchestrator.core.scheduler import descendants
 from tests.conftest import (
     ROOT,
@@ -204,3 +205,22 @@ def test_cancel_keeps_checkpoints_and_resume_continues(orch_home, uninterrupted)
     result = orch("resume", run_id, "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_training(run_dir, uninterrupted)
+
+
+def test_jobs_run_the_code_frozen_at_submission_until_resume_takes_the_checkout(orch_home):
+    run_id = submitted_run_id(orch("submit", "--steps", "10", "--wait"))
+    run_dir = run_dir_of(orch_home, run_id)
+
+    def logs() -> str:
+        return "".join(p.read_text() for p in sorted(run_dir.glob("submitit/*/*_0_log.err")))
+
+    assert f"code {run_dir / 'code'}" in logs()
+    frozen = run_dir / "code/jobs/train.py"  # a change that only the run's copy has
+    frozen.write_text(frozen.read_text().replace('"rank %d/%d on %s', '"frozen-code rank %d/%d on %s'))
+    result = orch("resume", run_id, "--steps", "20", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "frozen-code rank 0/2" in logs()
+
+    Run(run_dir).freeze_code()  # what `orch resume --update-code` does before queueing
+    assert "frozen-code" not in frozen.read_text()
+    assert frozen.read_text() == (ROOT / "jobs/train.py").read_text()

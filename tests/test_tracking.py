@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from orchestrator.tools.sync import follow
 from tests.conftest import (
     free_port,
     kill_job_tree,
@@ -121,3 +122,23 @@ def test_after_a_crash_and_resume_mlflow_shows_only_the_surviving_steps(orch_hom
     assert {m.step: m.value for m in history} == spooled_losses(run_dir)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "orch")}
     assert {"orch/recipe.yaml", "orch/profile.yaml", "orch/logs"} <= artifacts
+
+
+def test_spooling_jobs_leave_the_store_to_orch_sync_as_its_single_writer(orch_home):
+    """`job_tracking: spool` (SQLite on a parallel filesystem): the job writes only metrics.jsonl; `orch sync` sends
+    it, and the follower (`orch sync --follow`, started by `orch ui`) marks the MLflow run's end."""
+    run_id = submitted_run_id(orch("submit", "--steps", "20", "--set", "job_tracking=spool", "--wait"))
+    run_dir = run_dir_of(orch_home, run_id)
+    assert not (orch_home / "mlflow.db").exists() and not (run_dir / "mlflow.json").exists()
+
+    result = orch("sync")
+    assert result.returncode == 0 and f"run {run_id} through step 20" in result.stdout, result.stdout + result.stderr
+    mlflow_run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{orch_home / 'mlflow.db'}")
+    assert {m.step: m.value for m in client.get_metric_history(mlflow_run_id, "loss")} == spooled_losses(run_dir)
+    assert client.get_run(mlflow_run_id).data.params["run.steps"] == "20"
+
+    follow(interval_s=0.1, rounds=1)
+    assert client.get_run(mlflow_run_id).info.status == "FINISHED"
+    assert {"orch/recipe.yaml", "orch/logs"} <= {a.path for a in client.list_artifacts(mlflow_run_id, "orch")}
+    assert len(client.get_metric_history(mlflow_run_id, "loss")) == 20  # nothing sent twice

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.config import Profile, Recipe, read_yaml, validate
+from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.runfiles import (
@@ -35,6 +35,7 @@ from orchestrator.core.scheduler import job_alive
 from orchestrator.core.settings import embedded_store, runs_root
 
 TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged")
+CODE_FOLDERS = ("orchestrator", "jobs", "envs")  # what a job imports or sources
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
 
@@ -72,6 +73,23 @@ class Run:
     @property
     def attempts(self) -> list[Attempt]:
         return read_model(self.dir / "attempts.json", list[Attempt], [])
+
+    @property
+    def code_dir(self) -> Path:
+        """The project's code as submitted: the job runs from here, so a requeue runs what was submitted."""
+        return self.dir / "code"
+
+    def freeze_code(self) -> None:
+        """Copy the job's code (CODE_FOLDERS of the checkout) into the run, swapping the whole folder in at once."""
+        staging, old = self.dir / ".code.partial", self.dir / ".code.old"
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for folder in CODE_FOLDERS:
+            shutil.copytree(PROJECT_ROOT / folder, staging / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        if self.code_dir.exists():
+            self.code_dir.rename(old)
+        staging.rename(self.code_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
     @property
     def mlflow(self) -> MlflowState | None:

@@ -6,9 +6,12 @@ mlflow) so that the CLI starts fast.
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -21,6 +24,8 @@ from orchestrator.core.config import load_profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import get_run
 from orchestrator.core.settings import EXPERIMENT, orch_home, tracking_uri
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -117,9 +122,23 @@ def ui(
     check_port_free(host, port)
     print_addresses(uri, host, port)
     sys.stdout.flush()
+    start_sync_follower()
     # One worker is plenty for one person and light on a shared login node.
     command = ["mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     os.execv(sys.executable, [sys.executable, "-m", *command])
+
+
+def start_sync_follower() -> None:
+    """`orch sync --follow` beside the server, so that the store it serves gets the metrics of runs whose jobs only
+    spool them (one writer); the kernel stops it when the server's process ends."""
+    command = [sys.executable, "-m", "orchestrator", "sync", "--follow"]
+    subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=stop_with_parent)
+
+
+def stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent (here, the process that becomes the server) exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def check_port_free(host: str, port: int) -> None:
