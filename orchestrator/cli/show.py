@@ -9,6 +9,7 @@ from rich.table import Table
 
 from orchestrator.cli.executors import executor_for, fill_path
 from orchestrator.cli.submit import Request
+from orchestrator.core.plan import Plan
 from orchestrator.core.settings import runs_root
 
 
@@ -19,6 +20,7 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
         ("nodes × ranks per node", f"{plan.nodes} × {profile.launch.tasks_per_node} = {plan.world_size} ranks"),
         ("GPUs", f"{profile.gpus} × {profile.node.gpu_model}" if profile.gpus else "none (CPU)"),
         ("micro batch × grad accumulation", f"{plan.micro_batch} × {plan.grad_accum} per rank"),
+        ("train settings", train_settings(plan)),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("steps / total tokens", f"{plan.steps:,} / {plan.total_tokens / 1e9:,.1f} B"),
         ("model", f"{plan.parameters / 1e9:.3f} B parameters, {plan.flops_per_token / 1e9:.2f} GFLOP per token"),
@@ -29,8 +31,8 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
         rows += [
             (
                 "estimated throughput",
-                f"{plan.tokens_per_s:,.0f} tokens/s ({plan.tokens_per_s / profile.gpus:,.0f} "
-                f"per GPU at {profile.expected_mfu:.0%} MFU of {profile.node.peak_bf16_tflops:g} TFLOP/s)",
+                f"{plan.tokens_per_s:,.0f} tokens/s ({plan.tokens_per_s / profile.gpus:,.0f} per GPU at "
+                f"{plan.mfu:.0%} MFU of {profile.node.peak_bf16_tflops:g} TFLOP/s: {plan.mfu_source})",
             ),
             ("estimated wall time", f"{plan.hours:,.1f} h"),
             (
@@ -41,9 +43,24 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
             ("node-hours", f"{node_hours:,.0f} (GPUs × hours / {profile.node.gpus})"),
         ]
     if profile.node.gpu_memory_gb:
-        rows.append(("peak memory per GPU", f"{plan.peak_memory_gb:.1f} GB of {profile.node.gpu_memory_gb:g} GB"))
+        rows.append(("peak memory per GPU", memory_row(plan, profile.node.gpu_memory_gb)))
     rows.append(("warning signal", f"{plan.signal_delay_s} s before the time limit"))
     return rows
+
+
+def train_settings(plan: Plan) -> str:
+    """The settings the job trains with, and why (the recipe's own, or what `auto` picked)."""
+    train = plan.recipe.train
+    compiled = "compile on" if train.compile else "compile off"
+    checkpointing = "on" if train.activation_checkpointing else "off"
+    return f"micro batch {plan.micro_batch}, {compiled}, activation checkpointing {checkpointing} ({plan.choice})"
+
+
+def memory_row(plan: Plan, gpu_memory_gb: float) -> str:
+    """The estimate against the GPU's memory, with its terms (docs/performance.md, "Memory model")."""
+    terms = {**plan.memory.terms(), "reserve": plan.memory.reserve}
+    shown = ", ".join(f"{name} {gb:.1f}" for name, gb in terms.items() if gb)
+    return f"{plan.peak_memory_gb:.1f} GB of {gpu_memory_gb:g} GB ({shown})"
 
 
 def data_row(request: Request) -> str:

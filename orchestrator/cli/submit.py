@@ -58,7 +58,7 @@ def build_request(
         "stop_before_end_s": plan.stop_before_end_s,
         "git_commit": git_commit(),
     }
-    return Request(profile, recipe, plan, info)
+    return Request(profile, plan.recipe, plan, info)  # `auto` train settings decided: the run's recipe.yaml keeps them
 
 
 def git_commit() -> str | None:

@@ -12,18 +12,20 @@ import math
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from orchestrator.core.errors import OrchError
 
@@ -212,15 +214,41 @@ class DataSpec(Strict):
     max_seq_len: int = Field(ge=2)
 
 
+AUTO = "auto"  # a train setting the planner picks for the profile (orchestrator.core.plan.choose_train)
+
+
+def bool_or_auto(value: Any) -> bool | str:
+    """true, false or auto; anything else is reported as a wrong boolean (so YAML 1.1's `yes` gets its hint)."""
+    if isinstance(value, bool) or value == AUTO:
+        return value
+    raise PydanticCustomError("bool_type", "Input should be true, false or 'auto'")
+
+
+def count_or_auto(value: Any) -> int | str:
+    """A whole number of at least 1, or auto."""
+    if value == AUTO or (type(value) is int and value >= 1):
+        return value
+    if type(value) is int:
+        raise PydanticCustomError("greater_than_equal", "Input should be at least 1 or 'auto'")
+    raise PydanticCustomError("int_type", "Input should be a whole number or 'auto'")
+
+
+BoolOrAuto = Annotated[bool | Literal["auto"], PlainValidator(bool_or_auto)]
+CountOrAuto = Annotated[int | Literal["auto"], PlainValidator(count_or_auto)]
+
+
 class TrainSpec(Strict):
+    """How to train. `micro_batch_size`, `compile` and `activation_checkpointing` may be `auto`: the plan picks the
+    fastest setting that fits the GPU's memory, and the run's recipe.yaml records the values picked."""
+
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(ge=1, description="sequences per rank per forward pass")
+    micro_batch_size: CountOrAuto = Field(description="sequences per rank per forward pass, or auto")
     precision: Literal["bf16", "fp32"]
     attention: Literal["flash2", "sdpa", "eager"]
     fsdp: Literal["shard_grad_op", "full_shard"]
     grad_clip: float = Field(gt=0)
-    activation_checkpointing: bool = Field(default=False, description="recompute each block in backward")
-    compile: bool = Field(default=False, description="torch.compile each transformer block")
+    activation_checkpointing: BoolOrAuto = Field(default=False, description="recompute each block in backward")
+    compile: BoolOrAuto = Field(default=False, description="torch.compile each transformer block")
     seed: int = Field(default=0, ge=0, lt=2**63, description="what NumPy and PyTorch generators accept")
 
 

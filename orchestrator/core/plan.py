@@ -6,14 +6,25 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.core.config import Profile, Recipe
+from orchestrator.core.config import AUTO, Profile, Recipe, TrainSpec
 from orchestrator.core.errors import OrchError
-from orchestrator.core.estimate import flops_per_token, parameter_count, peak_memory_gb
+from orchestrator.core.estimate import (
+    Memory,
+    flops_per_token,
+    measured,
+    memory,
+    parameter_count,
+    peak_memory_gb,
+    throughput_factor,
+)
 from orchestrator.core.scheduler import SCHEDULERS
 
 STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
 SIGNAL_SLACK_S = 60  # headroom in the signal's lead time beyond one step and one save
+MEMORY_MARGIN = 0.9  # `auto` keeps the estimate within this share of the GPU's memory (allocator caching, error)
+CPU_MICRO_BATCH = 4  # `auto` without a GPU to size it: the largest micro batch up to this that divides
+AUTO_FIELDS = ("micro_batch_size", "compile", "activation_checkpointing")
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, hint: str = "") -> int:
@@ -29,11 +40,184 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, 
     return global_batch // per_pass
 
 
+def smallest_micro_batch(train: TrainSpec) -> int:
+    """The recipe's micro batch, or 1 where `auto` may pick any."""
+    return 1 if train.micro_batch_size == AUTO else train.micro_batch_size
+
+
+def node_limit(profile: Profile) -> int:
+    return profile.slurm.max_nodes if profile.slurm else 1
+
+
 def working_node_counts(profile: Profile, recipe: Recipe) -> list[int]:
     """Node counts up to the partition's limit for which the global batch divides evenly."""
-    per_node = recipe.train.micro_batch_size * profile.launch.tasks_per_node
-    limit = profile.slurm.max_nodes if profile.slurm else 1
-    return [n for n in range(1, limit + 1) if recipe.train.global_batch_size % (per_node * n) == 0]
+    per_node = smallest_micro_batch(recipe.train) * profile.launch.tasks_per_node
+    return [n for n in range(1, node_limit(profile) + 1) if recipe.train.global_batch_size % (per_node * n) == 0]
+
+
+def dividing_micro_batches(global_batch: int, world_size: int) -> list[int]:
+    return [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
+
+
+def batch_hint(profile: Profile, recipe: Recipe) -> str:
+    """The micro batches and node counts that would divide the global batch, for a refusal."""
+    micro = dividing_micro_batches(recipe.train.global_batch_size, profile.world_size)
+    nodes = ", ".join(map(str, working_node_counts(profile, recipe))) or "none"
+    given = recipe.train.micro_batch_size
+    with_micro = "any micro batch" if given == AUTO else f"micro batch {given}"
+    return (
+        f" Micro batches that divide at {profile.nodes} node(s): {', '.join(map(str, micro)) or 'none'}."
+        f" Node counts that work with {with_micro}: {nodes}."
+    )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The train settings that `auto` decides."""
+
+    micro_batch: int
+    compile: bool
+    activation_checkpointing: bool
+
+    def __str__(self) -> str:
+        checkpointing = " with activation checkpointing" if self.activation_checkpointing else ""
+        return f"micro batch {self.micro_batch} {'compiled' if self.compile else 'eager'}{checkpointing}"
+
+    def rank(self) -> tuple[bool, bool, float]:
+        """Activation checkpointing only when nothing fits without it; compile whenever it fits (it is faster and
+        keeps fewer activations); then the expected throughput, which grows with the micro batch."""
+        factor = throughput_factor(self.compile, self.activation_checkpointing, self.micro_batch)
+        return not self.activation_checkpointing, self.compile, factor
+
+    def applied(self, recipe: Recipe) -> Recipe:
+        """The recipe with these settings in place of its own (or its `auto`)."""
+        return with_train(
+            recipe,
+            micro_batch_size=self.micro_batch,
+            compile=self.compile,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+
+
+def with_train(recipe: Recipe, **values: object) -> Recipe:
+    """The recipe with some train fields changed (values of the schema's types: not validated again)."""
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=values)})
+
+
+@dataclass(frozen=True)
+class TrainChoice:
+    setting: Setting
+    reason: str  # one line: why these settings
+
+
+def options(value: bool | str) -> list[bool]:
+    return [True, False] if value == AUTO else [value]
+
+
+def candidates(train: TrainSpec, world_size: int) -> list[Setting]:
+    """Every setting the recipe allows whose micro batch divides the global batch, fastest first."""
+    micro = dividing_micro_batches(train.global_batch_size, world_size)
+    if train.micro_batch_size != AUTO:
+        micro = [m for m in micro if m == train.micro_batch_size]
+    settings = [
+        Setting(m, compiled, checkpointing)
+        for m in micro
+        for compiled in options(train.compile)
+        for checkpointing in options(train.activation_checkpointing)
+    ]
+    return sorted(settings, key=Setting.rank, reverse=True)
+
+
+def estimates(recipe: Recipe, world_size: int) -> list[tuple[Setting, float]]:
+    """Each candidate setting with its estimated peak memory per GPU (GB), fastest first."""
+    return [(s, peak_memory_gb(s.applied(recipe), world_size)) for s in candidates(recipe.train, world_size)]
+
+
+def first_fitting(recipe: Recipe, world_size: int, budget_gb: float) -> tuple[Setting, float] | None:
+    return next(((s, gb) for s, gb in estimates(recipe, world_size) if gb <= budget_gb), None)
+
+
+def choose_train(
+    profile: Profile, recipe: Recipe, world_size: int, recipe_path: Path | str = "the recipe", hint: str = ""
+) -> TrainChoice:
+    """The recipe's `auto` train settings decided for `world_size` ranks of this profile. On a GPU with known memory:
+    the fastest setting whose estimate fits MEMORY_MARGIN of it; without one: no compile, no activation
+    checkpointing, the largest dividing micro batch up to CPU_MICRO_BATCH. Explicit values stay as they are. A global
+    batch that no allowed micro batch divides is refused (with `hint`)."""
+    train = recipe.train
+    given = Setting(train.micro_batch_size, train.compile, train.activation_checkpointing)
+    if AUTO not in (given.micro_batch, given.compile, given.activation_checkpointing):
+        return TrainChoice(given, "as the recipe sets them")
+    gradient_accumulation(train.global_batch_size, smallest_micro_batch(train), world_size, hint)
+    memory_gb = profile.node.gpu_memory_gb
+    if not (profile.node.gpus and memory_gb):
+        micro = train.micro_batch_size
+        if micro == AUTO:
+            micro = max(m for m in dividing_micro_batches(train.global_batch_size, world_size) if m <= CPU_MICRO_BATCH)
+        plain = Setting(micro, train.compile is True, train.activation_checkpointing is True)
+        return TrainChoice(plain, "auto without a GPU to size it: plain settings")
+    budget = MEMORY_MARGIN * memory_gb
+    ranked = estimates(recipe, world_size)
+    fitting = next((i for i, (_, gb) in enumerate(ranked) if gb <= budget), None)
+    if fitting is None:
+        raise OrchError(nothing_fits(profile, recipe, world_size, recipe_path, ranked, budget))
+    faster = f"the next faster, {ranked[fitting - 1][0]}, needs {ranked[fitting - 1][1]:.1f} GB" if fitting else ""
+    within = f"{budget:.1f} GB ({MEMORY_MARGIN:.0%} of {memory_gb:g} GB)"
+    reason = f"auto: the fastest setting that fits {within}; {faster or 'none faster is allowed'}"
+    return TrainChoice(ranked[fitting][0], reason)
+
+
+def nothing_fits(
+    profile: Profile,
+    recipe: Recipe,
+    world_size: int,
+    recipe_path: Path | str,
+    tried: list[tuple[Setting, float]],
+    budget: float,
+) -> str:
+    """One paragraph: what was tried, the smallest estimate, and the changes that would fit."""
+    train = recipe.train
+    smallest, smallest_gb = min(tried, key=lambda item: item[1])
+    micro = sorted({s.micro_batch for s, _ in tried}, reverse=True)
+    fits = alternatives(profile, recipe, budget)
+    return (
+        f"{recipe_path}: no train setting that the recipe allows fits {budget:.1f} GB per GPU ({MEMORY_MARGIN:.0%} "
+        f"of the {profile.node.gpu_memory_gb:g} GB of {profile.node.gpu_model}) at {profile.nodes} node(s), "
+        f"{world_size} ranks. Tried micro batch {', '.join(map(str, micro))} (train.micro_batch_size: "
+        f"{train.micro_batch_size}), compile {'/'.join(map(str, options(train.compile))).lower()}, activation "
+        f"checkpointing {'/'.join(map(str, options(train.activation_checkpointing))).lower()}; the smallest "
+        f"estimate, {smallest_gb:.1f} GB, is for {smallest}. "
+        + (f"Options that fit: {'; '.join(fits)}." if fits else "No single change fits: the model needs larger GPUs.")
+    )
+
+
+def alternatives(profile: Profile, recipe: Recipe, budget: float) -> list[str]:
+    """Single changes that make some setting fit: a train field set to auto, fsdp full_shard, the fewest more nodes."""
+    train = recipe.train
+    updates = [(f"train.{field}: auto", {field: AUTO}) for field in AUTO_FIELDS if getattr(train, field) != AUTO]
+    if train.fsdp == "shard_grad_op":
+        updates.append(("train.fsdp: full_shard", {"fsdp": "full_shard"}))
+    found = [
+        f"{label} ({fit[0]}, {fit[1]:.1f} GB)"
+        for label, update in updates
+        if (fit := first_fitting(with_train(recipe, **update), profile.world_size, budget))
+    ]
+    per_node = profile.launch.tasks_per_node
+    more = (
+        (n, fit)
+        for n in working_node_counts(profile, recipe)
+        if n > profile.nodes and (fit := first_fitting(recipe, n * per_node, budget))
+    )
+    nodes, fit = next(more, (None, None))
+    return found + ([f"--nodes {nodes} ({fit[0]}, {fit[1]:.1f} GB)"] if fit else [])
+
+
+def expected_mfu(profile: Profile, setting: Setting) -> tuple[float, str]:
+    """The MFU measured on the profile's GPU model for this setting, else the profile's own figure."""
+    row = measured(profile.node.gpu_model, setting.compile, setting.activation_checkpointing, setting.micro_batch)
+    if row:
+        return row.mfu, f"measured on one {row.gpu}"
+    return profile.expected_mfu, f"the profile's expected_mfu; not measured on {profile.node.gpu_model}"
 
 
 @dataclass(frozen=True)
@@ -46,11 +230,19 @@ class Plan:
     tokens_per_step: int
     parameters: int
     flops_per_token: float
-    peak_memory_gb: float
-    tokens_per_s: float | None  # estimated from the profile's peak and expected MFU; None without a peak
+    memory: Memory  # per GPU, of the train settings decided
+    recipe: Recipe  # with the train settings decided (no `auto`): what the job trains
+    choice: str  # why these train settings
+    mfu: float
+    mfu_source: str
+    tokens_per_s: float | None  # estimated from the profile's peak and `mfu`; None without a peak
     signal_delay_s: int
     stop_before_end_s: int  # the job stops itself this long before its time limit if no signal came first
     usable_min_per_allocation: float
+
+    @property
+    def peak_memory_gb(self) -> float:
+        return self.memory.peak
 
     @property
     def total_tokens(self) -> int:
@@ -85,20 +277,18 @@ def save_seconds(parameters: int, world_size: int) -> float:
     return 8 * parameters / world_size / (SAVE_BANDWIDTH_GB_S * 1e9)
 
 
-def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
+def make_plan(profile: Profile, recipe: Recipe, steps: int, recipe_path: Path | str = "the recipe") -> Plan:
     if steps < 1:
         raise OrchError(f"--steps must be a positive number of optimizer steps, got {steps}.")
-    train, world = recipe.train, profile.world_size
-    micro = [m for m in range(1, train.global_batch_size + 1) if train.global_batch_size % (m * world) == 0]
-    nodes = working_node_counts(profile, recipe)
-    hint = (
-        f" Micro batches that divide at {profile.nodes} node(s): {', '.join(map(str, micro)) or 'none'}."
-        f" Node counts that work with micro batch {train.micro_batch_size}: {', '.join(map(str, nodes)) or 'none'}."
-    )
-    grad_accum = gradient_accumulation(train.global_batch_size, train.micro_batch_size, world, hint)
+    train, world, hint = recipe.train, profile.world_size, batch_hint(profile, recipe)
+    choice = choose_train(profile, recipe, world, recipe_path, hint)
+    grad_accum = gradient_accumulation(train.global_batch_size, choice.setting.micro_batch, world, hint)
+    resolved = choice.setting.applied(recipe)
     flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
     node = profile.node
-    tokens_per_s = profile.gpus * node.peak_bf16_tflops * 1e12 * profile.expected_mfu / flops if node.gpus else None
+    mfu, mfu_source = expected_mfu(profile, choice.setting)
+    peak_flops = profile.gpus * (node.peak_bf16_tflops or 0) * 1e12
+    tokens_per_s = peak_flops * mfu / flops or None  # None without GPUs or their peak
     tokens_per_step = train.global_batch_size * recipe.data.max_seq_len
     parameters = sum(parameter_count(recipe.model).values())
     # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
@@ -113,12 +303,16 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int) -> Plan:
         steps=steps,
         nodes=profile.nodes,
         world_size=world,
-        micro_batch=train.micro_batch_size,
+        micro_batch=choice.setting.micro_batch,
         grad_accum=grad_accum,
         tokens_per_step=tokens_per_step,
         parameters=parameters,
         flops_per_token=flops,
-        peak_memory_gb=peak_memory_gb(recipe, world),
+        memory=memory(resolved, world),
+        recipe=resolved,
+        choice=choice.reason,
+        mfu=mfu,
+        mfu_source=mfu_source,
         tokens_per_s=tokens_per_s,
         signal_delay_s=signal_delay,
         stop_before_end_s=signal_delay + scheduler.signal_check_s,

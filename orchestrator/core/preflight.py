@@ -17,7 +17,7 @@ from orchestrator.core.plan import Plan, check_time_limit, make_plan
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
     check_partition(profile, profile_path)
-    plan = make_plan(profile, recipe, steps)
+    plan = make_plan(profile, recipe, steps, recipe_path)
     check_time_limit(profile, profile_path, plan)
     check_memory(profile, profile_path, plan)
     check_data(recipe, recipe_path)

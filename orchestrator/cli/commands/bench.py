@@ -16,10 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from orchestrator.core.config import Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
+from orchestrator.core.config import AUTO, Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
-from orchestrator.core.plan import gradient_accumulation
+from orchestrator.core.plan import AUTO_FIELDS, choose_train, gradient_accumulation
 from orchestrator.core.preflight import check_data
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -40,6 +40,11 @@ def variant_recipe(path: Path, recipe: Recipe, variant: str, world: int) -> Reci
         overrides.append(parse_assignment(f"train.{field}"))
     changed = validate(Path(f"{path} with --variants {variant!r}"), Recipe, merge_all(recipe.model_dump(), overrides))
     train = changed.train
+    if AUTO in (getattr(train, field) for field in AUTO_FIELDS):
+        raise OrchError(
+            f"--variants {variant!r}: a variant sets concrete values (a number, true or false), not auto; the "
+            "recipe's own auto settings are those a run on the profile would train."
+        )
     gradient_accumulation(train.global_batch_size, train.micro_batch_size, world, f" (variant {variant!r})")
     return changed
 
@@ -139,6 +144,7 @@ def bench(
     """Tokens/s, MFU, peak memory and data wait of a recipe's training steps here, per variant; creates no run."""
     _, resolved_profile = load_profile(profile)
     recipe_path, base = load_recipe(recipe)
+    base = choose_train(resolved_profile, base, resolved_profile.world_size, recipe_path).setting.applied(base)
     if global_batch:
         base = validate(
             recipe_path, Recipe, merge_all(base.model_dump(), [{"train": {"global_batch_size": global_batch}}])
