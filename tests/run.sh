@@ -7,6 +7,7 @@ bash envs/local.sh
 # The end-to-end tests need a local Slurm and a browser (root installs them); CI never skips them.
 if [ "$(id -u)" -eq 0 ]; then
   bash envs/slurm-local.sh
+  bash envs/slurm-two-node.sh
   if ! command -v chromium >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi
