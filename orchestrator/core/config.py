@@ -127,6 +127,15 @@ class Profile(Strict):
     expected_mfu: float = Field(default=0.4, gt=0, le=1, description="model FLOPs utilisation for estimates")
     default_recipe: str = Field(default="tiny", description="the recipe `orch submit` trains when none is named")
     demo_data: bool = Field(default=True, description="whether a real submission may train the generated demo corpus")
+    preemptible: bool = Field(
+        default=False,
+        description="the scheduler may preempt jobs with SIGTERM: save at the next step boundary, let it requeue",
+    )
+    job_tracking: Literal["direct", "spool"] = Field(
+        default="direct",
+        description="direct: jobs send metrics to MLflow; spool: jobs only write metrics.jsonl and `orch sync "
+        "--follow` (or `orch ui`) on the login node is the store's single writer (SQLite on Lustre)",
+    )
 
     @field_validator("time_limit_min")
     @classmethod
