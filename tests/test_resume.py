@@ -99,6 +99,7 @@ def test_chaos_kills_including_during_saves_never_load_an_incomplete_checkpoint(
 
 
 def test_a_preemption_saves_at_the_next_step_and_resume_matches_the_uninterrupted_run(orch_home, uninterrupted):
+    """Also: every job of a run runs the code frozen in the run at submission, not the checkout's."""
     run_id, run_dir = start("--set", "preemptible=true")
     wait_for_step(run_dir, 13)
     for pid in descendants(int(status_json(run_id)["job_ids"][-1])):  # the scheduler signals every task
@@ -107,10 +108,20 @@ def test_a_preemption_saves_at_the_next_step_and_resume_matches_the_uninterrupte
     status = status_json(run_id)
     assert status["last_checkpoint_step"] == status["step"] < STEPS  # saved where it stopped, off the cadence
     assert json.loads((run_dir / "attempts.json").read_text())[-1]["ended"] == "preempted"
+    assert f"code {run_dir / 'code'}" in rank_0_logs(run_dir)
+    frozen = run_dir / "code/jobs/train.py"  # a change that only the run's copy has
+    frozen.write_text(frozen.read_text().replace('"rank %d/%d on %s', '"frozen-code rank %d/%d on %s'))
 
     result = orch("resume", run_id, "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_training(run_dir, uninterrupted)
+    assert "frozen-code rank 0/2" in rank_0_logs(run_dir)
+    Run(run_dir).freeze_code()  # what `orch resume --update-code` does before queueing
+    assert frozen.read_text() == (ROOT / "jobs/train.py").read_text()
+
+
+def rank_0_logs(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted(run_dir.glob("submitit/*/*_0_log.err")))
 
 
 def finished(run_dir: Path) -> bool:
@@ -206,21 +217,3 @@ def test_cancel_keeps_checkpoints_and_resume_continues(orch_home, uninterrupted)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_training(run_dir, uninterrupted)
 
-
-def test_jobs_run_the_code_frozen_at_submission_until_resume_takes_the_checkout(orch_home):
-    run_id = submitted_run_id(orch("submit", "--steps", "10", "--wait"))
-    run_dir = run_dir_of(orch_home, run_id)
-
-    def logs() -> str:
-        return "".join(p.read_text() for p in sorted(run_dir.glob("submitit/*/*_0_log.err")))
-
-    assert f"code {run_dir / 'code'}" in logs()
-    frozen = run_dir / "code/jobs/train.py"  # a change that only the run's copy has
-    frozen.write_text(frozen.read_text().replace('"rank %d/%d on %s', '"frozen-code rank %d/%d on %s'))
-    result = orch("resume", run_id, "--steps", "20", "--wait")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "frozen-code rank 0/2" in logs()
-
-    Run(run_dir).freeze_code()  # what `orch resume --update-code` does before queueing
-    assert "frozen-code" not in frozen.read_text()
-    assert frozen.read_text() == (ROOT / "jobs/train.py").read_text()
