@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from orchestrator.core.config import PROJECT_ROOT, Profile
 from orchestrator.core.plan import Plan
+from orchestrator.core.settings import runs_root
 
 
 def fill_path(template: str, profile: Profile) -> str:
@@ -23,34 +24,46 @@ def fill_path(template: str, profile: Profile) -> str:
     return template.format(account_lower=account.lower(), user=getpass.getuser())
 
 
-def max_requeues(plan: Plan) -> int:
+def runs_location(profile: Profile) -> Path:
+    """The folder that holds the profile's run directories (the profile's `paths.runs`, else ORCH_HOME's)."""
+    return Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
+
+
+def max_requeues(plan: Plan | None) -> int:
     """Enough requeues for every allocation the plan needs, plus two for early signals; without an estimate,
-    the requeue-loop guard is what stops a chain."""
+    the requeue-loop guard is what stops a chain. A job without a plan (`orch doctor`) runs once."""
+    if plan is None:
+        return 0
     return plan.allocations + 2 if plan.tokens_per_s else 20
 
 
+def signal_delay_s(profile: Profile, plan: Plan | None) -> int:
+    """The plan's lead time for the warning signal; the profile's for a job without a plan."""
+    return plan.signal_delay_s if plan is not None else profile.signal_delay_s
+
+
 class Executor(Protocol):
-    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
-        """A configured submitit executor whose jobs keep their files under `folder`."""
+    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
+        """A configured submitit executor whose jobs keep their files under `folder`; `plan` None: a one-off job."""
 
     def environment(self, profile: Profile, log: Path) -> Any:
         """A context in which `submit` is called."""
 
-    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+    def script(self, profile: Profile, plan: Plan | None, run_dir: Path) -> str | None:
         """The job script the scheduler would receive, where there is one."""
 
 
 class LocalExecutor:
     """submitit's LocalExecutor: the profile's tasks as processes on this machine."""
 
-    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
+    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
         import submitit
 
         executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_requeues(plan))
         executor.update_parameters(
             tasks_per_node=profile.launch.tasks_per_node,
             timeout_min=profile.time_limit_min,
-            signal_delay_s=plan.signal_delay_s,
+            signal_delay_s=signal_delay_s(profile, plan),
         )
         return executor
 
@@ -80,14 +93,14 @@ class LocalExecutor:
             os.environ.update(saved_env)
             signal.signal(signal.SIGINT, saved_interrupt)
 
-    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+    def script(self, profile: Profile, plan: Plan | None, run_dir: Path) -> str | None:
         return None
 
 
 class SlurmExecutor:
     """submitit's SlurmExecutor: an sbatch script with one task per GPU (or per the profile's launch layout)."""
 
-    def make(self, profile: Profile, plan: Plan, folder: Path) -> Any:
+    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
         import submitit
 
         slurm = profile.slurm
@@ -101,7 +114,7 @@ class SlurmExecutor:
             "cpus_per_task": slurm.cpus_per_task,
             "time": int(profile.time_limit_min),
             "partition": slurm.partition,
-            "signal_delay_s": plan.signal_delay_s,
+            "signal_delay_s": signal_delay_s(profile, plan),
             "setup": setup_lines(profile),
             "wckey": slurm.wckey,  # None leaves it out (submitit's default, "submitit", is refused where enforced)
             # srun does not take --cpus-per-task from sbatch on Slurm 22.05-23.02; one crashed rank ends the step
@@ -124,7 +137,7 @@ class SlurmExecutor:
         """sbatch runs the setup lines on the node: nothing to change here."""
         yield
 
-    def script(self, profile: Profile, plan: Plan, run_dir: Path) -> str | None:
+    def script(self, profile: Profile, plan: Plan | None, run_dir: Path) -> str | None:
         """The exact script `sbatch` would receive for this run."""
         executor = self.make(profile, plan, run_dir / "submitit")
         return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")

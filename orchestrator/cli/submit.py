@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +98,22 @@ def attach_run_data(run: Run, recipe: Recipe) -> None:
 
 
 def launch(run: Run, profile: Profile, plan: Plan) -> str:
-    """Queue the run's next job and record it (the caller holds the run's lock). A refusal by the scheduler is
-    an OrchError with its message."""
-    executor = executor_for(profile)
-    try:
-        with executor.environment(profile, run.submitit_dir / "controller.log"):
-            job_id = executor.make(profile, plan, run.submitit_dir).submit(job_function(run)).job_id
-    except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
-        message = " ".join(str(err).split())[:1000] or type(err).__name__
-        raise OrchError(f"The {profile.executor} scheduler refused the job of run {run.id}: {message}") from None
+    """Queue the run's next job and record it (the caller holds the run's lock)."""
+    job_id = queue(profile, plan, run.submitit_dir, job_function(run), f"run {run.id}")
     run.add_job(job_id, profile.executor)
     return job_id
+
+
+def queue(profile: Profile, plan: Plan | None, folder: Path, job: Callable[[], Any], what: str) -> str:
+    """Queue `job` with the profile's executor, its submitit files under `folder`; returns the job id. A refusal by
+    the scheduler is an OrchError with its message, naming `what` the job was for."""
+    executor = executor_for(profile)
+    try:
+        with executor.environment(profile, folder / "controller.log"):
+            return executor.make(profile, plan, folder).submit(job).job_id
+    except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
+        message = " ".join(str(err).split())[:1000] or type(err).__name__
+        raise OrchError(f"The {profile.executor} scheduler refused the job of {what}: {message}") from None
 
 
 CONFIRM_TIMEOUT_S = 300
