@@ -55,10 +55,10 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 180)
 def test_two_hosts_train_requeue_and_resume_on_one_node_with_the_one_node_losses(
     orch_home: Path, two_node_slurm: None, request: pytest.FixtureRequest
 ):
-    """A 2-minute limit stops each allocation about 30 s after its ranks start (the plan's lead time for Slurm's signal),
-    so the first allocation trains, saves from all four ranks and requeues; the requeued job is cancelled and the run
-    resumed on one node for 10 more steps. The steps are set after the fact, so a machine of any speed covers both
-    node counts."""
+    """A 2-minute limit stops each allocation about 30 s after its ranks start (the plan's lead time for Slurm's
+    signal), so the first allocation trains, saves from all four ranks and requeues; the requeued job is cancelled
+    and the run resumed on one node for 10 more steps. The steps are set after the fact, so a machine of any speed
+    covers both node counts."""
     run_id = submitted_run_id(
         orch("submit", "--profile", "local-slurm-2node", "--recipe", "tiny", "--steps", "200", "--time", "2")
     )

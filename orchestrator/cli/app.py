@@ -94,12 +94,16 @@ def resume(
     from_scratch: Annotated[
         bool, typer.Option(help="train from step 0 when no committed checkpoint can be loaded (else the job stops)")
     ] = False,
+    update_code: Annotated[
+        bool, typer.Option(help="run the checkout's code from now on instead of the code frozen at submission")
+    ] = False,
 ) -> None:
     """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
     from orchestrator.cli.submit import resume as resume_run
 
     run = get_run_or_latest(run_id)
-    job_id = resume_run(run, steps, profile, collect_overrides(account, nodes, time, set_), force, from_scratch)
+    overrides = collect_overrides(account, nodes, time, set_)
+    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code)
     console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
     if wait:
         finish(run)
@@ -295,23 +299,34 @@ def logs(
 
 
 @app.command()
-def sync(run_id: Annotated[str, typer.Argument(help="the run")]) -> None:
-    """Send the metrics a tracking outage left in the run directory to MLflow (each step once)."""
+def sync(
+    run_id: Annotated[Optional[str], typer.Argument(help="one run; without it, every run whose profile spools")] = None,
+    follow: Annotated[bool, typer.Option(help="keep sending, as the tracking store's single writer")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between rounds with --follow")] = 30.0,
+) -> None:
+    """Send spooled metrics to MLflow (each step once): one run's after a tracking outage, or those of every run whose
+    profile has `job_tracking: spool`, whose jobs leave the sending to this command (or `orch ui`)."""
     from orchestrator.core.rundir import get_run
+    from orchestrator.tools.sync import follow as follow_runs
+    from orchestrator.tools.sync import spooling_runs, sync_run
 
-    run = get_run(run_id)
-    from jobs.tracking import send
-    from orchestrator.core.runfiles import committed_step
-
-    through = committed_step(run.checkpoints_dir)
-    if through is None:
-        raise OrchError(f"Run {run.id} has no committed checkpoint yet: no metrics are due in MLflow.")
-    uri = run.tracking_uri
-    try:
-        sent = send(run.dir, uri, through, {}, {})
-    except Exception as err:  # noqa: BLE001 - any failure to reach the server is the user's to know
-        raise OrchError(f"Tracking server {uri} unreachable: {err}") from None
-    console.print(f"MLflow has the metrics of run {run.id} through step {sent}.")
+    if interval <= 0:
+        raise OrchError(f"Option --interval is {interval:g}. Allowed: a number of seconds above 0.")
+    if follow:
+        console.print(f"Sending the metrics of spooling runs every {interval:g} s; Ctrl-C stops.")
+        try:
+            follow_runs(interval)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+    for run in [get_run(run_id)] if run_id else spooling_runs():
+        try:
+            sent = sync_run(run)
+        except Exception as err:  # noqa: BLE001 - any failure to reach the server is the user's to know
+            raise OrchError(f"Tracking server {run.tracking_uri} unreachable: {err}") from None
+        if sent is None:
+            console.print(f"Run {run.id} has no committed checkpoint yet: no metrics are due in MLflow.")
+        else:
+            console.print(f"MLflow has the metrics of run {run.id} through step {sent}.")
 
 
 @app.command()

@@ -42,6 +42,13 @@ def signal_delay_s(profile: Profile, plan: Plan | None) -> int:
     return plan.signal_delay_s if plan is not None else profile.signal_delay_s
 
 
+def from_frozen_code(profile: Profile, code_dir: Path) -> Profile:
+    """The profile a run's job is queued with: its Python imports the run's `code/` ahead of any checkout, and not
+    even from the folder it starts in (PYTHONSAFEPATH), so every requeue runs the code that was submitted."""
+    frozen = {"PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
+    return profile.model_copy(update={"env_vars": {**profile.env_vars, **frozen}})
+
+
 class Executor(Protocol):
     def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
         """A configured submitit executor whose jobs keep their files under `folder`; `plan` None: a one-off job."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.executors import executor_for, fill_path
+from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
 from orchestrator.cli.submit import Request
 from orchestrator.core.plan import Plan
 from orchestrator.core.settings import runs_root
@@ -79,7 +79,8 @@ def show_plan(request: Request, console: Console) -> None:
     console.print(table)
     profile = request.profile
     root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
-    script = executor_for(profile).script(profile, request.plan, root / "RUN_ID")
+    run_dir = root / "RUN_ID"
+    script = executor_for(profile).script(from_frozen_code(profile, run_dir / "code"), request.plan, run_dir)
     if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli.executors import executor_for, fill_path
+from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
 from orchestrator.core.config import (
     PROJECT_ROOT,
     Profile,
@@ -83,6 +83,7 @@ def submit(request: Request) -> Run:
     try:
         with run.lock():
             attach_run_data(run, request.recipe)
+            run.freeze_code()
             launch(run, profile, request.plan)
     except BaseException:
         remove_run(run)
@@ -99,7 +100,7 @@ def attach_run_data(run: Run, recipe: Recipe) -> None:
 
 def launch(run: Run, profile: Profile, plan: Plan) -> str:
     """Queue the run's next job and record it (the caller holds the run's lock)."""
-    job_id = queue(profile, plan, run.submitit_dir, job_function(run), f"run {run.id}")
+    job_id = queue(from_frozen_code(profile, run.code_dir), plan, run.submitit_dir, job_function(run), f"run {run.id}")
     run.add_job(job_id, profile.executor)
     return job_id
 
@@ -137,9 +138,10 @@ def resume(
     overrides: list[dict[str, Any]],
     force: bool,
     from_scratch: bool = False,
+    update_code: bool = False,
 ) -> str:
     """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
-    run changes unless the job is queued."""
+    run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for)."""
     with run.lock():
         jobs, report, info = run.jobs, run.progress, run.info
         if jobs and job_alive(jobs[-1]):
@@ -172,6 +174,8 @@ def resume(
                 "from_scratch": from_scratch,
             }
         )
+        if update_code or not run.code_dir.is_dir():  # runs submitted before code was frozen get it now
+            run.freeze_code()
         with rewritten(run.dir / "run.json", json.dumps(changed.model_dump(), indent=2, sort_keys=True)):
             with rewritten(run.dir / "profile.yaml", dump(profile)):
                 return launch(run, profile, plan)
