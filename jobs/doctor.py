@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import re
 import resource
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -34,6 +36,7 @@ from orchestrator.core.doctor import (
     Network,
     Probe,
     RankReport,
+    SlurmSettings,
     Software,
     Storage,
 )
@@ -92,8 +95,36 @@ def examine(request: DoctorRequest, rank: int, world: int, device: Any, job_id: 
     reports: list[Any] = [None] * world
     dist.all_gather_object(reports, report)
     if rank == 0:
-        done = DoctorReport(request=request, job_id=job_id, finished=time.time(), ranks=reports)
+        done = DoctorReport(request=request, job_id=job_id, finished=time.time(), ranks=reports, slurm=slurm())
         write_json_atomic(Path(request.folder) / DOCTOR_FILE, done.model_dump(mode="json"))
+
+
+def slurm() -> SlurmSettings | None:
+    """The site's settings as `scontrol` tells them inside the job (None outside Slurm)."""
+    partition = os.environ.get("SLURM_JOB_PARTITION")
+    if "SLURM_JOB_ID" not in os.environ or shutil.which("scontrol") is None:
+        return None
+    config = scontrol_pairs(["show", "config"], r"^(\S+)\s+=\s+(.*)$")
+    part = scontrol_pairs(["show", "partition", partition], r"(\w+)=(\S*)") if partition else {}
+    return SlurmSettings(
+        version=config.get("SLURM_VERSION"),
+        job_requeue=config.get("JobRequeue"),
+        enforce=config.get("AccountingStorageEnforce"),
+        preempt_type=config.get("PreemptType"),
+        preempt_parameters=config.get("PreemptParameters"),
+        partition=partition,
+        partition_preempt_mode=part.get("PreemptMode"),
+        grace_time=part.get("GraceTime"),
+    )
+
+
+def scontrol_pairs(arguments: list[str], pattern: str) -> dict[str, str]:
+    """`key = value` lines or `Key=Value` words of an scontrol command; empty when it fails."""
+    try:
+        out = subprocess.run(["scontrol", *arguments], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {key: value.strip() for key, value in re.findall(pattern, out, flags=re.MULTILINE)}
 
 
 def software() -> Software:

@@ -22,6 +22,7 @@ from orchestrator.core.doctor import (
     Network,
     Probe,
     RankReport,
+    SlurmSettings,
     Software,
     Storage,
 )
@@ -184,6 +185,26 @@ def test_profile_settings_change_what_warns():
     assert statuses(gpu_report(excluding))["NCCL/Gloo variables"] == "info"  # an exclusion names nothing to look for
 
 
+def test_slurm_settings_the_profile_does_not_match_warn():
+    preempting = SlurmSettings(
+        version="23.02.7",
+        job_requeue="0",
+        enforce="associations,limits,qos,wckeys",
+        preempt_type="preempt/partition_prio",
+        preempt_parameters=None,
+        partition="qgpu_preempt",
+        partition_preempt_mode="REQUEUE",
+        grace_time="60",
+    )
+    report = gpu_report().model_copy(update={"slurm": preempting})
+    said = finding(report, "slurm")
+    assert statuses(report)["slurm"] == "warn" and "slurm.wckey" in said and "preemptible: true" in said
+    assert "SIGTERM only" in said
+    matching = gpu_report(preemptible=True, wckey="orch").model_copy(update={"slurm": preempting})
+    assert statuses(matching)["slurm"] == "ok"
+    assert statuses(gpu_report())["slurm"] == "info"  # no Slurm settings: not a Slurm job
+
+
 def test_the_table_shows_every_check_with_its_status():
     report = gpu_report(with_rank(2, nofile_soft=1024))
     out = Console(record=True, width=200)
@@ -236,6 +257,8 @@ def test_doctor_on_local_slurm_reports_both_ranks(orch_home: Path):
         assert rank["tracking"]["ok"], rank["tracking"]
         assert rank["gpus"]["device"].startswith("cpu") and rank["network"]["interfaces"]["lo"]
     assert {c["name"] for c in report["checks"]} >= {"open files", "file locks", "tracking store", "write speed"}
+    assert report["slurm"]["version"] and report["slurm"]["partition"] == "debug"
+    assert report["slurm"]["partition_preempt_mode"] == "OFF" and report["slurm"]["job_requeue"] is not None
     folder = Path(report["request"]["folder"])
     assert (folder / "doctor.json").is_file() and folder.parent == orch_home / "doctor"
     assert not list((orch_home / "runs").glob(".doctor-*"))  # the probe files are gone

@@ -44,6 +44,8 @@ class DoctorRequest(RunFile):
     runs_dir: str  # where the profile keeps run directories: the filesystem measured
     tracking_uri: str
     job_tracking: Literal["direct", "spool"]  # spool: the nodes never write to the store, the login node does
+    preemptible: bool = False  # the profile expects preemption by SIGTERM
+    wckey: str | None = None  # the profile's wckey for the job script
 
 
 class Probe(RunFile):
@@ -125,6 +127,19 @@ class Check(BaseModel):
     finding: str
 
 
+class SlurmSettings(RunFile):
+    """What the site's Slurm does that a job script must not assume (`scontrol show config` and the partition)."""
+
+    version: str | None
+    job_requeue: str | None  # JobRequeue: whether jobs are requeued without --requeue
+    enforce: str | None  # AccountingStorageEnforce: "wckeys" in it refuses jobs without a known wckey
+    preempt_type: str | None
+    preempt_parameters: str | None  # send_user_signal: preemption warns with the job's signal (USR2) first
+    partition: str | None
+    partition_preempt_mode: str | None  # OFF, REQUEUE, CANCEL, SUSPEND, ...
+    grace_time: str | None  # seconds between SIGTERM and SIGKILL on preemption
+
+
 class DoctorReport(RunFile):
     """doctor.json, written by the job's rank 0. `checks` is derived, and recomputed whenever the file is read."""
 
@@ -132,6 +147,7 @@ class DoctorReport(RunFile):
     job_id: str
     finished: float
     ranks: list[RankReport]
+    slurm: SlurmSettings | None = None  # None: not a Slurm job (or scontrol could not be run)
 
     @computed_field
     @property
@@ -381,6 +397,26 @@ def allreduce_checks(report: DoctorReport) -> list[Check]:
     return checks
 
 
+def check_slurm(report: DoctorReport) -> Check:
+    """The Slurm settings the profile must match: wckeys where enforced, `preemptible` where the partition preempts."""
+    slurm = report.slurm
+    if slurm is None:
+        return Check(name="slurm", status="info", finding="not a Slurm job")
+    facts = (
+        f"Slurm {slurm.version}, JobRequeue={slurm.job_requeue} (the job script asks --requeue itself), "
+        f"partition {slurm.partition} PreemptMode={slurm.partition_preempt_mode}, GraceTime={slurm.grace_time} s"
+    )
+    problems = []
+    if "wckeys" in (slurm.enforce or "") and not report.request.wckey:
+        problems.append("the site enforces wckeys: set slurm.wckey in the profile")
+    preempts = (slurm.partition_preempt_mode or "OFF").upper() not in ("OFF", "")
+    if preempts and not report.request.preemptible:
+        problems.append("the partition preempts: set `preemptible: true` so a preemption saves at the next step")
+    if preempts and "send_user_signal" not in (slurm.preempt_parameters or ""):
+        facts += "; preemption sends SIGTERM only (no warning signal)"
+    return Check(name="slurm", status="warn" if problems else "ok", finding="; ".join([*problems, facts]))
+
+
 RULES: tuple[Callable[[DoctorReport], Check], ...] = (
     check_ranks,
     check_software,
@@ -394,4 +430,5 @@ RULES: tuple[Callable[[DoctorReport], Check], ...] = (
     check_tracking,
     check_network_variables,
     check_interfaces,
+    check_slurm,
 )

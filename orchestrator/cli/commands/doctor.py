@@ -82,6 +82,8 @@ def doctor_request(name: str, profile: Profile) -> DoctorRequest:
         runs_dir=str(runs_location(profile)),
         tracking_uri=tracking_uri(profile.tracking_uri),
         job_tracking=profile.job_tracking,
+        preemptible=profile.preemptible,
+        wckey=profile.slurm.wckey if profile.slurm else None,
     )
 
 
