@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.executors import SlurmExecutor
+from orchestrator.cli.executors import SlurmExecutor, from_frozen_code
 from orchestrator.cli.submit import build_request
 from orchestrator.core.config import load_profile, parse_assignment
 from orchestrator.core.errors import OrchError
@@ -29,7 +29,8 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
     request = build_request(
         "karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}]
     )
-    script = SlurmExecutor().script(request.profile, request.plan, Path("/scratch/project/open-29-12/orch/runs/RUN"))
+    run_dir = Path("/scratch/project/open-29-12/orch/runs/RUN")
+    script = SlurmExecutor().script(from_frozen_code(request.profile, run_dir / "code"), request.plan, run_dir)
     for directive in (
         "--nodes=2",
         "--ntasks-per-node=8",
@@ -43,7 +44,8 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
     ):
         assert f"#SBATCH {directive}\n" in script
     assert "export ORCH_VENV=/scratch/project/open-29-12/orch/venv\n" in script
-    assert f"source {ROOT}/envs/karolina.sh\n" in script
+    assert f"source {run_dir}/code/envs/karolina.sh\n" in script  # the run's frozen copy, not the checkout's
+    assert f"export PYTHONPATH={run_dir}/code\nexport PYTHONSAFEPATH=1\n" in script
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
     assert "#SBATCH --requeue\n" in script and "--wckey" not in script  # requeue always; no wckey the site may refuse
     assert "--cpus-per-task=16 --kill-on-bad-exit=1 python" in script  # srun gets both itself

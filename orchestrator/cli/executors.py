@@ -44,9 +44,13 @@ def signal_delay_s(profile: Profile, plan: Plan | None) -> int:
 
 def from_frozen_code(profile: Profile, code_dir: Path) -> Profile:
     """The profile a run's job is queued with: its Python imports the run's `code/` ahead of any checkout, and not
-    even from the folder it starts in (PYTHONSAFEPATH), so every requeue runs the code that was submitted."""
+    even from the folder it starts in (PYTHONSAFEPATH), and it sources the environment script of that copy, so every
+    requeue runs the code that was submitted."""
     frozen = {"PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
-    return profile.model_copy(update={"env_vars": {**profile.env_vars, **frozen}})
+    update: dict[str, Any] = {"env_vars": {**profile.env_vars, **frozen}}
+    if profile.env_script:  # absolute: setup_lines joins it to PROJECT_ROOT, which an absolute path replaces
+        update["env_script"] = str(code_dir / profile.env_script)
+    return profile.model_copy(update=update)
 
 
 class Executor(Protocol):
