@@ -6,7 +6,10 @@
 
 # Module versions: the one place to change them (`ml av Python CUDA` on a login node lists the current ones).
 ORCH_MODULES=(Python/3.11.5-GCCcore-13.2.0 CUDA/12.4.0)
-ORCH_TORCH="torch==2.13.0"             # a CUDA 12 build from PyPI; orch needs torch >= 2.13
+ORCH_TORCH="torch==2.13.0"             # orch needs torch >= 2.13
+# PyPI's default Linux build of torch 2.13 is for CUDA 13, which needs an NVIDIA driver >= 580; a CUDA 12 build
+# runs on the driver of any CUDA 12 module. Set ORCH_TORCH_INDEX= (empty) to take the default index instead.
+ORCH_TORCH_INDEX=${ORCH_TORCH_INDEX-https://download.pytorch.org/whl/cu128}
 : "${ORCH_VENV:?set ORCH_VENV to the virtual environment folder, e.g. /scratch/project/<id>/orch/venv}"
 ORCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -23,9 +26,10 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   "$ORCH_VENV/bin/python" -m pip install --upgrade pip
   # The tested versions of everything but torch (the lock's torch is the CPU build of envs/local.sh).
   grep -v '^torch==' "$ORCH_REPO/envs/requirements.lock" > "$ORCH_VENV/constraints.txt"
+  "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
   "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "$ORCH_REPO"
   # flash-attn 2 is optional: SDPA runs when it is missing.
-  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "$ORCH_REPO[gpu]" --no-build-isolation || \
+  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation || \
     echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
   echo "Karolina environment ready in $ORCH_VENV"
 else
