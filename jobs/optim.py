@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from lion_pytorch import Lion
 
 from orchestrator.core.config import OptimizerSpec, ScheduleSpec
+from orchestrator.core.schedule import lr_factor
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
 
 def build_optimizer(params, spec: OptimizerSpec) -> Lion:
@@ -15,17 +16,21 @@ def build_optimizer(params, spec: OptimizerSpec) -> Lion:
     return Lion(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, decoupled_weight_decay=True)
 
 
-def lr_factor(step: int, spec: ScheduleSpec) -> float:
-    """Multiplier of the peak lr at scheduler step `step` (0-based).
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR over `lr_factor`. A checkpoint restores the step; the rate at that step is then taken from the
+    recipe's schedule, not from the checkpoint, so that a schedule changed by `orch resume --beyond-schedule extend`
+    applies from the first step after the resume (an unchanged schedule gives the very same rate)."""
 
-    Warmup rises linearly to 1 at `warmup_steps` (step 0 already trains, at 1/warmup of the peak);
-    then a cosine falls from 1 to `alpha` at `total_steps` and stays there.
-    """
-    if step < spec.warmup_steps:
-        return (step + 1) / spec.warmup_steps
-    progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.total_steps - spec.warmup_steps))
-    return spec.alpha + (1 - spec.alpha) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __init__(self, optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> None:
+        super().__init__(optimizer, lambda step: lr_factor(step, spec))  # a function: state_dict leaves it out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        rates = [base * factor(self.last_epoch) for factor, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
+        self._last_lr = rates
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> StepSchedule:
+    return StepSchedule(optimizer, spec)

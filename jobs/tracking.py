@@ -159,20 +159,29 @@ def flatten(prefix: str, data: Any) -> dict[str, str]:
 
 
 def describe(run: Run) -> tuple[dict[str, Any], dict[str, str]]:
-    """The MLflow run's parameters (the resolved recipe and profile, steps, world size) and tags, from the run
-    directory: the same whether the job or `orch sync` creates the MLflow run."""
-    plan = make_plan(run.profile(), run.recipe(), run.info.steps)
+    """The MLflow run's parameters (the resolved recipe and profile, steps, world size, the command line's
+    overrides as `overrides.recipe.…` and `overrides.profile.…`) and tags, from the run directory: the same whether
+    the job or `orch sync` creates the MLflow run. Parameters are fixed when the MLflow run is created; tags follow
+    later changes (a schedule that `orch resume --beyond-schedule` extended)."""
+    info, recipe = run.info, run.recipe()
+    plan = make_plan(run.profile(), recipe, info.steps)
     params = {
         "recipe": yaml.safe_load((run.dir / "recipe.yaml").read_text()),
         "profile": yaml.safe_load((run.dir / "profile.yaml").read_text()),
         "run": {"steps": plan.steps, "world_size": plan.world_size, "grad_accum": plan.grad_accum},
     }
+    if info.overrides:
+        params["overrides"] = dict(text.split("=", 1) for text in info.overrides)
     tags = {
         "orch.job_ids": ",".join(j.job_id for j in run.jobs),
-        "orch.profile": run.info.profile,
-        "orch.recipe": run.info.recipe,
-        "orch.git_commit": run.info.git_commit or "unknown",
+        "orch.profile": info.profile,
+        "orch.recipe": info.recipe,
+        "orch.git_commit": info.git_commit or "unknown",
     }
+    if info.sweep:
+        tags["orch.sweep"] = info.sweep
+    if info.beyond_schedule:
+        tags["orch.beyond_schedule"] = f"{info.beyond_schedule} (schedule.total_steps {recipe.schedule.total_steps})"
     return params, tags
 
 

@@ -44,37 +44,55 @@ def submit(
     nodes: Annotated[Optional[int], typer.Option(help="number of nodes")] = None,
     time: Annotated[Optional[str], typer.Option(help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM")] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="override any profile field: FIELD=VALUE (repeatable)")
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help="override a field: recipe.FIELD=VALUE, profile.FIELD=VALUE, or FIELD=VALUE for a profile field "
+            "(repeatable)",
+        ),
+    ] = None,
+    sweep: Annotated[
+        Optional[list[str]],
+        typer.Option(help="one run per value: FIELD=V1,V2,... as for --set (repeatable: every combination)"),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan and the job script; submit nothing")] = False,
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
-    """Validate, plan, create a run and submit its training job."""
-    from orchestrator.cli.submit import build_request
+    """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
+    from orchestrator.cli.submit import build_requests, submit_sweep
     from orchestrator.cli.submit import submit as submit_run
+    from orchestrator.core.config import parse_sweep, sweep_points
 
-    request = build_request(profile, recipe, steps, collect_overrides(account, nodes, time, set_))
+    points = sweep_points(collect_overrides(account, nodes, time, set_), [parse_sweep(text) for text in sweep or []])
+    requests = build_requests(profile, recipe, steps, points)  # every point checked before any is submitted
     if dry_run:
-        from orchestrator.cli.show import show_plan
+        from orchestrator.cli.show import show_plan, show_sweep
 
-        show_plan(request, console)
+        if sweep:
+            show_sweep(requests, console)
+        else:
+            show_plan(requests[0], console)
         return
-    run = submit_run(request)
-    console.print(f"Submitted run [bold]{run.id}[/] (job {run.jobs[-1].job_id}), run directory {run.dir}")
+    sweep_id, runs = submit_sweep(requests) if sweep else (None, [submit_run(requests[0])])
+    for run in runs:
+        console.print(f"Submitted run [bold]{run.id}[/] (job {run.jobs[-1].job_id}), run directory {run.dir}")
     if wait:
-        finish(run)
+        finish_all(runs)
+    elif sweep_id:
+        console.print(f"Sweep {sweep_id}: {len(runs)} runs. Follow them with: orch status")
     else:
-        console.print(f"Follow it with: orch status {run.id}")
+        console.print(f"Follow it with: orch status {runs[0].id}")
 
 
 def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
-    """The command line's profile overrides, in the order they apply."""
-    from orchestrator.core.config import parse_assignment
+    """The command line's overrides, in the order they apply: --set (of the profile or the recipe), then the
+    profile's --account, --nodes and --time."""
+    from orchestrator.core.config import Override, parse_override
 
-    overrides = [parse_assignment(text) for text in assignments or []]
-    overrides += [{"slurm": {"account": account}}] if account else []
-    overrides += [{"nodes": nodes}] if nodes is not None else []
-    overrides += [{"time_limit_min": parse_minutes(time)}] if time else []
+    overrides = [parse_override(text) for text in assignments or []]
+    overrides += [Override("profile", "slurm.account", account, "--account")] if account else []
+    overrides += [Override("profile", "nodes", nodes, "--nodes")] if nodes is not None else []
+    overrides += [Override("profile", "time_limit_min", parse_minutes(time), "--time")] if time else []
     return overrides
 
 
@@ -87,6 +105,13 @@ def resume(
     nodes: Annotated[Optional[int], typer.Option(help="number of nodes (the global batch stays the recipe's)")] = None,
     time: Annotated[Optional[str], typer.Option(help="time limit per allocation")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a profile field: FIELD=VALUE")] = None,
+    beyond_schedule: Annotated[
+        Optional[str],
+        typer.Option(
+            help="when --steps goes past the end of the run's learning-rate schedule: refuse (the default), extend "
+            "(the schedule ends at --steps) or floor (the steps past its end train at alpha × peak); docs/recipes.md"
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="cancel a live job first and resume once the scheduler confirms it is gone")
     ] = False,
@@ -103,8 +128,12 @@ def resume(
 
     run = get_run_or_latest(run_id)
     overrides = collect_overrides(account, nodes, time, set_)
-    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code)
+    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code, beyond_schedule)
     console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
+    if beyond_schedule:
+        from orchestrator.cli.show import show_run_schedule
+
+        show_run_schedule(run, console)
     if wait:
         finish(run)
 
@@ -172,6 +201,23 @@ def parse_minutes(text: str) -> float:
     return total_s / 60
 
 
+def finish_all(runs) -> None:
+    """Follow each run to its end; exits non-zero unless every one completed."""
+    failed = []
+    for run in runs:
+        try:
+            finish(run)
+        except OrchError as err:
+            if len(runs) == 1:
+                raise
+            from rich.markup import escape
+
+            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            failed.append(run.id)
+    if failed:
+        raise OrchError(f"{len(failed)} of {len(runs)} runs did not complete: {', '.join(failed)}.")
+
+
 def finish(run) -> None:
     """Follow the run to its end (`--wait`); Ctrl-C stops the following, never the job."""
     from orchestrator.cli.follow import follow
@@ -225,9 +271,12 @@ def status(
         ]
         for s in summaries
     ]
-    print_columns(
-        ["run", "state", "step", "loss", "tok/s", "ETA", "checkpoint", "allocations", "node-h", "profile"], rows
-    )
+    headers = ["run", "state", "step", "loss", "tok/s", "ETA", "checkpoint", "allocations", "node-h", "profile"]
+    if any(s["sweep"] for s in summaries):  # runs of a sweep say which
+        headers.append("sweep")
+        for row, s in zip(rows, summaries, strict=True):
+            row.append(s["sweep"] or "-")
+    print_columns(headers, rows)
     for s in summaries:
         if run_id and s["error"]:
             console.print(f"[red]{s['error']}[/]")

@@ -9,20 +9,27 @@ from rich.table import Table
 
 from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
 from orchestrator.cli.submit import Request
+from orchestrator.core.config import Recipe
 from orchestrator.core.plan import Plan
-from orchestrator.core.settings import runs_root
+from orchestrator.core.rundir import Run, new_run_id
+from orchestrator.core.schedule import describe as describe_schedule
+from orchestrator.core.settings import orch_home, runs_root
+from orchestrator.tools.schedule_plot import plot_schedules
 
 
 def plan_rows(request: Request) -> list[tuple[str, str]]:
     profile, plan = request.profile, request.plan
+    extends = f" (extends {request.recipe.extends})" if request.recipe.extends else ""
     rows = [
-        ("profile / recipe", f"{request.info['profile']} / {request.info['recipe']}"),
+        ("profile / recipe", f"{request.info['profile']} / {request.info['recipe']}{extends}"),
+        *([("overrides", ", ".join(request.info["overrides"]))] if request.info["overrides"] else []),
         ("nodes × ranks per node", f"{plan.nodes} × {profile.launch.tasks_per_node} = {plan.world_size} ranks"),
         ("GPUs", f"{profile.gpus} × {profile.node.gpu_model}" if profile.gpus else "none (CPU)"),
         ("micro batch × grad accumulation", f"{plan.micro_batch} × {plan.grad_accum} per rank"),
         ("train settings", train_settings(plan)),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("steps / total tokens", f"{plan.steps:,} / {plan.total_tokens / 1e9:,.1f} B"),
+        ("learning rate", describe_schedule(plan.recipe.schedule, plan.recipe.optimizer.lr, plan.steps)),
         ("model", f"{plan.parameters / 1e9:.3f} B parameters, {plan.flops_per_token / 1e9:.2f} GFLOP per token"),
         ("data", data_row(request)),
     ]
@@ -77,6 +84,8 @@ def show_plan(request: Request, console: Console) -> None:
     for name, value in plan_rows(request):
         table.add_row(name, value)
     console.print(table)
+    curve = draw_schedules({request.info["recipe"]: request.recipe}, request.plan.steps, request.info["recipe"])
+    console.print(f"learning-rate curve: {curve}", highlight=False, soft_wrap=True)
     profile = request.profile
     root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
     run_dir = root / "RUN_ID"
@@ -84,3 +93,44 @@ def show_plan(request: Request, console: Console) -> None:
     if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)
+
+
+def show_sweep(requests: list[Request], console: Console) -> None:
+    """A sweep's points, each with its plan in brief, and their learning-rate curves in one PNG."""
+    table = Table(title=f"Sweep of {len(requests)} runs (dry run: nothing submitted)")
+    for column in ("point", "overrides", "steps / tokens", "wall time", "node-hours", "learning rate"):
+        table.add_column(column)
+    curves = {}
+    for number, request in enumerate(requests, 1):
+        plan, profile = request.plan, request.profile
+        varying = ", ".join(o for o in request.info["overrides"] if any(o not in r.info["overrides"] for r in requests))
+        node_hours = f"{profile.gpus * plan.hours / profile.node.gpus:,.0f}" if plan.tokens_per_s else "-"
+        table.add_row(
+            str(number),
+            varying,
+            f"{plan.steps:,} / {plan.total_tokens / 1e9:,.1f} B",
+            f"{plan.hours:,.1f} h" if plan.tokens_per_s else "-",
+            node_hours,
+            describe_schedule(plan.recipe.schedule, plan.recipe.optimizer.lr, plan.steps),
+        )
+        curves[f"{number}: {varying}"] = request.recipe
+    console.print(table)
+    common = [o for o in requests[0].info["overrides"] if all(o in r.info["overrides"] for r in requests)]
+    if common:
+        console.print(f"every point also: {', '.join(common)}", highlight=False, soft_wrap=True)
+    steps = max(r.plan.steps for r in requests)
+    curve = draw_schedules(curves, steps, f"sweep-{requests[0].info['recipe']}")
+    console.print(f"learning-rate curves: {curve}", highlight=False, soft_wrap=True)
+
+
+def show_run_schedule(run: Run, console: Console) -> None:
+    """The schedule a resumed run trains with, as text and as lr_schedule.png in its run directory."""
+    recipe, steps = run.recipe(), run.info.steps
+    console.print(f"learning rate: {describe_schedule(recipe.schedule, recipe.optimizer.lr, steps)}", highlight=False)
+    curve = plot_schedules({run.id: recipe}, steps, run.dir / "lr_schedule.png")
+    console.print(f"learning-rate curve: {curve}", highlight=False, soft_wrap=True)
+
+
+def draw_schedules(curves: dict[str, Recipe], steps: int, name: str) -> Path:
+    """The curves as lr_schedule.png in a new folder of $ORCH_HOME/dry-runs (a dry run writes no run directory)."""
+    return plot_schedules(curves, steps, orch_home() / "dry-runs" / new_run_id(name) / "lr_schedule.png")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
 from orchestrator.core.config import (
     PROJECT_ROOT,
+    Override,
     Profile,
     Recipe,
     dump_yaml,
@@ -19,6 +20,7 @@ from orchestrator.core.config import (
     load_recipe,
     merge_all,
     read_yaml,
+    shown,
     validate,
 )
 from orchestrator.core.errors import OrchError
@@ -26,7 +28,8 @@ from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
 from orchestrator.core.preflight import checked_plan
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
-from orchestrator.core.runfiles import JobRecord
+from orchestrator.core.runfiles import JobRecord, committed_step
+from orchestrator.core.schedule import extended, extension_effect
 from orchestrator.core.scheduler import cancel_job, job_alive, wait_until_gone
 from orchestrator.core.settings import named_tracking_uri
 
@@ -42,11 +45,12 @@ class Request:
 
 
 def build_request(
-    profile_name: str, recipe_name: str | None, steps: int, overrides: list[dict[str, Any]] = ()
+    profile_name: str, recipe_name: str | None, steps: int, overrides: Sequence[Override | dict[str, Any]] = ()
 ) -> Request:
-    """Load and check everything before anything is written or submitted; no recipe named: the profile's."""
-    profile_path, profile = load_profile(profile_name, overrides)
-    recipe_path, recipe = load_recipe(recipe_name or profile.default_recipe)
+    """Load and check everything before anything is written or submitted; no recipe named: the profile's. An
+    override is an `Override` of the profile or the recipe, or a mapping laid over the profile."""
+    profile_path, profile = load_profile(profile_name, profile_layers(overrides))
+    recipe_path, recipe = load_recipe(recipe_name or profile.default_recipe, [o for o in overrides if is_recipe(o)])
     plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
     info = {
         "profile": profile_path.stem,
@@ -57,8 +61,34 @@ def build_request(
         "tracking_uri": named_tracking_uri(profile.tracking_uri),  # None: the embedded store beside the run
         "stop_before_end_s": plan.stop_before_end_s,
         "git_commit": git_commit(),
+        "overrides": [str(o) for o in overrides if isinstance(o, Override)],
     }
     return Request(profile, plan.recipe, plan, info)  # `auto` train settings decided: the run's recipe.yaml keeps them
+
+
+def build_requests(
+    profile_name: str, recipe_name: str | None, steps: int, points: list[list[Override]]
+) -> list[Request]:
+    """A request per point of a sweep (`orchestrator.core.config.sweep_points`), every one checked before any is
+    submitted; a refusal names the point."""
+    requests = []
+    for number, point in enumerate(points, 1):
+        swept = ", ".join(str(o) for o in point if o.option == "--sweep")
+        try:
+            requests.append(build_request(profile_name, recipe_name, steps, point))
+        except OrchError as err:
+            if not swept:
+                raise
+            raise OrchError(f"Sweep point {number} of {len(points)} ({swept}): {err}") from None
+    return requests
+
+
+def profile_layers(overrides: Sequence[Override | dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o.mapping() if isinstance(o, Override) else o for o in overrides if not is_recipe(o)]
+
+
+def is_recipe(override: Override | dict[str, Any]) -> bool:
+    return isinstance(override, Override) and override.target == "recipe"
 
 
 def git_commit() -> str | None:
@@ -69,7 +99,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def submit(request: Request) -> Run:
+def submit(request: Request, run_id: str | None = None) -> Run:
     """Create the run, attach its data and queue its job; if any of it fails, the new run is removed again."""
     profile = request.profile
     if request.recipe.data.source == "demo" and not profile.demo_data:
@@ -79,7 +109,8 @@ def submit(request: Request) -> Run:
             "a login or CPU node (`orch data prepare`, docs/data.md), then set data.source and data.tokenizer."
         )
     runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
-    run = create_run(new_run_id(request.info["recipe"]), request.info, dump(profile), dump(request.recipe), runs_dir)
+    run_id = run_id or new_run_id(request.info["recipe"])
+    run = create_run(run_id, request.info, dump(profile), dump(request.recipe), runs_dir)
     try:
         with run.lock():
             attach_run_data(run, request.recipe)
@@ -89,6 +120,25 @@ def submit(request: Request) -> Run:
         remove_run(run)
         raise
     return run
+
+
+def submit_sweep(requests: list[Request]) -> tuple[str, list[Run]]:
+    """One run per point of a sweep (every point checked before this), each a normal run whose run.json names the
+    sweep; run ids are the sweep's id and the point's number. A point the scheduler refuses stops the sweep with the
+    runs already queued named: they go on."""
+    sweep = new_run_id(requests[0].info["recipe"])
+    runs: list[Run] = []
+    for number, request in enumerate(requests, 1):
+        try:
+            runs.append(submit(replace(request, info={**request.info, "sweep": sweep}), f"{sweep}-p{number}"))
+        except OrchError as err:
+            queued = ", ".join(run.id for run in runs) or "none"
+            raise OrchError(
+                f"Sweep {sweep}: point {number} of {len(requests)} ({', '.join(request.info['overrides'])}) was not "
+                f"submitted: {err} Runs of the sweep already queued, which go on (`orch cancel RUN` stops one): "
+                f"{queued}."
+            ) from None
+    return sweep, runs
 
 
 def attach_run_data(run: Run, recipe: Recipe) -> None:
@@ -135,15 +185,22 @@ def resume(
     run: Run,
     steps: int | None,
     profile_name: str | None,
-    overrides: list[dict[str, Any]],
+    overrides: Sequence[Override | dict[str, Any]],
     force: bool,
     from_scratch: bool = False,
     update_code: bool = False,
+    beyond_schedule: str | None = None,
 ) -> str:
     """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
-    run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for)."""
+    run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for). Steps past
+    the end of the run's schedule need `beyond_schedule` (`past_schedule`)."""
+    check_resume_input(run, overrides, beyond_schedule)
     with run.lock():
-        jobs, report, info = run.jobs, run.progress, run.info
+        jobs, info = run.jobs, run.info
+        recipe_path = run.dir / "recipe.yaml"
+        stored = validate(recipe_path, Recipe, read_yaml(recipe_path))
+        start = committed_step(run.checkpoints_dir) or 0
+        recipe, choice = past_schedule(run, stored, steps or info.steps, start, beyond_schedule)  # before a --force
         if jobs and job_alive(jobs[-1]):
             if not force:
                 raise OrchError(
@@ -153,18 +210,16 @@ def resume(
                 )
             stop_and_confirm(run, jobs[-1])
         steps = steps or info.steps
-        done = report.step if report else 0
+        done = committed_step(run.checkpoints_dir) or 0  # where the next job starts (`orch rollback` may go back)
         if run.state() == "completed" and steps <= done:
             raise OrchError(
                 f"Run {run.id} already completed {done} steps; pass --steps N with N > {done} to train further."
             )
         if profile_name:
-            profile_path, profile = load_profile(profile_name, overrides)
+            profile_path, profile = load_profile(profile_name, profile_layers(overrides))
         else:
             profile_path = run.dir / "profile.yaml"
-            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), overrides))
-        recipe_path = run.dir / "recipe.yaml"
-        recipe = validate(recipe_path, Recipe, read_yaml(recipe_path))
+            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), profile_layers(overrides)))
         plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
         changed = info.model_copy(
             update={
@@ -172,13 +227,56 @@ def resume(
                 "profile": profile_name or info.profile,
                 "stop_before_end_s": plan.stop_before_end_s,
                 "from_scratch": from_scratch,
+                "beyond_schedule": choice or info.beyond_schedule,
             }
         )
         if update_code or not run.code_dir.is_dir():  # runs submitted before code was frozen get it now
             run.freeze_code()
         with rewritten(run.dir / "run.json", json.dumps(changed.model_dump(), indent=2, sort_keys=True)):
             with rewritten(run.dir / "profile.yaml", dump(profile)):
-                return launch(run, profile, plan)
+                with rewritten(recipe_path, dump(recipe)) if recipe != stored else nullcontext():
+                    return launch(run, profile, plan)
+
+
+BEYOND_SCHEDULE = ("refuse", "extend", "floor")
+
+
+def check_resume_input(run: Run, overrides: Sequence[Override | dict[str, Any]], beyond_schedule: str | None) -> None:
+    """What `orch resume` cannot do, refused before the run is touched."""
+    if beyond_schedule not in (None, *BEYOND_SCHEDULE):
+        raise OrchError(
+            f"--beyond-schedule {shown(beyond_schedule)}: allowed: {', '.join(BEYOND_SCHEDULE)} (docs/recipes.md)."
+        )
+    fixed = [str(o) for o in overrides if is_recipe(o)]
+    if fixed:
+        raise OrchError(
+            f"--set {', '.join(fixed)}: the recipe of run {run.id} was fixed at submission "
+            f"({run.dir / 'recipe.yaml'}); `orch resume` changes its profile, its length (--steps) and, past the "
+            "schedule's end, the schedule (--beyond-schedule). Submit a new run to train another recipe."
+        )
+
+
+def past_schedule(run: Run, recipe: Recipe, steps: int, at: int, choice: str | None) -> tuple[Recipe, str | None]:
+    """The recipe a resumed run trains with when `steps` goes past the end of its schedule, and the choice applied.
+    Without a choice this is refused where the run is asked to train further than before: it would train the steps
+    past the end at the schedule's floor without anyone having decided so. extend: the schedule ends at `steps`
+    (`orchestrator.core.schedule.extended`); floor: unchanged, the steps past its end train at alpha × peak."""
+    spec, peak = recipe.schedule, recipe.optimizer.lr
+    if steps <= spec.total_steps or (choice is None and steps <= run.info.steps):
+        return recipe, None
+    if choice == "extend":
+        return recipe.model_copy(update={"schedule": extended(spec, steps)}), choice
+    if choice == "floor":
+        return recipe, choice
+    floor = spec.alpha * peak
+    raise OrchError(
+        f"Run {run.id}: --steps {steps:,} goes past the end of its learning-rate schedule at step "
+        f"{spec.total_steps:,} ({spec.name}, schedule.total_steps in {run.dir / 'recipe.yaml'}), where the rate has "
+        f"reached its floor, alpha {spec.alpha:g} × peak {peak:g} = {floor:.3g}; nothing was submitted. Choose with "
+        f"--beyond-schedule: extend (schedule.total_steps becomes {steps:,}: "
+        f"{extension_effect(spec, steps, at, peak)}) or floor (steps {spec.total_steps:,} to {steps - 1:,} train "
+        f"at {floor:.3g}); refuse is the default. See the schedules in docs/recipes.md."
+    )
 
 
 @contextmanager

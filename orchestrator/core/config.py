@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import re
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -282,12 +284,44 @@ class OptimizerSpec(Strict):
 
 
 class ScheduleSpec(Strict):
-    """Linear warmup, then cosine decay to alpha × peak at total_steps (flat afterwards)."""
+    """The learning rate as a multiple of the peak (optimizer.lr), a function of the step alone
+    (`orchestrator.core.schedule`): linear warmup to the peak at `warmup_steps`, a decay that reaches `alpha` × peak
+    at `total_steps`, flat afterwards. cosine and linear decay over every step after the warmup; wsd
+    (warmup-stable-decay) holds the peak and decays over the last `decay_steps` only, so that a run is lengthened by
+    lengthening its stable phase (docs/recipes.md)."""
 
-    name: Literal["cosine"] = "cosine"
+    name: Literal["cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(ge=0)
-    total_steps: int = Field(ge=1)
+    total_steps: int = Field(ge=1, description="the step at which the rate reaches its floor, alpha × peak")
     alpha: float = Field(ge=0, le=1)
+    decay_steps: int | None = Field(default=None, ge=1, description="wsd: the length of the final decay (cooldown)")
+    decay_shape: Literal["1-sqrt", "linear", "cosine"] | None = Field(
+        default=None, description="wsd: the decay's shape; 1-sqrt when not given"
+    )
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> ScheduleSpec:
+        warmup, total, decay = self.warmup_steps, self.total_steps, self.decay_steps
+        if warmup > total:
+            raise ValueError(f"warmup_steps ({warmup}) is longer than total_steps ({total})")
+        if self.name != "wsd" and (decay is not None or self.decay_shape is not None):
+            raise ValueError(
+                f"decay_steps and decay_shape are for the wsd schedule; a {self.name} schedule decays over every "
+                "step after its warmup (total_steps - warmup_steps)"
+            )
+        if self.name == "wsd" and decay is None:
+            raise ValueError("the wsd schedule needs decay_steps, the length of its final decay")
+        if self.name == "wsd" and warmup + decay > total:
+            raise ValueError(
+                f"warmup_steps ({warmup}) + decay_steps ({decay}) is longer than total_steps ({total}); "
+                f"allowed: decay_steps up to {total - warmup}"
+            )
+        return self
+
+    @property
+    def decay_start(self) -> int:
+        """The step at which the decay starts from the peak: the end of the warmup, or of wsd's stable phase."""
+        return self.total_steps - self.decay_steps if self.name == "wsd" else self.warmup_steps
 
 
 class CheckpointSpec(Strict):
@@ -308,6 +342,7 @@ class Recipe(Strict):
     """What to train: independent of where it runs. `--steps` (training length) is not part of it."""
 
     description: str = ""
+    extends: str | None = Field(default=None, description="a recipe whose fields this one overrides")
     model: ModelSpec
     data: DataSpec
     train: TrainSpec
@@ -468,9 +503,9 @@ def available(directory: Path) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
-def resolve_file(kind: str, name: str, directory: Path) -> Path:
-    """A name from the catalogue, or a path to a YAML file."""
-    candidate = Path(name)
+def resolve_file(kind: str, name: str, directory: Path, near: Path | None = None) -> Path:
+    """A name from the catalogue, or a path to a YAML file (relative to `near` where given)."""
+    candidate = near / name if near else Path(name)
     if candidate.suffix in (".yaml", ".yml") and is_file(candidate):
         return candidate.resolve()
     path = directory / f"{name}.yaml"
@@ -554,15 +589,26 @@ def validate(path: Path, schema: type[BaseModel], data: dict[str, Any]) -> Any:
         raise OrchError(describe_validation_error(path, schema, err)) from None
 
 
-def profile_data(name: str, chain: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """A profile's fields with those of the profile it `extends` underneath. A cycle is found by the files' resolved
-    paths, however each `extends` names them."""
-    path = resolve_file("profile", name, PROFILES_DIR)
+def profile_data(name: str) -> tuple[Path, dict[str, Any]]:
+    """A profile's fields with those of the profiles it `extends` underneath."""
+    return layered_data("profile", PROFILES_DIR, name)
+
+
+def layered_data(kind: str, directory: Path, name: str, chain: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """A profile's or recipe's fields with those of the file it `extends` underneath (a name in `directory`, or a
+    YAML path, relative to the file that names it). A cycle is found by the files' resolved paths, however each
+    `extends` names them; a parent that is not there is reported with the file that names it."""
+    try:
+        path = resolve_file(kind, name, directory, chain[-1].parent if chain else None)
+    except OrchError as err:
+        if not chain:
+            raise
+        raise OrchError(clip(f"{chain[-1]}: field 'extends': {err}")) from None
     if path.resolve() in chain:
         files = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise OrchError(
             clip(
-                f"{chain[-1]}: field 'extends' must name another profile, without cycles; this chain comes back "
+                f"{chain[-1]}: field 'extends' must name another {kind}, without cycles; this chain comes back "
                 f"to a file already in it: {files}."
             )
         )
@@ -571,8 +617,8 @@ def profile_data(name: str, chain: tuple[Path, ...] = ()) -> tuple[Path, dict[st
     if base is None:
         return path, data
     if not isinstance(base, str) or not base:
-        raise OrchError(f"{path}: field 'extends' must name another profile (got {shown(base)}).")
-    _, merged = profile_data(base, (*chain, path.resolve()))
+        raise OrchError(f"{path}: field 'extends' must name another {kind} (got {shown(base)}).")
+    _, merged = layered_data(kind, directory, base, (*chain, path.resolve()))
     return path, deep_merge(merged, data)
 
 
@@ -588,15 +634,127 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 def parse_assignment(text: str) -> dict[str, Any]:
     """`a.b.c=value` (value read as YAML) as a nested mapping."""
+    key, raw = split_assignment(text, "--set")
+    return nested(key, parse_yaml(raw, f"--set {shown(text)}") if raw else "")
+
+
+def split_assignment(text: str, option: str) -> tuple[str, str]:
+    """FIELD and VALUE of `FIELD=VALUE`, the field dotted."""
     key, sep, raw = text.partition("=")
     if any(c in text for c in "\n\r\0"):
-        raise OrchError(f"--set {shown(text)}: a value may not contain line breaks or NUL characters.")
+        raise OrchError(f"{option} {shown(text)}: a value may not contain line breaks or NUL characters.")
     if not sep or not key or not all(key.split(".")):
-        raise OrchError(f"--set {shown(text)}: expected FIELD=VALUE with a dotted field, e.g. --set slurm.qos=normal.")
-    value: Any = parse_yaml(raw, f"--set {shown(text)}") if raw else ""
+        raise OrchError(
+            f"{option} {shown(text)}: expected FIELD=VALUE with a dotted field, e.g. {option} recipe.optimizer.lr=2e-4."
+        )
+    return key, raw
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """`value` under the dotted `key`, as the mapping `merge_all` lays over a file's fields."""
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
+
+
+# --- overrides and sweeps from the command line ----------------------------------------------------
+
+TARGETS = {"profile": Profile, "recipe": Recipe}
+MAX_SWEEP_POINTS = 64  # a sweep is a handful of runs; more is a typo or a job for a proper search
+
+
+@dataclass(frozen=True)
+class Override:
+    """One FIELD=VALUE of `--set` or `--sweep`, addressed to the profile or the recipe."""
+
+    target: Literal["profile", "recipe"]
+    field: str  # dotted, inside the target
+    value: Any
+    option: str = "--set"
+
+    def mapping(self) -> dict[str, Any]:
+        return nested(self.field, self.value)
+
+    def __str__(self) -> str:
+        """`recipe.optimizer.lr=0.0002`: how run.json and MLflow list it."""
+        return f"{self.target}.{self.field}={flow(self.value)}"
+
+
+def flow(value: Any) -> str:
+    """A value as YAML on one line."""
+    return yaml.dump(value, Dumper=Dumper, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def override_target(key: str, text: str, option: str) -> tuple[Literal["profile", "recipe"], str]:
+    """Which file a dotted field addresses: `recipe.` and `profile.` say so; a bare field is a profile's (the older
+    form of --set), unless only the recipe or both have that field."""
+    head, _, rest = key.partition(".")
+    if head in TARGETS and rest:
+        return head, rest
+    if head in Profile.model_fields and head not in Recipe.model_fields:
+        return "profile", key
+    fields = sorted({*Profile.model_fields, *Recipe.model_fields} - {"extends"})
+    close = difflib.get_close_matches(head[:SHOWN_VALUE_CHARS], fields, n=1)
+    owner = "recipe" if close and close[0] in Recipe.model_fields else "profile"
+    hint = f" Did you mean {owner}.{close[0]}{key[len(head) :] if rest else '.FIELD'}?" if close else ""
+    raise OrchError(
+        clip(
+            f"{option} {shown(text)}: {shown(key)} does not say which field it sets.{hint} Write recipe.FIELD=VALUE "
+            f"for a recipe field (e.g. {option} recipe.optimizer.lr=2e-4) or profile.FIELD=VALUE for a profile field "
+            f"(e.g. {option} profile.slurm.partition=qgpu_exp); FIELD=VALUE alone names a profile field. Recipe "
+            f"fields: {', '.join(Recipe.model_fields)}. Profile fields: {', '.join(Profile.model_fields)}."
+        )
+    )
+
+
+def parse_override(text: str) -> Override:
+    """`--set recipe.FIELD=VALUE`, `--set profile.FIELD=VALUE` or `--set FIELD=VALUE` (a profile field); the value
+    is read as YAML."""
+    key, raw = split_assignment(text, "--set")
+    target, field = override_target(key, text, "--set")
+    return Override(target, field, parse_yaml(raw, f"--set {shown(text)}") if raw else "")
+
+
+def parse_sweep(text: str) -> list[Override]:
+    """`--sweep FIELD=V1,V2,...`: one override per value. The values are read as one YAML flow list, so a value may
+    itself be a list (`recipe.optimizer.betas=[0.9, 0.95],[0.9, 0.99]`)."""
+    key, raw = split_assignment(text, "--sweep")
+    target, field = override_target(key, text, "--sweep")
+    values = parse_yaml(f"[{raw}]", f"--sweep {shown(text)}")
+    if not isinstance(values, list) or not values:
+        raise OrchError(
+            f"--sweep {shown(text)}: no values; write FIELD=V1,V2,... e.g. --sweep recipe.optimizer.lr=1e-4,2e-4."
+        )
+    repeated = sorted({flow(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise OrchError(f"--sweep {shown(text)}: {', '.join(repeated)} given more than once; each point is one run.")
+    return [Override(target, field, value, "--sweep") for value in values]
+
+
+def sweep_points(fixed: list[Override], axes: list[list[Override]]) -> list[list[Override]]:
+    """Every combination of the sweep's axes (their product), each after the fixed overrides; without axes, the one
+    point of the fixed overrides. A swept field that is also set or swept again, or more than MAX_SWEEP_POINTS
+    points, is refused."""
+    swept = [f"{axis[0].target}.{axis[0].field}" for axis in axes]
+    fixed_fields = {f"{o.target}.{o.field}" for o in fixed}
+    twice = sorted({f for f in swept if swept.count(f) > 1 or f in fixed_fields})
+    if twice:
+        raise OrchError(
+            f"--sweep: {', '.join(twice)} is swept and also set or swept again; give each field one value (--set) or "
+            "one list of values (--sweep)."
+        )
+    count = math.prod(len(axis) for axis in axes)
+    if count > MAX_SWEEP_POINTS:
+        sizes = " × ".join(f"{len(axis)} ({axis[0].target}.{axis[0].field})" for axis in axes)
+        raise OrchError(
+            f"--sweep: {sizes} = {count} runs, more than the {MAX_SWEEP_POINTS} a sweep may have; sweep fewer values."
+        )
+    return [[*fixed, *point] for point in itertools.product(*axes)]
+
+
+def given(path: Path, overrides: list[Override]) -> Path:
+    """The file's name as an error about it says it, with the command line's overrides that changed it."""
+    return Path(f"{path} with {', '.join(f'{o.option} {o}' for o in overrides)}") if overrides else path
 
 
 def load_profile(name: str, overrides: list[dict[str, Any]] = ()) -> tuple[Path, Profile]:
@@ -611,6 +769,8 @@ def merge_all(data: dict[str, Any], overrides: list[dict[str, Any]]) -> dict[str
     return data
 
 
-def load_recipe(name: str) -> tuple[Path, Recipe]:
-    path = resolve_file("recipe", name, RECIPES_DIR)
-    return path, validate(path, Recipe, read_yaml(path))
+def load_recipe(name: str, overrides: list[Override] = ()) -> tuple[Path, Recipe]:
+    """The recipe, after `extends` and the command line's recipe overrides (later ones win)."""
+    path, data = layered_data("recipe", RECIPES_DIR, name)
+    mine = [o for o in overrides if o.target == "recipe"]
+    return path, validate(given(path, mine), Recipe, merge_all(data, [o.mapping() for o in mine]))

@@ -219,6 +219,7 @@ class Run:
             "node_hours": node_hours(attempts, progress, state),
             "profile": info.profile,
             "recipe": info.recipe,
+            "sweep": info.sweep,
             "created": info.created,
             "error": error,
         }
@@ -231,6 +232,7 @@ def empty_summary(run: Run) -> dict[str, Any]:
         "state": "queued",
         **dict.fromkeys(keys),
         "recipe": None,
+        "sweep": None,
         "created": None,
         "job_ids": [],
         "allocations": 0,

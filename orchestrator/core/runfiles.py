@@ -47,6 +47,9 @@ class RunInfo(RunFile):
     profile_file: str | None = None
     recipe_file: str | None = None
     from_scratch: bool = False  # the next job starts at step 0 even where damaged checkpoints exist
+    overrides: list[str] = []  # the command line's --set, --sweep point, --account, --nodes, --time: "recipe.x=v"
+    sweep: str | None = None  # the sweep this run is a point of
+    beyond_schedule: Literal["extend", "floor"] | None = None  # what `orch resume` did with steps past the schedule
 
 
 class JobRecord(RunFile):
