@@ -10,6 +10,7 @@ server is down, training goes on and the spool waits; `orch sync RUN_ID` sends w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from jobs.system_metrics import ALWAYS, metric_key, offset_through, read_from, spool_files
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.plan import make_plan
 from orchestrator.core.rundir import Run
@@ -68,8 +70,8 @@ class MetricSpool:
 
 
 def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tags: dict[str, str]) -> int:
-    """Send spooled metrics up to `through_step` to MLflow, creating the MLflow run on first contact.
-    Returns the step MLflow now has everything through. Raises when the server cannot be reached."""
+    """Send spooled metrics up to `through_step` and the nodes' new system samples to MLflow, creating the MLflow run
+    on first contact. Returns the step MLflow now has everything through. Raises when the server cannot be reached."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -89,7 +91,8 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
         write_json_atomic(state_path, state)
     if tags:
         client.log_batch(state["run_id"], tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
-    entries = [e for e in MetricSpool(run_dir).entries() if state["sent_through"] < e["step"] <= through_step]
+    spooled = MetricSpool(run_dir).entries() if through_step > state["sent_through"] else []  # read only when due
+    entries = [e for e in spooled if state["sent_through"] < e["step"] <= through_step]
     metrics = [
         mlflow.entities.Metric(key, float(value), e["time_ms"], e["step"])
         for e in entries
@@ -100,7 +103,38 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
     if entries:
         state["sent_through"] = entries[-1]["step"]
         write_json_atomic(state_path, state)
+    send_system(client, run_dir, state, state_path)
     return state["sent_through"]
+
+
+def send_system(client: Any, run_dir: Path, state: dict[str, Any], state_path: Path) -> None:
+    """Each node's system samples past what MLflow has (`jobs.system_metrics`), not held back for a checkpoint; each
+    file's progress is recorded as soon as its samples are in."""
+    import mlflow
+
+    if state.get("system_sent") is None:
+        state["system_sent"] = system_sent_in(client, state["run_id"], run_dir)
+        write_json_atomic(state_path, state)
+    for path in spool_files(run_dir):
+        samples, offset = read_from(path, state["system_sent"].get(path.name, 0))
+        metrics = [
+            mlflow.entities.Metric(metric_key(path, key), value, sample["time_ms"], sample["step"])
+            for sample in samples
+            for key, value in sample["metrics"].items()
+        ]
+        for i in range(0, len(metrics), BATCH):
+            client.log_batch(state["run_id"], metrics=metrics[i : i + BATCH])
+        if offset != state["system_sent"].get(path.name, 0):
+            state["system_sent"][path.name] = offset
+            write_json_atomic(state_path, state)
+
+
+def system_sent_in(client: Any, run_id: str, run_dir: Path) -> dict[str, int]:
+    """How far an MLflow run found by its tag has each system file: through the newest sample of the file's node."""
+    newest = functools.cache(
+        lambda key: max((m.timestamp for m in client.get_metric_history(run_id, key)), default=None)
+    )
+    return {path.name: offset_through(path, newest(metric_key(path, ALWAYS))) for path in spool_files(run_dir)}
 
 
 def find_or_create_run(client: Any, uri: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +153,7 @@ def find_or_create_run(client: Any, uri: str, name: str, params: dict[str, Any])
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
-    return {"run_id": run.info.run_id, "sent_through": 0}
+    return {"run_id": run.info.run_id, "sent_through": 0, "system_sent": {}}
 
 
 def create_experiment(client: Any, uri: str) -> str:
@@ -227,10 +261,13 @@ class Tracker:
             self.flush()
 
     def flush(self, through: int | None = None) -> None:
+        """Send the steps through `through` (default: the newest committed checkpoint) and the new system samples;
+        before the MLflow run is first reached, only once a step is due."""
         through = self.committed() if through is None else through
-        if not self.uri or through is None or (self.sent_through is not None and through <= self.sent_through):
+        if not self.uri or (through is None and self.sent_through is None):
             return
         try:
+            through = max(through or 0, self.sent_through or 0)
             self.sent_through = send(self.run_dir, self.uri, through, self.params, self.tags)
             self.tags = {}
             if self.outage_reported:

@@ -29,6 +29,7 @@ from jobs.model import attention_implementation, build_sharded_model, set_gradie
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
 from jobs.shards import shard_damage
+from jobs.system_metrics import SystemMonitor
 from jobs.tracking import Tracker, artifacts, describe, mlflow_run_id
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
@@ -105,6 +106,9 @@ def train(
         ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
         Path(__file__).parent.parent,
     )  # fmt: skip
+    monitor = SystemMonitor.start(
+        run.dir, job_id, profile.system_metrics_interval_s, ranks.device.type == "cuda", lambda: position.step
+    )
     try:
         throughput = Throughput(profile, recipe, plan)
         finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position)
@@ -112,6 +116,9 @@ def train(
         if report:
             report.failed(err)
         raise
+    finally:
+        if monitor:
+            monitor.stop()
     if report and finished:
         report.completed()
     return plan.steps if finished else None

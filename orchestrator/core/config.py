@@ -138,6 +138,9 @@ class Profile(Strict):
         description="direct: jobs send metrics to MLflow; spool: jobs only write metrics.jsonl and `orch sync "
         "--follow` (or `orch ui`) on the login node is the store's single writer (SQLite on Lustre)",
     )
+    system_metrics_interval_s: float = Field(
+        default=10.0, ge=0, le=86400, description="seconds between samples of each node's CPU, memory and GPUs; 0: off"
+    )
 
     @field_validator("time_limit_min")
     @classmethod

@@ -103,6 +103,9 @@ class MlflowState(RunFile):
     run_id: str
     sent_through: int = Field(ge=0)
     tracking_uri: str | None = None  # the store that has this run; another store (a moved run) starts over
+    # bytes of each system/ file (per-node system metrics) MLflow has; None: not known (an older file, or a run found
+    # again by its tag), then read from the MLflow run's histories
+    system_sent: dict[str, int] | None = None
 
 
 class Latest(RunFile):

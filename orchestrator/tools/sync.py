@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
+from jobs.system_metrics import unsent
 from jobs.tracking import artifacts, describe, finish_run, send
 from orchestrator.core.rundir import Run, all_runs
 from orchestrator.core.runfiles import DamagedFile, MlflowState, committed_step, read_model
@@ -16,19 +17,21 @@ MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "cancelled": "KILL
 
 
 def sync_run(run: Run) -> int | None:
-    """Send the run's metrics through its newest committed checkpoint; returns the step MLflow has everything
-    through (None before the first commit). Raises when the store cannot be reached."""
+    """Send the run's metrics through its newest committed checkpoint and its nodes' new system samples (which wait for
+    no checkpoint); returns the step MLflow has everything through (None before the first commit). Raises when the
+    store cannot be reached."""
     through = committed_step(run.checkpoints_dir)
-    if through is None:
-        return None
     try:
         known = read_model(run.dir / "mlflow.json", MlflowState)
     except DamagedFile:
         known = None  # send() finds the MLflow run by its tag
-    if known is not None and known.tracking_uri == run.tracking_uri and known.sent_through >= through:
-        return known.sent_through
+    current = known is not None and known.tracking_uri == run.tracking_uri
+    steps_due = through is not None and not (current and known.sent_through >= through)
+    if not steps_due and not unsent(run.dir, known.system_sent if current else None):
+        return known.sent_through if current and through is not None else None
     params, tags = describe(run)
-    return send(run.dir, run.tracking_uri, through, params, tags)
+    sent = send(run.dir, run.tracking_uri, through or 0, params, tags)
+    return sent if through is not None else None
 
 
 def spooling_runs() -> list[Run]:
