@@ -8,8 +8,9 @@ the labels are the inputs (`jobs.loss` shifts them), so a block trains `max_seq_
 The final partial block (fewer than `max_seq_len` tokens) is dropped and counted.
 
 Order: global sample g is block `permutation(seed, epoch)[g % n_blocks]` with `epoch = g // n_blocks`,
-and optimizer step s consumes global samples [s·B, (s+1)·B) for global batch B. Which rank computes
-which of them depends on the world size; which samples a step sees does not.
+and optimizer step s consumes global samples [d·B, (d+1)·B) for global batch B, where d is its data step: s itself,
+or, where the run skips data steps (skips.json, docs/rollback.md), the s-th data step not skipped. Which rank
+computes which of them depends on the world size; which samples a step sees does not.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from jobs.shards import TokenBlocks
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json
+from orchestrator.core.runfiles import Ranges, data_step
 
 POINTER = "tokens.json"
 
@@ -56,15 +58,24 @@ class GlobalOrder:
     micro_batch: int
     world_size: int
     seed: int
+    skipped: Ranges = ()  # data steps never trained (orchestrator.core.runfiles.skipped_data)
 
     def permutation(self, epoch: int) -> np.ndarray:
         return epoch_permutation(self.seed, epoch, self.n_blocks)
 
+    def data_step(self, step: int) -> int:
+        return data_step(self.skipped, step)
+
+    def skipped_before(self, step: int) -> int:
+        """Data steps passed over by the first `step` training steps (those before the data of the last of them)."""
+        return self.data_step(step - 1) + 1 - step if step else 0
+
     def global_samples(self, step: int) -> range:
-        return range(step * self.global_batch, (step + 1) * self.global_batch)
+        first = self.data_step(step) * self.global_batch
+        return range(first, first + self.global_batch)
 
     def block_indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
-        first = step * self.global_batch + (micro_step * self.world_size + rank) * self.micro_batch
+        first = self.global_samples(step).start + (micro_step * self.world_size + rank) * self.micro_batch
         samples = np.arange(first, first + self.micro_batch)
         epochs = samples // self.n_blocks
         return np.array([self.permutation(e)[s % self.n_blocks] for e, s in zip(epochs, samples, strict=True)])
@@ -86,6 +97,12 @@ class BlockLoader:
         if self.device.type == "cuda":
             return rows.pin_memory().to(self.device, non_blocking=True)
         return rows
+
+    def reorder(self, order: GlobalOrder) -> None:
+        """Read in `order` from now on (a skip list changed); the micro-batch read ahead in the old one is dropped."""
+        if self.ahead is not None:
+            self.ahead[1].result()
+        self.order, self.ahead = order, None
 
     def micro_batch(self, step: int, micro_step: int) -> torch.Tensor:
         if self.ahead is not None and self.ahead[0] == (step, micro_step):

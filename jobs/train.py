@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
+from jobs import chaos
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks
 from jobs.distributed import Ranks, agree, start_process_group
@@ -29,15 +30,16 @@ from jobs.model import attention_implementation, build_sharded_model, set_gradie
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
 from jobs.shards import shard_damage
+from jobs.spikes import SpikeGuard
 from jobs.system_metrics import SystemMonitor
-from jobs.tracking import Tracker, artifacts, describe, mlflow_run_id
+from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import committed_step
+from orchestrator.core.runfiles import Ranges, committed_step, read_skips, skipped_data
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
@@ -95,12 +97,13 @@ def train(
     if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
     check_data(run.data_dir, ranks.rank)
-    trainer = Trainer(recipe, run.data_dir, ranks)
+    trainer = Trainer(recipe, run.data_dir, ranks, agree(ranks.rank, lambda: skipped_data(read_skips(run.dir))))
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world), run.info.from_scratch)
     position.step = state.step
     evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
+    guard = SpikeGuard(recipe.spike_guard, run, ranks.rank, job_id, state.step) if recipe.spike_guard else None
     log.info(
         "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s, code %s",
         ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
@@ -111,7 +114,7 @@ def train(
     )
     try:
         throughput = Throughput(profile, recipe, plan)
-        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position)
+        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position, guard)
     except Exception as err:
         if report:
             report.failed(err)
@@ -166,7 +169,7 @@ def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, from
     saved = checkpointer.load(step, trainer.model, trainer.optimizer)
     trainer.scheduler.load_state_dict(saved["scheduler"])
     restored = TrainState.from_checkpoint(saved)
-    restored.check_against(state, trainer.global_batch)
+    restored.check_against(state, trainer.order)
     log.info(
         "resumed from the checkpoint at step %d (saved by %d ranks, now %d)",
         step,
@@ -186,14 +189,19 @@ def loop(
     stop: StopFlag,
     throughput: Throughput,
     position: Position,
+    guard: SpikeGuard | None = None,
 ) -> bool:
     """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
-    for step in range(state.step, plan.steps):
-        position.step = step
+    while state.step < plan.steps:
+        step = position.step = state.step
         started = time.perf_counter()
         result = trainer.step(step)
-        state.advance(trainer.global_batch)
+        if guard and guard.spiked(step, result.loss) and (restored := roll_back(trainer, checkpointer, state, guard)):
+            state = restored
+            continue
+        state.advance(trainer.order)
         metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
+        metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
         metrics.update(evaluator.maybe_evaluate(state.step, plan.steps, trainer.model))
         if report:
             report.step(state.step, metrics)
@@ -212,6 +220,22 @@ def loop(
     return True
 
 
+def roll_back(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, guard: SpikeGuard) -> TrainState | None:
+    """The loss of training step `state.step` spiked: record the skip of the steps from the last committed checkpoint
+    through it (docs/rollback.md), reload that checkpoint through `resume` and drop the spooled steps after it.
+    None before the first checkpoint: training goes on."""
+    checkpointer.wait()
+    recorded = guard.record()
+    if recorded is None:
+        return None
+    trainer.reorder(recorded[1])
+    restored = resume(trainer, checkpointer, state, from_scratch=False)
+    guard.forget_after(restored.step)
+    if guard.rank == 0:
+        MetricSpool(guard.run.dir).rollback(restored.step)
+    return restored
+
+
 @dataclass
 class TrainState:
     """Where training stands, saved with every checkpoint: the step, the data position (samples consumed, seed),
@@ -223,15 +247,17 @@ class TrainState:
     world_size: int
     recipe_hash: str
     mlflow_run_id: str | None
+    samples_skipped: int = 0  # passed over in the data order before the data of the last step (skips.json)
 
     @classmethod
     def fresh(cls, recipe: Recipe, run: Run, world_size: int) -> TrainState:
         recipe_hash = hashlib.sha256((run.dir / "recipe.yaml").read_bytes()).hexdigest()
         return cls(0, 0, recipe.train.seed, world_size, recipe_hash, mlflow_run_id(run.dir))
 
-    def advance(self, global_batch: int) -> None:
+    def advance(self, order: GlobalOrder) -> None:
         self.step += 1
-        self.samples_consumed += global_batch
+        self.samples_consumed += order.global_batch
+        self.samples_skipped = order.skipped_before(self.step) * order.global_batch
 
     def to_checkpoint(self, trainer: Trainer) -> dict[str, Any]:
         """train_state.json of a checkpoint: this state and the learning-rate schedule's."""
@@ -248,15 +274,24 @@ class TrainState:
             world_size=saved["world_size"],
             recipe_hash=saved["recipe_hash"],
             mlflow_run_id=saved.get("mlflow_run_id"),
+            samples_skipped=saved.get("samples_skipped", 0),
         )
 
-    def check_against(self, expected: TrainState, global_batch: int) -> None:
-        """A restored state must continue this run's data order; a changed recipe or MLflow run is reported."""
-        if self.seed != expected.seed or self.samples_consumed != self.step * global_batch:
+    def check_against(self, expected: TrainState, order: GlobalOrder) -> None:
+        """A restored state must continue this run's data order (seed, samples per step, the skips before it); a
+        changed recipe or MLflow run is reported."""
+        skipped = order.skipped_before(self.step) * order.global_batch
+        if self.seed != expected.seed or self.samples_consumed != self.step * order.global_batch:
             raise OrchError(
                 f"the checkpoint at step {self.step} was saved with seed {self.seed} after {self.samples_consumed} "
-                f"samples; this run has seed {expected.seed} and {global_batch} samples per step: its data order "
-                "cannot continue from there."
+                f"samples; this run has seed {expected.seed} and {order.global_batch} samples per step: its data "
+                "order cannot continue from there."
+            )
+        if self.samples_skipped != skipped:
+            raise OrchError(
+                f"the checkpoint at step {self.step} was saved after skipping {self.samples_skipped} samples of the "
+                f"data order; the run's skips.json skips {skipped} before that step: the skip list changed under it "
+                "(skips.json lost or edited?). Put skips.json back as it was, or roll back to an earlier checkpoint."
             )
         if self.recipe_hash != expected.recipe_hash:
             log.warning("the recipe changed since the checkpoint at step %d was saved", self.step)
@@ -281,13 +316,13 @@ class StepResult:
 class Trainer:
     """One rank's model, optimizer, schedule and data, built from the recipe's specs, and its optimizer step."""
 
-    def __init__(self, recipe: Recipe, data_dir: Path, ranks: Ranks) -> None:
+    def __init__(self, recipe: Recipe, data_dir: Path, ranks: Ranks, skipped: Ranges = ()) -> None:
         spec = recipe.train
         self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
         self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
-        order = GlobalOrder(len(blocks), spec.global_batch_size, spec.micro_batch_size, ranks.world, spec.seed)
+        order = GlobalOrder(len(blocks), spec.global_batch_size, spec.micro_batch_size, ranks.world, spec.seed, skipped)
         self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
         self.attention = attention_implementation(spec.attention, ranks.device)
         self.model = build_sharded_model(
@@ -301,6 +336,14 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model.parameters(), recipe.optimizer)
         self.scheduler = build_scheduler(self.optimizer, recipe.schedule)
+
+    @property
+    def order(self) -> GlobalOrder:
+        return self.loader.order
+
+    def reorder(self, skipped: Ranges) -> None:
+        """Skip these data steps from now on (`skipped_data` of the run's skip list)."""
+        self.loader.reorder(replace(self.order, skipped=skipped))
 
     def step(self, step: int) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
@@ -319,7 +362,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-        return StepResult(loss.item() / dist.get_world_size(), grad_norm.item(), lr, data_wait)
+        mean_loss = chaos.spike(loss.item() / dist.get_world_size(), self.order.data_step(step))
+        return StepResult(mean_loss, grad_norm.item(), lr, data_wait)
 
 
 class Throughput:

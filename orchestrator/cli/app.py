@@ -148,6 +148,27 @@ def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")]) -> No
     console.print(f"Cancelled job {cancel_run(run)} of run {run.id}; resume it with: orch resume {run.id}")
 
 
+@app.command()
+def rollback(
+    run_id: Annotated[str, typer.Argument(help="the run")],
+    to_step: Annotated[int, typer.Option(help="the step of a committed checkpoint: the next job starts there")],
+    skip_steps: Annotated[
+        str, typer.Option(help="A:B with K <= A < B: the steps from step A to step B (MLflow's A+1..B) skip their data")
+    ],
+    steps: Annotated[Optional[int], typer.Option(help="new training length in optimizer steps")] = None,
+    wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
+) -> None:
+    """Go back to the checkpoint at step K, skip the data of steps A..B for good, and resume (docs/rollback.md)."""
+    from orchestrator.cli.rollback import rollback as roll_back_run
+    from orchestrator.core.rundir import get_run
+
+    run = get_run(run_id)
+    for line in roll_back_run(run, to_step, skip_steps, steps):
+        console.print(line, highlight=False)
+    if wait:
+        finish(run)
+
+
 def get_run_or_latest(run_id: str | None):
     from orchestrator.core.rundir import all_runs, get_run
 

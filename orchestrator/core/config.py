@@ -341,6 +341,18 @@ class EvalSpec(Strict):
     blocks: int = Field(ge=1, description="validation blocks per evaluation (rounded to ranks × micro batch)")
 
 
+class SpikeGuardSpec(Strict):
+    """A step whose loss is above `factor` × the median of the last `window` losses (once `min_steps` are known) is
+    undone: the run goes back to its last committed checkpoint and skips the data of the steps from there through
+    the spike (docs/rollback.md). A spike that comes back after `max_rollbacks` rollbacks to one checkpoint stops
+    the job."""
+
+    factor: float = Field(default=3.0, gt=1)
+    window: int = Field(default=50, ge=1, description="losses the median is taken over")
+    min_steps: int = Field(default=20, ge=1, description="losses known before the guard acts")
+    max_rollbacks: int = Field(default=3, ge=1, description="rollbacks to one checkpoint before the job stops")
+
+
 class Recipe(Strict):
     """What to train: independent of where it runs. `--steps` (training length) is not part of it."""
 
@@ -353,6 +365,7 @@ class Recipe(Strict):
     schedule: ScheduleSpec
     checkpoint: CheckpointSpec
     eval: EvalSpec | None = None
+    spike_guard: SpikeGuardSpec | None = Field(default=None, description="off unless given")
 
 
 # --- loading ------------------------------------------------------------------------------------

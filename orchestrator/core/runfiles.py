@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from orchestrator.core.errors import OrchError
+from orchestrator.core.files import write_json_atomic
 
 SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 MAX_RUN_FILE_BYTES = 64 << 20  # no run file is near this; a larger one is damage, not something to parse
@@ -131,6 +133,73 @@ class Failure(RunFile):
         return f"{self.type}: {self.message[:500]} (rank {self.rank} on {self.host}{at})"
 
 
+class Skip(RunFile):
+    """One entry of skips.json: optimizer steps whose samples are never trained (`orch rollback`, the spike guard).
+
+    `data_steps` is what the data order honours: data step d is global samples [d·B, (d+1)·B), and training step s
+    reads the s-th data step that no entry skips (`data_step`). `steps` are the training steps [start, end) as the run
+    numbered them when the skip was recorded (the same numbers where no earlier skip lies before them)."""
+
+    steps: tuple[int, int]
+    data_steps: tuple[int, int]
+    by: Literal["guard", "hand"]
+    reason: str
+    time: float
+    job_id: str | None = None
+
+    @model_validator(mode="after")
+    def _ranges_are_not_empty(self) -> Skip:
+        for name, (start, end) in (("steps", self.steps), ("data_steps", self.data_steps)):
+            if not 0 <= start < end:
+                raise ValueError(f"{name} [{start}, {end}) is not a range of steps from 0 up")
+        return self
+
+
+SILENT_S = 5.0  # a rank beat older than this shows no sign of life (its watchdog rewrites it every second)
+
+
+class RankBeat(RunFile):
+    """ranks/<job>.rank<N>.json: what one rank of a job is doing, rewritten every second by its watchdog thread
+    (jobs/watchdog.py): the step, the phase and since when, and the time by which that phase should be over."""
+
+    job_id: str
+    rank: int = Field(ge=0)
+    host: str
+    pid: int = Field(gt=1)
+    step: int = Field(ge=0)  # steps done: the rank is training the next one, or evaluating or saving this one
+    phase: str
+    since: float
+    deadline: float
+    updated: float
+
+    def silent(self, now: float) -> bool:
+        """No sign of life: the process is stopped or gone, or its host unreachable."""
+        return now - self.updated > SILENT_S
+
+    def describe(self, now: float) -> str:
+        where = f"rank {self.rank} on {self.host} (pid {self.pid}) in {self.phase} after step {self.step}"
+        silence = f", silent for {now - self.updated:.0f} s" if self.silent(now) else ""
+        return f"{where} for {now - self.since:.0f} s{silence}"
+
+
+class Hang(RunFile):
+    """hangs/<job>.<time>.json: a job its watchdog stopped because no step finished within the bound; every rank's
+    last beat, and which ranks were stuck (silent, or furthest behind)."""
+
+    job_id: str
+    detected_by: int = Field(ge=0)
+    time: float
+    bound_s: float
+    stuck: list[int]
+    ranks: list[RankBeat]
+
+    def describe(self) -> str:
+        heard = {beat.rank for beat in self.ranks}
+        named = [beat.describe(self.time) for beat in self.ranks if beat.rank in self.stuck]
+        named += [f"rank {rank}, never heard of" for rank in self.stuck if rank not in heard]
+        return f"no step finished within {self.bound_s:.0f} s: stuck {'; '.join(named)}"
+
+
 Model = TypeVar("Model")
 
 
@@ -178,6 +247,52 @@ def committed_step(checkpoints: Path) -> int | None:
         return latest.step
     steps = committed_steps(checkpoints)
     return steps[0] if steps else None
+
+
+SKIPS = "skips.json"
+Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint [start, end) ranges of data steps
+
+
+def read_skips(run_dir: Path) -> list[Skip]:
+    """The run's skip list, oldest first (none when skips.json is absent)."""
+    return read_model(run_dir / SKIPS, list[Skip], [])
+
+
+def add_skip(run_dir: Path, skip: Skip) -> list[Skip]:
+    """Append a skip to skips.json (replaced atomically); returns the whole list."""
+    skips = [*read_skips(run_dir), skip]
+    write_json_atomic(run_dir / SKIPS, [s.model_dump() for s in skips])
+    return skips
+
+
+def skipped_data(skips: list[Skip]) -> Ranges:
+    """The data steps the skips cover, as sorted, disjoint [start, end) ranges."""
+    merged: list[list[int]] = []
+    for start, end in sorted(s.data_steps for s in skips):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple((start, end) for start, end in merged)
+
+
+def data_step(skipped: Ranges, step: int) -> int:
+    """The data step training step `step` reads: the step-th data step outside `skipped` (from `skipped_data`)."""
+    for start, end in skipped:
+        if start > step:
+            break
+        step += end - start
+    return step
+
+
+def new_skip(
+    skips: list[Skip], start: int, end: int, by: Literal["guard", "hand"], reason: str, job_id: str | None
+) -> Skip:
+    """A skip of training steps [start, end) of the run's current order: the data steps they read, as one range
+    (data steps an earlier entry skips inside it are covered again, which changes nothing)."""
+    skipped = skipped_data(skips)
+    data = (data_step(skipped, start), data_step(skipped, end - 1) + 1)
+    return Skip(steps=(start, end), data_steps=data, by=by, reason=reason, time=time.time(), job_id=job_id)
 
 
 @functools.cache

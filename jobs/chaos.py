@@ -1,0 +1,47 @@
+"""Fault injection for tests: `ORCH_CHAOS` plants faults at given steps of a job.
+
+`ORCH_CHAOS` is a comma-separated list of `action@step` (e.g. `spike@12`); each action is a small function of this
+module, listed in ACTIONS with what its step means. A job reads the variable from its environment (`orch submit`
+passes its own to a local job; under Slurm, sbatch exports it), so a test plants a fault without any change to the
+run. Unset, nothing happens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from orchestrator.core.errors import OrchError
+
+VARIABLE = "ORCH_CHAOS"
+SPIKE_FACTOR = 100.0
+
+
+def spike(loss: float, data_step: int) -> float:
+    """spike@N: the batch of data step N is poisoned: the step that trains it reports its loss × SPIKE_FACTOR (the
+    weights train as usual). Once the spike guard skips that batch it is never trained again, so the spike comes once
+    per run whatever interruptions and rollbacks happen; with no skips, data step N is training step N."""
+    return loss * SPIKE_FACTOR if planted("spike", data_step) else loss
+
+
+ACTIONS: dict[str, Callable[..., object]] = {"spike": spike}
+
+
+def planned() -> dict[str, frozenset[int]]:
+    """The steps at which ORCH_CHAOS plants each action."""
+    text = os.environ.get(VARIABLE, "")
+    steps: dict[str, set[int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        action, _, step = item.partition("@")
+        if action not in ACTIONS or not step.isdigit():
+            raise OrchError(
+                f"{VARIABLE}={text!r}: {item!r} is not action@step; actions: {', '.join(ACTIONS)}, step: a whole "
+                "number (e.g. spike@12)."
+            )
+        steps.setdefault(action, set()).add(int(step))
+    return {action: frozenset(found) for action, found in steps.items()}
+
+
+def planted(action: str, step: int) -> bool:
+    """Whether ORCH_CHAOS plants `action` at `step`."""
+    return step in planned().get(action, frozenset())
