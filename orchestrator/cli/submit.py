@@ -309,5 +309,7 @@ def job_function(run: Run):
 
 
 def dump(config: Profile | Recipe) -> str:
-    """YAML that reads back to the same values (strings such as 'yes' or '1e5' stay quoted)."""
-    return dump_yaml(config.model_dump(mode="json"))
+    """YAML that reads back to the same values (strings such as 'yes' or '1e5' stay quoted). Only the fields the
+    files, the overrides or the planner set: a run's frozen code reads it, and a field added to the schema later
+    (with its default) must not make that code refuse the file on a resume."""
+    return dump_yaml(config.model_dump(mode="json", exclude_unset=True))
