@@ -29,6 +29,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
   "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "$ORCH_REPO"
   # flash-attn 2 is optional: SDPA runs when it is missing.
+  "$ORCH_VENV/bin/python" -m pip install nvidia-ml-py  # GPU system metrics, whether or not flash-attn builds
   "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation || \
     echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
   echo "Karolina environment ready in $ORCH_VENV"

@@ -134,7 +134,7 @@ def rebuild_metrics_from_mlflow(run: Run) -> int:
     if state is None:
         return 0
     client = mlflow.MlflowClient(run.tracking_uri)
-    keys = client.get_run(state.run_id).data.metrics.keys()
+    keys = [k for k in client.get_run(state.run_id).data.metrics if not k.startswith("system/")]  # the nodes' own
     by_step: dict[int, dict] = {}
     for key in keys:
         for metric in client.get_metric_history(state.run_id, key):
