@@ -6,12 +6,15 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate import PartialState
+
+from orchestrator.core.config import COLLECTIVE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -23,11 +26,13 @@ class Ranks:
     device: torch.device
 
 
-def start_process_group(device: str, backend: str) -> Ranks:
+def start_process_group(device: str, backend: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Ranks:
     """Join the group that RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT describe (submitit's
     TorchDistributedEnvironment exports them in a job, `launch` in a benchmark). accelerate's PartialState picks
-    the device and starts the group."""
-    state = PartialState(cpu=device == "cpu", backend=backend)
+    the device and starts the group, passing `timeout` on to init_process_group: a collective whose peer is gone
+    fails after `timeout_s` (gloo raises; NCCL's watchdog aborts the process) instead of after the backend's default
+    (10 min for NCCL, 30 for gloo)."""
+    state = PartialState(cpu=device == "cpu", backend=backend, timeout=timedelta(seconds=timeout_s))
     return Ranks(state.process_index, state.num_processes, state.device)
 
 

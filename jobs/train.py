@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from jobs import chaos
+from jobs import chaos, watchdog
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks
 from jobs.distributed import Ranks, agree, start_process_group
@@ -57,9 +58,12 @@ def run_training(run_dir: Path, stop: StopFlag) -> int | None:
         if profile.preemptible:
             stop.listen_for_preemption()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        ranks = start_process_group(profile.launch.device, profile.launch.backend)
+        bounds, job_id = profile.watchdog, str(job.job_id)
+        ranks = start_process_group(profile.launch.device, profile.launch.backend, bounds.collective_timeout_s)
+        hang = partial(end_attempt, run, job_id, "hang")  # counted by the requeue-loop guard like a requeue
         try:
-            return train(run, profile, recipe, ranks, str(job.job_id), stop, position)
+            with watchdog.Watchdog(run.dir, job_id, ranks.rank, ranks.world, bounds, profile.executor, hang):
+                return train(run, profile, recipe, ranks, job_id, stop, position)
         finally:
             dist.destroy_process_group()
     except Exception as err:
@@ -149,6 +153,7 @@ def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, from
     """Restore the newest committed checkpoint that passes its manifest (if any) into the trainer; returns the
     training state to continue from, checked against what this run expects. Where checkpoints were committed and
     none can be loaded, the job stops instead of training from step 0, unless the run was resumed --from-scratch."""
+    watchdog.note("load")
     checkpointer.clean_incomplete()
     existed = committed_step(checkpointer.root)
     step, damaged = checkpointer.choose()
@@ -201,12 +206,16 @@ def loop(
             continue
         state.advance(trainer.order)
         metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
+        watchdog.step_done(state.step, metrics["step_time_s"])
         metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
+        watchdog.note("eval")
         metrics.update(evaluator.maybe_evaluate(state.step, plan.steps, trainer.model))
         if report:
             report.step(state.step, metrics)
             state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
+        watchdog.note("sync")
         stopping = stop.agreed(trainer.device)
+        watchdog.note("save")
         checkpointer.maybe_save(state.step, plan.steps, stopping is not None, trainer, state.to_checkpoint(trainer))
         if stopping and state.step < plan.steps:
             checkpointer.close()
@@ -349,13 +358,16 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
         loss, data_wait = torch.zeros((), device=self.device), 0.0
         for micro_step in range(self.grad_accum):
+            watchdog.note("data", step)
             fetch = time.perf_counter()
             tokens = self.loader.micro_batch(step, micro_step)
             data_wait += time.perf_counter() - fetch
+            watchdog.note("forward_backward")
             set_gradient_sync(self.model, micro_step == self.grad_accum - 1)
             micro_loss = causal_lm_loss(self.model, tokens) / self.grad_accum
             micro_loss.backward()
             loss += micro_loss.detach()
+        watchdog.note("optimizer")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip).full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -448,7 +460,9 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     made (a preemption, a node failure) do not count: the job did not choose them."""
     attempts = [a.model_dump() for a in run.attempts]
     stuck = [
-        a for a in attempts if a["job_id"] == job_id and a["start_step"] == start_step and a["ended"] == "requeued"
+        a
+        for a in attempts
+        if a["job_id"] == job_id and a["start_step"] == start_step and a["ended"] in ("requeued", "hang")
     ]
     attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
     write_json_atomic(run.dir / "attempts.json", attempts + [attempt])
@@ -460,7 +474,7 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     return None
 
 
-def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted"]) -> None:
+def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "hang"]) -> None:
     """Mark this job's newest attempt with how it stopped early."""
     attempts = run.attempts
     last = max((i for i, a in enumerate(attempts) if a.job_id == job_id), default=None)

@@ -27,10 +27,11 @@ def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
         task = progress.add_task(run.id, total=run.info.steps, loss="-", tokens_per_s="-")
         while True:
             state, beat = run.state(), run.progress
+            stall = run.stall(beat) if state == "stalled" and beat else None  # not an end: the watchdog acts on it
             progress.update(
                 task,
                 completed=beat.step if beat else 0,
-                description=f"{run.id} [{state}]",
+                description=f"{run.id} [{state}]" + (f" no step for {stall[0]:.0f} s" if stall else ""),
                 loss=f"{beat.loss:.4f}" if beat and beat.loss is not None else "-",
                 tokens_per_s=f"{beat.tokens_per_s:,.0f}" if beat and beat.tokens_per_s else "-",
             )

@@ -107,6 +107,28 @@ class Paths(Strict):
     venv: str | None = Field(default=None, pattern=SAFE, description="the environment env_script builds/activates")
 
 
+COLLECTIVE_TIMEOUT_S = 600.0  # the process group's timeout where no profile says otherwise (`orch bench`, doctor)
+
+
+class WatchdogSpec(Strict):
+    """Hang detection (docs/watchdog.md): how long a rank may go without finishing a step before the job is stopped
+    and requeued from its last checkpoint, and how long one collective may wait for its peers."""
+
+    step_factor: float = Field(default=10.0, ge=1, description="a step may take this many times the recent median")
+    min_step_s: float = Field(default=60.0, gt=0, description="the floor of that bound, in seconds")
+    first_step_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="the bound for a job's start through its first step (building, checkpoint load, compiling) and "
+        "for each evaluation and checkpoint save, in seconds",
+    )
+    collective_timeout_s: float = Field(
+        default=COLLECTIVE_TIMEOUT_S,
+        gt=0,
+        description="a collective that waits longer for its peers fails the job (the process group's timeout)",
+    )
+
+
 class Profile(Strict):
     """Where and how a run's job executes."""
 
@@ -141,6 +163,7 @@ class Profile(Strict):
     system_metrics_interval_s: float = Field(
         default=10.0, ge=0, le=86400, description="seconds between samples of each node's CPU, memory and GPUs; 0: off"
     )
+    watchdog: WatchdogSpec = WatchdogSpec()
 
     @field_validator("time_limit_min")
     @classmethod

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, read_yaml, validate
+from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec, read_yaml, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.runfiles import (
@@ -28,6 +28,7 @@ from orchestrator.core.runfiles import (
     JobRecord,
     MlflowState,
     Progress,
+    RankBeat,
     RunInfo,
     read_model,
 )
@@ -127,6 +128,19 @@ class Run:
         """One file per rank that stopped on an error: `<job id>.rank<N>.json`, written by that rank."""
         return self.dir / "errors"
 
+    @property
+    def ranks_dir(self) -> Path:
+        """`<job id>.rank<N>.json`: what each rank of a job is doing, rewritten every second by its watchdog."""
+        return self.dir / "ranks"
+
+    @property
+    def hangs_dir(self) -> Path:
+        """`<job id>.<time>.json`: each time a job's watchdog stopped it, every rank's last beat (docs/watchdog.md)."""
+        return self.dir / "hangs"
+
+    def rank_beat(self, job_id: str, rank: int) -> RankBeat | None:
+        return read_model(self.ranks_dir / f"{job_id}.rank{rank}.json", RankBeat)
+
     def failures(self, job_id: str) -> list[Failure]:
         """Why the ranks of a job stopped: the causes first, then ranks that only stopped because another failed
         (PeerFailed), each group earliest first; unreadable reports are left out."""
@@ -151,8 +165,8 @@ class Run:
         write_json_atomic(self.dir / "jobs.json", [job.model_dump() for job in jobs])
 
     def state(self, alive: bool | None = None) -> str:
-        """queued, running, completed, failed, cancelled or preempted, from the newest job's report and the scheduler
-        (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
+        """queued, running, stalled, completed, failed, cancelled or preempted, from the newest job's report and the
+        scheduler (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
         jobs, report = self.jobs, self.progress
         if not jobs and report is not None:
             raise DamagedFile(self.dir / "jobs.json", "missing, though a job has reported (progress.json)")
@@ -169,7 +183,35 @@ class Run:
             return "preempted"
         if reported == "failed" or not alive:
             return "failed"
-        return "running" if reported == "running" else "queued"
+        if reported == "running":
+            return "stalled" if self.stall(report) else "running"
+        return "queued"
+
+    def stall(self, report: Progress) -> tuple[float, float] | None:
+        """How long a running job has gone without a heartbeat and the bound that passed; None within the bound.
+        The bound is the watchdog's (the profile's `watchdog`, docs/watchdog.md) for the step time the job recorded,
+        or its first_step_s before the job recorded one. Rank 0's own beat says when it is in a longer phase within
+        that phase's bound (an evaluation, a save, a checkpoint load), which progress.json does not show."""
+        spec, now = self.watchdog(), time.time()
+        step_time = report.step_time_s
+        bound = spec.first_step_s if step_time is None else max(spec.min_step_s, spec.step_factor * step_time)
+        if now - report.updated <= bound:
+            return None
+        try:
+            rank0 = self.rank_beat(report.job_id, 0)
+        except DamagedFile:
+            rank0 = None
+        if rank0 is not None and not rank0.silent(now) and now <= rank0.deadline:
+            return None
+        return now - report.updated, bound
+
+    def watchdog(self) -> WatchdogSpec:
+        """The run's watchdog bounds; the defaults where profile.yaml cannot be read (its own error is reported
+        where the profile is used)."""
+        try:
+            return self.profile().watchdog
+        except OrchError:
+            return WatchdogSpec()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -200,9 +242,11 @@ class Run:
         step_time = progress.step_time_s if progress else None
         mlflow = self.mlflow
         error = None
-        if state in ("failed", "running", "queued") and jobs:  # the first rank to fail names the cause
+        if state in ("failed", "running", "stalled", "queued") and jobs:  # the first rank to fail names the cause
             failures = self.failures(jobs[-1].job_id)
             error = failures[0].describe() if failures else None
+        if state == "stalled" and progress and (stall := self.stall(progress)):
+            error = error or f"no step finished for {stall[0]:.0f} s, beyond the bound of {stall[1]:.0f} s"
         error = error or (progress.error if progress else None)
         return {
             **empty_summary(self),
@@ -248,7 +292,7 @@ def node_hours(attempts: list[Attempt], progress: Progress | None, state: str) -
         return 0.0
     ends = [a.started for a in attempts[1:]]
     last_beat = progress.updated if progress else time.time()
-    ends.append(time.time() if state in ("running", "queued") else last_beat)
+    ends.append(time.time() if state in ("running", "stalled", "queued") else last_beat)
     return sum(a.nodes * max(0.0, end - a.started) / 3600 for a, end in zip(attempts, ends, strict=True))
 
 

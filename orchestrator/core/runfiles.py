@@ -96,7 +96,7 @@ class Attempt(RunFile):
     start_step: int = Field(ge=0)
     started: float
     nodes: int = Field(default=1, ge=1)
-    ended: Literal["requeued", "preempted"] | None = None  # how the job stopped early, where it saw that itself
+    ended: Literal["requeued", "preempted", "hang"] | None = None  # how the job stopped early, where it saw that
 
 
 class MlflowState(RunFile):

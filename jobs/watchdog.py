@@ -1,0 +1,250 @@
+"""Hang detection: a watchdog thread on every rank stops a job whose steps stopped finishing, and requeues it.
+
+A hung collective (a peer frozen, dead or cut off) cannot be left cleanly: the training thread is blocked inside
+the backend. So the training thread only notes what it is doing (`note`, `step_done`: attribute writes, no I/O),
+and a thread per rank (`Watchdog`) writes that every second to `ranks/<job>.rank<N>.json`, with the time by which
+the phase should be over (the profile's `watchdog` section):
+
+- a step (phases data, forward_backward, optimizer, sync): max(min_step_s, step_factor × the median of this job's
+  recent step times), or first_step_s until this job has timed a step after its first;
+- the job's start, a checkpoint load, an evaluation or a save (phases start, load, eval, save): first_step_s.
+
+While its own rank is within the step bound, a watchdog reads nothing. Past it, it reads the other ranks' beats and
+declares a hang when a rank has been silent (its beat not rewritten: the process stopped or gone, its host cut off)
+for longer than the step bound, or when every rank is past its own bound. The lowest rank that is not silent then
+writes `hangs/<job>.<time>.json` (who was stuck, where), marks the attempt `hang` in attempts.json (the requeue-loop
+guard counts it like a requeue of the job's own) and requeues the job, which resumes from its last committed
+checkpoint:
+
+- LocalExecutor: it kills the other ranks of the job (each with what it started) and exits with submitit's requeue
+  code, on which the controller starts every task again;
+- Slurm: `scontrol requeue <job>` (what submitit's own requeue runs); Slurm ends every task on every node and
+  queues the job again.
+
+The other ranks that saw the hang leave it to that rank, and act themselves if its requeue has not ended them
+within ACTOR_GRACE_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+from orchestrator.core.config import WatchdogSpec
+from orchestrator.core.files import write_json_atomic
+from orchestrator.core.runfiles import SILENT_S, DamagedFile, Hang, RankBeat, read_model
+from orchestrator.core.scheduler import descendants
+
+log = logging.getLogger("orch.watchdog")
+BEAT_S = 1.0  # how often a watchdog rewrites its rank's beat and looks at the others
+ACTOR_GRACE_S = 30.0
+RECENT_STEPS = 20  # step times the median is taken over
+SLOW_PHASES = frozenset({"start", "load", "eval", "save"})  # bounded by first_step_s: step times do not predict them
+EXITED = "exited"  # the phase of a rank whose watchdog stopped with its training
+
+
+class Notes:
+    """What this rank is doing, noted by the training thread. (phase, step, since) is replaced as one tuple, which
+    the watchdog thread reads without a lock; `since` restarts with each step and each slow phase."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.now: tuple[str, int, float] = ("start", 0, time.time())
+        self.step_times: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.steps_done = 0
+
+    def note(self, phase: str, step: int | None = None) -> None:
+        current, noted, since = self.now
+        if phase != current and (phase in SLOW_PHASES or current in SLOW_PHASES):
+            since = time.time()
+        self.now = (phase, noted if step is None else step, since)
+
+    def step_done(self, step: int, seconds: float) -> None:
+        """`step` steps are done, the last in `seconds`; the first of a job (compiling, warming up) is not timed."""
+        if self.steps_done:
+            self.step_times.append(seconds)
+        self.steps_done += 1
+        self.now = (self.now[0], step, time.time())
+
+
+NOTES = Notes()  # one rank per process
+note = NOTES.note
+step_done = NOTES.step_done
+
+
+class Watchdog:
+    """The watchdog thread of one rank, for the duration of a `with` block (module docstring)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        job_id: str,
+        rank: int,
+        world: int,
+        spec: WatchdogSpec,
+        executor: str,
+        on_hang: Callable[[], None],
+    ) -> None:
+        self.run_dir, self.job_id, self.rank, self.world = run_dir, job_id, rank, world
+        self.spec, self.executor, self.on_hang = spec, executor, on_hang
+        self.host, self.pid, self.started = socket.gethostname(), os.getpid(), time.time()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        NOTES.reset()
+        self._write(self.beat(time.time()))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10 * BEAT_S)
+        self._write(self.beat(time.time()).model_copy(update={"phase": EXITED}))
+
+    def beat_path(self, rank: int) -> Path:
+        return self.run_dir / "ranks" / f"{self.job_id}.rank{rank}.json"
+
+    def step_bound(self) -> float:
+        times = list(NOTES.step_times)
+        if not times:
+            return self.spec.first_step_s
+        return max(self.spec.min_step_s, self.spec.step_factor * statistics.median(times))
+
+    def beat(self, now: float) -> RankBeat:
+        phase, step, since = NOTES.now
+        bound = self.spec.first_step_s if phase in SLOW_PHASES else self.step_bound()
+        return RankBeat(
+            job_id=self.job_id, rank=self.rank, host=self.host, pid=self.pid, step=step, phase=phase, since=since,
+            deadline=since + bound, updated=now,
+        )  # fmt: skip
+
+    def _write(self, beat: RankBeat) -> None:
+        try:
+            write_json_atomic(self.beat_path(self.rank), beat.model_dump(), durable=False)
+        except OSError as err:  # a full or stalled disk: the others will find this rank silent
+            log.warning("could not write the rank's beat: %s", err)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(BEAT_S):
+            now = time.time()
+            own = self.beat(now)
+            self._write(own)
+            bound = self.step_bound()
+            if now - own.since <= bound:
+                continue
+            beats = self.beats(own)
+            if hung(beats, self.world, now, bound, self.started):
+                self.fire(beats, now, bound)
+
+    def beats(self, own: RankBeat) -> dict[int, RankBeat]:
+        """Every rank's last beat of this attempt of the job that can be read (this rank's own as it is now); a beat
+        written before this attempt started (the same job before a requeue) counts as none."""
+        found = {self.rank: own}
+        for rank in range(self.world):
+            if rank != self.rank:
+                try:
+                    beat = read_model(self.beat_path(rank), RankBeat)
+                except DamagedFile:
+                    beat = None
+                if beat is not None and beat.updated >= self.started - SILENT_S:
+                    found[rank] = beat
+        return found
+
+    def fire(self, beats: dict[int, RankBeat], now: float, bound: float) -> NoReturn:
+        hang = Hang(
+            job_id=self.job_id, detected_by=self.rank, time=now, bound_s=bound,
+            stuck=stuck(beats, self.world, now), ranks=[beats[rank] for rank in sorted(beats)],
+        )  # fmt: skip
+        log.error("hang: %s; the job is requeued from its last checkpoint", hang.describe())
+        actor = min(rank for rank, beat in beats.items() if rank == self.rank or not beat.silent(now))
+        if actor != self.rank:
+            log.error("rank %d requeues the job; rank %d acts itself if it has not within %.0f s", actor, self.rank,
+                      ACTOR_GRACE_S)  # fmt: skip
+            time.sleep(ACTOR_GRACE_S)
+        try:
+            write_json_atomic(self.run_dir / "hangs" / f"{self.job_id}.{int(now)}.json", hang.model_dump())
+            self.on_hang()
+        except Exception as err:  # noqa: BLE001 - the requeue must happen whatever the records
+            log.error("could not record the hang: %s", err)
+        requeue(self.executor, self.job_id, [beat for rank, beat in beats.items() if rank != self.rank])
+
+
+def hung(beats: dict[int, RankBeat], world: int, now: float, step_bound: float, started: float) -> bool:
+    """A rank silent (or never heard of) for longer than the step bound, or every rank past its own bound. Silence
+    counts from SILENT_S up however short the bound: a beat is rewritten only every BEAT_S. Once a rank has left
+    training (finished, or failed and reported why) the job is ending, not hung: a collective that waits for it
+    fails when its process ends."""
+    if any(beat.phase == EXITED for beat in beats.values()):
+        return False
+    waiting = list(beats.values())
+    silence = max(step_bound, SILENT_S)
+    if any(now - beat.updated > silence for beat in waiting):
+        return True
+    if len(beats) < world:
+        return now - started > silence
+    return all(now > beat.deadline for beat in waiting)
+
+
+def stuck(beats: dict[int, RankBeat], world: int, now: float) -> list[int]:
+    """The ranks the others wait for: those silent or never heard of; where there are none, those with the fewest
+    steps done."""
+    silent = [rank for rank, beat in beats.items() if beat.silent(now)]
+    silent += [rank for rank in range(world) if rank not in beats]
+    if silent:
+        return sorted(silent)
+    behind = min(beat.step for beat in beats.values())
+    return sorted(rank for rank, beat in beats.items() if beat.step == behind)
+
+
+def requeue(executor: str, job_id: str, peers: list[RankBeat]) -> NoReturn:
+    """End this job so that its scheduler starts it again (module docstring)."""
+    if executor == "local":
+        for peer in peers:
+            kill_sibling(peer.pid)
+        exit_now(LOCAL_REQUEUE_RETURN_CODE)
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.error("scontrol requeue %s failed (%s): the job ends without a requeue", job_id, err)
+    exit_now(1)
+
+
+def kill_sibling(pid: int) -> None:
+    """SIGKILL (which also ends a stopped process) to another task of this job on this machine and what it
+    started; only where `pid` is still a child of this process's parent, never a process that took its number."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return
+    if parent != os.getppid():
+        return
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def exit_now(code: int) -> NoReturn:
+    """The training thread is blocked in a collective: the process ends from here, without unwinding it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

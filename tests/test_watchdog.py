@@ -1,0 +1,212 @@
+"""Hang detection (docs/watchdog.md): the process group's timeout, the watchdog's rules, "stalled" in `orch status`,
+and a rank frozen mid-run on the local profile."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from jobs import watchdog
+from orchestrator.core.config import PROFILES_DIR, WatchdogSpec
+from orchestrator.core.files import write_json_atomic
+from orchestrator.core.rundir import TERMINAL_STATES, Run
+from orchestrator.core.runfiles import SILENT_S, Hang, RankBeat, committed_step, read_model
+from orchestrator.core.scheduler import descendants
+from tests.conftest import free_port, orch, run_dir_of, spooled_losses, submitted_run_id, wait_for_step
+
+# --- the process group's timeout ----------------------------------------------------------------------------------
+
+
+def test_a_process_group_whose_peer_never_comes_fails_after_the_profiles_timeout(monkeypatch: pytest.MonkeyPatch):
+    """The timeout reaches the group: here its rendezvous, where rank 1 never arrives; gloo's collectives and NCCL's
+    watchdog take the same value."""
+    from accelerate import PartialState
+
+    from jobs.distributed import start_process_group
+
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                            WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    timeout_s, started = 2.0, time.monotonic()
+    try:
+        with pytest.raises(Exception, match="[Tt]imed out|[Tt]imeout"):
+            start_process_group("cpu", "gloo", timeout_s)
+    finally:
+        PartialState._reset_state()
+    assert time.monotonic() - started >= timeout_s
+
+
+# --- the watchdog's rules -----------------------------------------------------------------------------------------
+
+NOW = 1_000_000.0
+
+
+def beat(rank: int, phase: str = "forward_backward", step: int = 7, since: float = -10, bound: float = 60,
+         updated: float = 0) -> RankBeat:  # fmt: skip
+    """A rank's beat, its times relative to NOW."""
+    return RankBeat(
+        job_id="42", rank=rank, host="node1", pid=1000 + rank, step=step, phase=phase, since=NOW + since,
+        deadline=NOW + since + bound, updated=NOW + updated,
+    )  # fmt: skip
+
+
+def test_a_rank_silent_for_longer_than_the_step_bound_is_a_hang_whatever_its_phase():
+    beats = {0: beat(0, "save", since=-100, bound=1800, updated=-61), 1: beat(1, since=-70, updated=-0.5)}
+    assert watchdog.hung(beats, 2, NOW, step_bound=60, started=NOW - 600)
+    assert watchdog.stuck(beats, 2, NOW) == [0]
+    beats[0] = beat(0, "save", since=-100, bound=1800, updated=-0.5)  # alive, in a long save
+    assert not watchdog.hung(beats, 2, NOW, step_bound=60, started=NOW - 600)
+
+
+def test_silence_counts_from_a_few_beats_up_however_short_the_step_bound():
+    beats = {0: beat(0, since=-0.5, bound=1, updated=-(SILENT_S - 1)), 1: beat(1, since=-0.5, bound=1)}
+    assert not watchdog.hung(beats, 2, NOW, step_bound=1, started=NOW - 600)
+    beats[0] = beat(0, since=-0.5, bound=1, updated=-(SILENT_S + 1))
+    assert watchdog.hung(beats, 2, NOW, step_bound=1, started=NOW - 600)
+
+
+def test_every_rank_past_its_bound_is_a_hang_and_the_ranks_furthest_behind_are_named():
+    beats = {0: beat(0, step=8, since=-70), 1: beat(1, "data", step=7, since=-71), 2: beat(2, step=8, since=-70)}
+    assert watchdog.hung(beats, 3, NOW, step_bound=60, started=NOW - 600)
+    assert watchdog.stuck(beats, 3, NOW) == [1]
+
+
+def test_a_rank_that_never_reported_is_named_once_the_bound_has_passed():
+    beats = {0: beat(0, since=-70)}
+    assert not watchdog.hung(beats, 2, NOW, step_bound=60, started=NOW - 30)
+    assert watchdog.hung(beats, 2, NOW, step_bound=60, started=NOW - 61)
+    assert watchdog.stuck(beats, 2, NOW) == [1]
+
+
+def test_a_job_with_a_rank_that_left_training_is_ending_not_hung():
+    beats = {0: beat(0, since=-70), 1: beat(1, watchdog.EXITED, updated=-300)}  # rank 1 failed and said why
+    assert not watchdog.hung(beats, 2, NOW, step_bound=60, started=NOW - 600)
+
+
+def test_a_step_restarts_the_clock_and_slow_phases_have_their_own():
+    notes = watchdog.Notes()
+    notes.note("data", 3)
+    notes.note("forward_backward")
+    started = notes.now[2]
+    notes.note("data")
+    assert notes.now == ("data", 3, started)  # micro-batches of one step share its clock
+    notes.step_done(4, 0.5)
+    assert notes.now[1] == 4 and notes.now[2] >= started and not notes.step_times  # the first step is not timed
+    notes.note("save")
+    saving = notes.now[2]
+    notes.note("data", 4)
+    assert notes.now[2] >= saving and notes.now[0] == "data"
+
+
+def test_the_step_bound_is_the_factor_times_the_median_step_with_a_floor(tmp_path: Path):
+    spec = WatchdogSpec(step_factor=10, min_step_s=5, first_step_s=900)
+    dog = watchdog.Watchdog(tmp_path, "42", 0, 2, spec, "local", on_hang=lambda: None)
+    watchdog.NOTES.reset()
+    assert dog.step_bound() == 900  # no step timed yet: compiling, loading
+    for seconds in (9.0, 0.2, 0.3, 0.4):  # the first step of a job is not timed
+        watchdog.step_done(1, seconds)
+    assert dog.step_bound() == 5  # 10 × 0.3 s is below the floor
+    for _ in range(5):
+        watchdog.step_done(2, 2.0)
+    assert dog.step_bound() == pytest.approx(10 * 2.0)
+    watchdog.note("eval")
+    assert dog.beat(NOW).deadline - dog.beat(NOW).since == 900
+
+
+def test_a_hang_counts_toward_the_requeue_loop_guard_like_a_requeue(tmp_path: Path):
+    from jobs.train import end_attempt, record_start  # here: the process group test's ranks import this module
+
+    run = Run(tmp_path)
+    for ended in ("hang", "requeued"):
+        assert record_start(run, "41", 10, nodes=1) is None
+        end_attempt(run, "41", ended)
+    reason = record_start(run, "41", 10, nodes=1)
+    assert reason and "requeue loop" in reason
+    assert [a.ended for a in run.attempts] == ["hang", "requeued", None]
+
+
+# --- "stalled" in orch status -------------------------------------------------------------------------------------
+
+
+def running_run(tmp_path: Path, quiet_s: float, step_time_s: float | None) -> Run:
+    """A run whose job (id 4242) reported running `quiet_s` ago, with the local profile's watchdog set to a floor of
+    5 s, a factor of 10 and 300 s for a first step."""
+    run, now = Run(tmp_path / "run"), time.time()
+    bounds = "watchdog:\n  min_step_s: 5\n  step_factor: 10\n  first_step_s: 300\n"
+    run.dir.mkdir(parents=True)
+    (run.dir / "profile.yaml").write_text((PROFILES_DIR / "local.yaml").read_text() + bounds)
+    write_json_atomic(run.dir / "run.json", {"run_id": "run", "created": now, "profile": "local", "recipe": "tiny",
+                                             "steps": 100, "stop_before_end_s": 30})  # fmt: skip
+    write_json_atomic(run.dir / "jobs.json", [{"job_id": "4242", "executor": "local", "submitted": now - 600}])
+    progress = {"state": "running", "step": 30, "steps": 100, "job_id": "4242", "updated": now - quiet_s}
+    write_json_atomic(run.dir / "progress.json", {**progress, "step_time_s": step_time_s})
+    return run
+
+
+def test_a_live_job_without_a_heartbeat_for_longer_than_the_bound_is_stalled(tmp_path: Path):
+    assert running_run(tmp_path / "a", quiet_s=15, step_time_s=2.0).state(alive=True) == "running"  # bound 20 s
+    stalled = running_run(tmp_path / "b", quiet_s=25, step_time_s=2.0)
+    assert stalled.state(alive=True) == "stalled" and "stalled" not in TERMINAL_STATES
+    summary = stalled.summary(alive=True)
+    assert summary["state"] == "stalled" and "no step finished for 25 s" in summary["error"]
+    assert stalled.state(alive=False) == "failed"  # a job that is gone is not stalled
+    assert running_run(tmp_path / "c", quiet_s=6, step_time_s=0.1).state(alive=True) == "stalled"  # the 5 s floor
+
+
+def test_before_its_first_step_a_job_has_the_first_step_bound(tmp_path: Path):
+    assert running_run(tmp_path / "a", quiet_s=200, step_time_s=None).state(alive=True) == "running"
+    assert running_run(tmp_path / "b", quiet_s=301, step_time_s=None).state(alive=True) == "stalled"
+
+
+def test_rank_0_in_a_long_phase_within_its_bound_is_not_stalled(tmp_path: Path):
+    run, now = running_run(tmp_path, quiet_s=60, step_time_s=2.0), time.time()
+    saving = RankBeat(job_id="4242", rank=0, host="n1", pid=99, step=30, phase="save", since=now - 60,
+                      deadline=now + 240, updated=now)  # fmt: skip
+    write_json_atomic(run.ranks_dir / "4242.rank0.json", saving.model_dump())
+    assert run.state(alive=True) == "running"
+    write_json_atomic(run.ranks_dir / "4242.rank0.json", saving.model_copy(update={"updated": now - 30}).model_dump())
+    assert run.state(alive=True) == "stalled"  # its watchdog went silent too
+
+
+# --- a rank frozen mid-run ----------------------------------------------------------------------------------------
+
+STEPS, FREEZE_AFTER = 20, 13  # the tiny recipe commits a checkpoint every 10 steps: frozen between two of them
+FACTOR = 20  # the bound is FACTOR × the run's own median step time; the floor is set below any step
+
+
+def test_a_frozen_rank_is_stopped_by_the_others_watchdog_and_the_run_ends_as_if_undisturbed(orch_home: Path):
+    bounds = ("--set", "watchdog.min_step_s=0.001", "--set", f"watchdog.step_factor={FACTOR}")
+    with ThreadPoolExecutor(2) as pool:  # the undisturbed reference trains beside it
+        submitted = pool.map(lambda extra: orch("submit", "--steps", str(STEPS), *extra), [(), bounds])
+        reference, run_id = (run_dir_of(orch_home, submitted_run_id(result)) for result in submitted)
+    run = Run(run_dir_of(orch_home, run_id))
+    job_id = run.jobs[0].job_id
+    wait_for_step(run.dir, FREEZE_AFTER)
+    frozen = run.rank_beat(job_id, 0)
+    assert frozen is not None and frozen.pid in descendants(int(job_id))
+    os.kill(frozen.pid, signal.SIGSTOP)  # rank 0, mid-step: its peer blocks in the next collective
+    frozen_at, committed = time.time(), committed_step(run.dir / "checkpoints")
+
+    assert follow_until_ended(run) == "completed"
+    [report] = [read_model(path, Hang) for path in (run.dir / "hangs").iterdir()]
+    assert report.stuck == [0] and report.detected_by == 1 and report.ranks[0].pid == frozen.pid
+    assert report.time - frozen_at <= max(report.bound_s, SILENT_S) + 3 * watchdog.BEAT_S
+    assert [(a.job_id, a.start_step, a.ended) for a in run.attempts] == [(job_id, 0, "hang"), (job_id, committed, None)]
+    assert not Path(f"/proc/{frozen.pid}").exists()  # killed by the job's own watchdog, and reaped
+
+    assert follow_until_ended(Run(reference)) == "completed"
+    assert spooled_losses(run.dir) == spooled_losses(reference) and len(spooled_losses(reference)) == STEPS
+
+
+def follow_until_ended(run: Run, poll_s: float = 0.2) -> str:
+    """The state that ends the run."""
+    until = time.time() + 600
+    while (state := run.state()) not in TERMINAL_STATES:
+        assert time.time() < until, run.summary()
+        time.sleep(poll_s)
+    return state
