@@ -26,7 +26,7 @@ from jobs.system_metrics import ALWAYS, metric_key, offset_through, read_from, s
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.plan import make_plan
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
+from orchestrator.core.runfiles import ROLLED_BACK, SPOOL, DamagedFile, MlflowState, read_model, spool_entries
 from orchestrator.core.settings import EXPERIMENT
 
 log = logging.getLogger(__name__)
@@ -41,32 +41,25 @@ class MetricSpool:
     """Append-only per-step metrics in the run directory (written by rank 0 only)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.rolled_back = run_dir / SPOOL, run_dir / ROLLED_BACK
 
     def append(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}) + "\n")
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every readable entry; a torn or garbled line (a crash mid-write, a damaged disk) is left out, so that one
-        bad line never blocks a resume (the next rollback drops it from the file)."""
-        if not self.path.is_file():
-            return []
-        entries = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-                entries.append(
-                    {"step": int(entry["step"]), "time_ms": int(entry["time_ms"]), "metrics": dict(entry["metrics"])}
-                )
-            except (ValueError, KeyError, TypeError):
-                continue
-        return entries
+        """Every readable entry (the next rollback drops a torn line from the file)."""
+        return spool_entries(self.path)
 
     def rollback(self, step: int) -> None:
-        """Forget steps after `step`: the run resumes from its checkpoint there."""
-        kept = [e for e in self.entries() if e["step"] <= step]
-        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
+        """Forget steps after `step`: the run resumes from its checkpoint there. The forgotten steps move to
+        rolled_back.jsonl first, where the goodput accounting finds the time they took."""
+        entries = self.entries()
+        dropped = "".join(json.dumps(e) + "\n" for e in entries if e["step"] > step)
+        if dropped:
+            with self.rolled_back.open("a") as f:  # a crash before the rewrite repeats lines; readers skip repeats
+                f.write(dropped)
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in entries if e["step"] <= step))
 
 
 def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tags: dict[str, str]) -> int:

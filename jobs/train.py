@@ -34,6 +34,7 @@ from jobs.shards import shard_damage
 from jobs.spikes import SpikeGuard
 from jobs.system_metrics import SystemMonitor
 from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
+from orchestrator.core import goodput
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
@@ -197,6 +198,7 @@ def loop(
     guard: SpikeGuard | None = None,
 ) -> bool:
     """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
+    stall = 0.0  # the wait in the previous step's save: a step's metrics are spooled before its save
     while state.step < plan.steps:
         step = position.step = state.step
         started = time.perf_counter()
@@ -209,14 +211,19 @@ def loop(
         watchdog.step_done(state.step, metrics["step_time_s"])
         metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
         watchdog.note("eval")
-        metrics.update(evaluator.maybe_evaluate(state.step, plan.steps, trainer.model))
-        if report:
-            report.step(state.step, metrics)
-            state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
+        evaluating = time.perf_counter()
+        if evaluated := evaluator.maybe_evaluate(state.step, plan.steps, trainer.model):
+            metrics.update(evaluated, eval_s=time.perf_counter() - evaluating)
+        metrics["checkpoint_stall_s"] = stall
         watchdog.note("sync")
         stopping = stop.agreed(trainer.device)
+        if report:
+            report.step(state.step, metrics, last=stopping is not None or state.step == plan.steps)
+            state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
         watchdog.note("save")
+        saving = time.perf_counter()
         checkpointer.maybe_save(state.step, plan.steps, stopping is not None, trainer, state.to_checkpoint(trainer))
+        stall = time.perf_counter() - saving
         if stopping and state.step < plan.steps:
             checkpointer.close()
             if report and stopping == "preempted":
@@ -416,9 +423,21 @@ class JobReport:
         self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
         self.heartbeat.beat("running", start_step)
 
-    def step(self, done: int, metrics: dict[str, float]) -> None:
+    def step(self, done: int, metrics: dict[str, float], last: bool = False) -> None:
+        """`last`: the job's final step, whose metrics also carry the run's goodput (MLflow gets them once the final
+        save commits the step)."""
+        if last:
+            metrics = {**metrics, **self.goodput_metrics(done, metrics)}
         self.tracker.log(done, metrics)
         self.heartbeat.beat("running", done, metrics)
+
+    def goodput_metrics(self, done: int, metrics: dict[str, float]) -> dict[str, float]:
+        """goodput/percent and the parts' device-hours (docs/goodput.md); none when a run file cannot be read."""
+        try:
+            return goodput.before_final_save(self.run, done, metrics, time.time()).metrics()
+        except (OrchError, OSError) as err:
+            log.warning("no goodput for this job: %s", err)
+            return {}
 
     def requeued(self, done: int) -> None:
         self.stopped_early("requeued", done)
@@ -438,6 +457,7 @@ class JobReport:
 
     def completed(self) -> None:
         self.tracker.close("FINISHED", artifacts(self.run, self.job_id, logs=True))
+        end_attempt(self.run, self.job_id, None)
         self.heartbeat.beat("completed", self.steps)
 
 
@@ -465,6 +485,7 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
         if a["job_id"] == job_id and a["start_step"] == start_step and a["ended"] in ("requeued", "hang")
     ]
     attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
+    attempt["launched"] = process_started()
     write_json_atomic(run.dir / "attempts.json", attempts + [attempt])
     if len(stuck) >= 2:
         return (
@@ -474,12 +495,12 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     return None
 
 
-def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "hang"]) -> None:
-    """Mark this job's newest attempt with how it stopped early."""
+def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "hang"] | None) -> None:
+    """Mark this job's newest attempt with when it stopped by itself and, where it stopped early, how."""
     attempts = run.attempts
     last = max((i for i, a in enumerate(attempts) if a.job_id == job_id), default=None)
     if last is not None:
-        attempts[last] = attempts[last].model_copy(update={"ended": how})
+        attempts[last] = attempts[last].model_copy(update={"ended": how, "stopped": time.time()})
         write_json_atomic(run.dir / "attempts.json", [a.model_dump() for a in attempts])
 
 

@@ -269,11 +269,22 @@ def finish(run) -> None:
 def status(
     run_id: Annotated[Optional[str], typer.Argument(help="one run; all runs when left out")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    suggest: Annotated[
+        bool, typer.Option(help="with RUN: the checkpoint interval that minimises expected lost time (Young/Daly)")
+    ] = False,
 ) -> None:
-    """Runs and their state, read from the run directories and the scheduler."""
+    """Runs and their state, read from the run directories and the scheduler; with RUN also where its allocated
+    hours went (goodput, docs/goodput.md)."""
     from orchestrator.core.rundir import all_runs, get_run
 
-    summaries = [get_run(run_id).summary()] if run_id else summarise(all_runs())
+    if suggest and not run_id:
+        raise OrchError("--suggest needs a run: `orch status RUN --suggest` reads that run's save stalls and failures.")
+    run = get_run(run_id) if run_id else None
+    summaries = [run.summary()] if run else summarise(all_runs())
+    if run:
+        from orchestrator.cli.show import accounting
+
+        summaries[0].update(accounting(run, summaries[0]["state"], suggest))
     if as_json:
         print(json.dumps(summaries[0] if run_id else summaries, indent=2))
         return
@@ -301,6 +312,10 @@ def status(
     for s in summaries:
         if run_id and s["error"]:
             console.print(f"[red]{s['error']}[/]")
+    if run:
+        from orchestrator.cli.show import show_accounting
+
+        show_accounting(summaries[0], console)
 
 
 def summarise(runs) -> list[dict]:

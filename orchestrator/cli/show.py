@@ -1,15 +1,18 @@
-"""The plan of a run as a user checks it before spending node-hours."""
+"""The plan of a run as a user checks it before spending node-hours, and where a run's allocated hours went."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
 from orchestrator.cli.submit import Request
+from orchestrator.core import goodput
 from orchestrator.core.config import Recipe
+from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import Plan
 from orchestrator.core.rundir import Run, new_run_id
 from orchestrator.core.schedule import describe as describe_schedule
@@ -134,3 +137,90 @@ def show_run_schedule(run: Run, console: Console) -> None:
 def draw_schedules(curves: dict[str, Recipe], steps: int, name: str) -> Path:
     """The curves as lr_schedule.png in a new folder of $ORCH_HOME/dry-runs (a dry run writes no run directory)."""
     return plot_schedules(curves, steps, orch_home() / "dry-runs" / new_run_id(name) / "lr_schedule.png")
+
+
+GOODPUT_PARTS = {  # docs/goodput.md says more
+    "startup": "from a start to its first step",
+    "counted": "steps whose results survive",
+    "uncommitted": "steps since the newest checkpoint",
+    "rolled_back": "steps a resume discarded",
+    "data_wait": "steps waiting for data",
+    "evaluation": "validation",
+    "checkpoint_stall": "training waiting for saves",
+    "other": "between steps; final save and exit",
+    "idle": "last sign of life to the next start",
+    "not_recorded": "jobs that did not measure the parts",
+}
+
+
+def accounting(run: Run, state: str, suggest: bool) -> dict[str, Any]:
+    """The run's `goodput` (and with `suggest`, its `checkpoint_interval`) for `orch status RUN`; a run file that
+    cannot be read leaves them out with the reason."""
+    try:
+        history, result = goodput.of_run(run, state)
+    except (OrchError, OSError) as err:
+        return {"goodput": None, "goodput_error": str(err)}
+    found: dict[str, Any] = {"goodput": result.as_dict()}
+    if suggest:
+        found["checkpoint_interval"] = goodput.suggest(history, result).as_dict()
+    return found
+
+
+def show_accounting(summary: dict[str, Any], console: Console) -> None:
+    """The goodput table under a run's status line, and the suggested checkpoint interval when asked."""
+    found = summary.get("goodput")
+    if found is None or not found["allocated_h"]:
+        why = found is None and summary.get("goodput_error") or "no allocation yet"
+        console.print(f"goodput: not available ({why})", markup=False, highlight=False)
+        return
+    unit = f"{found['device']}-h"
+    table = Table(title=f"Goodput: where the allocated {unit} went", title_justify="left")
+    for column, justify in ((" ", "left"), (unit, "right"), ("share", "right"), ("what", "left")):
+        table.add_column(column, justify=justify)
+    allocated = found["allocated_h"]
+    for part, what in GOODPUT_PARTS.items():
+        hours = found["parts_h"][part]
+        if hours is None:
+            table.add_row(part, "not recorded", "", what)
+        elif hours or part in ("counted", "rolled_back"):
+            table.add_row(part, device_hours(hours), share(hours, allocated), what)
+    spans = f"{found['wall_h']:.2f} h of {summary['allocations']} allocation(s)"
+    table.add_row("allocated", device_hours(allocated), "", spans, style="bold")
+    console.print(table)
+    percent = found["percent"]
+    console.print(f"goodput: {'-' if percent is None else f'{percent:.1f} %'} (counted / allocated)", highlight=False)
+    if "checkpoint_interval" in summary:
+        console.print(interval_text(summary["checkpoint_interval"]), highlight=False, soft_wrap=True)
+
+
+def device_hours(hours: float) -> str:
+    return f"{hours:,.2f}" if abs(hours) >= 1 else f"{hours:.4f}"
+
+
+def share(hours: float, allocated: float) -> str:
+    return f"{100 * hours / allocated:.1f} %" if allocated else "-"
+
+
+def interval_text(s: dict[str, Any]) -> str:
+    """One paragraph: the Young/Daly interval, what it rests on, and the recipe's against it."""
+    if s["save_stall_s"] is None or s["step_s"] is None:
+        return (
+            "checkpoint interval: no save stall measured yet (a save at the recipe's cadence is measured on the step "
+            "after it); run longer, then ask again."
+        )
+    if s["mtbf_from_prior"]:
+        failures = (
+            f"no failure or preemption observed in {s['wall_h']:.2f} h of allocations, so a prior: "
+            f"one per {goodput.PRIOR_DEVICE_HOURS_PER_INTERRUPTION:,.0f} device-hours (Llama 3's rate), "
+            f"MTBF {s['mtbf_h']:,.1f} h"
+        )
+    else:
+        failures = f"{s['interruptions']} failure(s)/preemption(s) in {s['wall_h']:.2f} h: MTBF {s['mtbf_h']:,.2f} h"
+    loss = s["expected_loss_recipe"], s["expected_loss_suggested"]
+    return (
+        f"checkpoint interval (Young/Daly): every {s['interval_steps']:,} steps ({s['interval_s']:,.0f} s), from a "
+        f"median save stall of {s['save_stall_s']:.3f} s over {s['saves_measured']} saves, a median step of "
+        f"{s['step_s']:.3f} s and {failures}. The recipe saves every {s['recipe_every_steps']:,} steps "
+        f"(checkpoint.every_steps): expected loss to saves and failures {100 * loss[0]:.2f} % there, "
+        f"{100 * loss[1]:.2f} % at {s['interval_steps']:,}."
+    )

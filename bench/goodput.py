@@ -1,0 +1,176 @@
+"""Goodput of a simulated chain of allocations, through the accounting `orch status RUN` uses (docs/goodput.md).
+
+Usage: python -m bench.goodput [--hours 2] [--scale 96] [--nodes 2] [--seed 0] [--folder DIR]
+
+cstinyllama-1.2b on Karolina (the seed's 2 nodes, 16 A100s), figures from the planner and docs/performance.md:
+- step: `Plan.step_s` (the planner's tokens/s at the profile's 45 % MFU);
+- save stall: `Plan.save_s` (a synchronous write at the planner's 1 GB/s per rank) / 13.8, the stall of an async
+  save against a sync one measured by bench.checkpoint_stall (80 ms against 1,099 ms); the recipe saves async;
+- commit: `Plan.save_s` plus rank 0's SHA-256 of the whole checkpoint (8 bytes per parameter) at 1.4 GB/s; a failure
+  before the commit loses that checkpoint;
+- evaluation: `eval.blocks` × sequence tokens forward only, a third of a training step's compute per token;
+- data wait: 0.3 % of each step (`orch bench`'s data wait on this machine: 0.1-0.3 %);
+- start-up: the planner's STARTUP_MIN per allocation; restart: 5 minutes from a failure to the next start;
+- one failure per allocation, at a time drawn uniformly over its 48 h time limit (seeded): every allocation ends
+  in a failure, an observed MTBF near 24 h.
+
+Scaling: the chain is `--hours` of wall time in which every duration above is divided by `--scale` (96: a 48 h
+allocation becomes 30 minutes, a step 37 ms), so 2 hours hold what 192 hours of Karolina allocations hold, step for
+step. Goodput is a ratio of times and the Young/Daly interval in steps is sqrt(2 δ M) / step: neither changes when
+every time is divided by the same number (`--scale 1 --hours 192` gives the same shares, slower to write).
+
+The chain is written as a job writes a run directory (attempts.json, metrics.jsonl with simulated times, each start
+rolling the spool back to the last commit with the job's own `MetricSpool.rollback`), then accounted for with
+`orchestrator.core.goodput`: once with the recipe's checkpoint interval, then with the Young/Daly interval that
+`orch status RUN --suggest` derives from the first chain, under the same failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.tracking import MetricSpool
+from orchestrator.core import goodput
+from orchestrator.core.config import Profile, Recipe, dump_yaml, load_profile, load_recipe
+from orchestrator.core.files import write_json_atomic
+from orchestrator.core.plan import STARTUP_MIN, make_plan
+from orchestrator.core.rundir import Run
+from orchestrator.core.runfiles import Attempt
+
+ASYNC_STALL_RATIO = 1099.1 / 79.8  # docs/performance.md, "Checkpoint stall": sync against async stall, 56M model
+HASH_BYTES_PER_S = 1.4e9  # docs/performance.md: SHA-256 on this CPU
+DATA_WAIT = 0.003
+RESTART_S = 5 * 60
+T0 = 1_800_000_000.0
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Durations of one simulated chain, already divided by the scale."""
+
+    step_s: float
+    stall_s: float
+    commit_s: float
+    eval_s: float
+    eval_every: int
+    startup_s: float
+    restart_s: float
+    limit_s: float
+    horizon_s: float
+    nodes: int
+
+
+def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float) -> Chain:
+    plan = make_plan(profile, recipe, recipe.schedule.total_steps)
+    eval_tokens = recipe.eval.blocks * recipe.data.max_seq_len
+    return Chain(
+        step_s=plan.step_s / scale,
+        stall_s=plan.save_s / ASYNC_STALL_RATIO / scale,
+        commit_s=(plan.save_s + 8 * plan.parameters / HASH_BYTES_PER_S) / scale,
+        eval_s=eval_tokens / plan.tokens_per_step * plan.step_s / 3 / scale,
+        eval_every=recipe.eval.every_steps,
+        startup_s=STARTUP_MIN * 60 / scale,
+        restart_s=RESTART_S / scale,
+        limit_s=profile.time_limit_min * 60 / scale,
+        horizon_s=hours * 3600,
+        nodes=profile.nodes,
+    )
+
+
+def simulate(folder: Path, chain: Chain, profile: Profile, recipe: Recipe, every: int, failures: list[float]) -> Run:
+    """Write the run directory the chain's jobs would leave, saving every `every` steps; `failures`: when each
+    allocation fails, as a share of its time limit."""
+    folder.mkdir(parents=True)
+    recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"every_steps": every})})
+    (folder / "profile.yaml").write_text(dump_yaml(profile.model_dump(mode="json")))
+    (folder / "recipe.yaml").write_text(dump_yaml(recipe.model_dump(mode="json")))
+    spool, attempts, commits = MetricSpool(folder), [], [(T0, 0)]  # (when committed, step)
+    start, horizon = T0, T0 + chain.horizon_s
+    for job, share in enumerate(failures):
+        if start >= horizon:
+            break
+        committed = max(step for _, step in commits)
+        spool.rollback(committed)  # what a job's rank 0 does as it starts
+        attempts.append(Attempt(job_id=str(1000 + job), start_step=committed, started=start, nodes=chain.nodes))
+        end = min(start + share * chain.limit_s, horizon)
+        clock, step, stall, lines = start + chain.startup_s, committed, 0.0, []
+        while True:
+            evaluation = {"eval_s": chain.eval_s} if (step + 1) % chain.eval_every == 0 else {}
+            if clock + chain.step_s + evaluation.get("eval_s", 0.0) > end:
+                break
+            clock, step = clock + chain.step_s + evaluation.get("eval_s", 0.0), step + 1
+            metrics = {"step_time_s": chain.step_s, "data_wait_fraction": DATA_WAIT, "checkpoint_stall_s": stall}
+            lines.append({"step": step, "time_ms": round(clock * 1000), "metrics": {**metrics, **evaluation}})
+            stall = 0.0
+            if step % every == 0:
+                stall, clock = chain.stall_s, clock + chain.stall_s
+                commits.append((clock + chain.commit_s, step))
+        with spool.path.open("a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+        commits = [(when, step) for when, step in commits if when <= end]  # the failure cuts a save short
+        start = end + chain.restart_s
+    write_json_atomic(folder / "attempts.json", [a.model_dump() for a in attempts])
+    final = max(step for _, step in commits)
+    (folder / "checkpoints").mkdir()
+    write_json_atomic(folder / "checkpoints/latest.json", {"step": final, "dir": f"step_{final:08d}"})
+    return Run(folder)
+
+
+def report(name: str, result: goodput.Goodput, scale: float) -> None:
+    print(f"\n{name}: goodput {result.percent:.2f} % of {result.allocated_h * scale:,.0f} GPU-h (Karolina hours)")
+    for part, hours in result.parts_h.items():
+        if hours and abs(hours / result.allocated_h) >= 5e-5:  # leaves out parts that round to 0.00 %
+            print(f"  {part:<17} {100 * hours / result.allocated_h:6.2f} %")
+    print(f"  steps counted {result.steps['counted']:,}, rolled back {result.steps['rolled_back']:,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hours", type=float, default=2.0, help="wall time of the simulated chain")
+    parser.add_argument("--scale", type=float, default=96.0, help="every Karolina duration is divided by this")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folder", type=Path, default=None, help="where to write the simulated runs")
+    args = parser.parse_args()
+    _, profile = load_profile("karolina", [{"nodes": args.nodes}])
+    _, recipe = load_recipe("cstinyllama-1.2b")
+    chain = karolina_chain(profile, recipe, args.hours, args.scale)
+    rng = random.Random(args.seed)
+    failures = [rng.uniform(0, 1) for _ in range(math.ceil(chain.horizon_s / chain.restart_s))]
+    print(
+        f"simulated chain: {args.hours:g} h at 1/{args.scale:g} of Karolina's durations ({args.nodes} nodes): step "
+        f"{chain.step_s * args.scale:.3f} s, save stall {chain.stall_s * args.scale:.3f} s, commit "
+        f"{chain.commit_s * args.scale:.1f} s, evaluation {chain.eval_s * args.scale:.2f} s every "
+        f"{chain.eval_every} steps, start-up {chain.startup_s * args.scale / 60:.0f} min, restart "
+        f"{chain.restart_s * args.scale / 60:.0f} min, one failure per {chain.limit_s * args.scale / 3600:.0f} h "
+        "allocation (uniform over it)"
+    )
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="goodput-"))
+    every = recipe.checkpoint.every_steps
+    run = simulate(folder / "recipe-interval", chain, profile, recipe, every, failures)
+    began = time.perf_counter()
+    history, result = goodput.of_run(run, "running", now=T0 + chain.horizon_s)
+    took = time.perf_counter() - began
+    suggestion = goodput.suggest(history, result)
+    report(f"saving every {every} steps (the recipe's)", result, args.scale)
+    print(
+        f"  {suggestion.interruptions} failures in {suggestion.wall_h * args.scale:,.0f} h: MTBF "
+        f"{suggestion.mtbf_h * args.scale:.1f} h; median save stall {suggestion.save_stall_s * args.scale:.3f} s; "
+        f"Young/Daly interval {suggestion.interval_s * args.scale:,.0f} s = {suggestion.interval_steps} steps"
+    )
+    print(f"  accounting {len(history.steps):,} steps took {took:.2f} s")
+    tuned = simulate(folder / "young-daly", chain, profile, recipe, suggestion.interval_steps, failures)
+    report(f"saving every {suggestion.interval_steps} steps (Young/Daly)", goodput.of_run(tuned, "running",
+           now=T0 + chain.horizon_s)[1], args.scale)  # fmt: skip
+    print(f"\nrun directories: {folder}")
+
+
+if __name__ == "__main__":
+    main()
