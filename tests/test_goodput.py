@@ -165,7 +165,8 @@ def test_a_run_from_before_the_accounting_shows_its_goodput_and_says_the_rest_wa
     )
     found = accounting(run, "completed", suggest=True)["goodput"]
     assert found["percent"] == pytest.approx(100 * 10 / 27)
-    assert set(found["not_recorded"]) == {"startup", "rolled_back", "evaluation", "checkpoint_stall", "other", "idle"}
+    unmeasured = {"startup", "rolled_back", "evaluation", "checkpoint_stall", "other", "idle"}
+    assert set(found["parts_not_recorded"]) == unmeasured
     assert found["parts_h"]["not_recorded"] * 3600 / RANKS == pytest.approx(27 - 10)
     assert sum(h for h in found["parts_h"].values() if h is not None) == pytest.approx(found["allocated_h"])
 
@@ -233,7 +234,7 @@ def test_a_killed_and_resumed_tiny_run_accounts_for_every_allocated_hour(orch_ho
     result = orch("status", run_id, "--json", "--suggest")
     status = json.loads(result.stdout)
     found, parts = status["goodput"], status["goodput"]["parts_h"]
-    assert found["not_recorded"] == [] and found["device"] == "CPU rank"
+    assert found["parts_not_recorded"] == [] and found["device"] == "CPU rank"
     assert sum(parts.values()) == pytest.approx(found["allocated_h"], rel=1e-6)
     assert (run_dir / "rolled_back.jsonl").read_text() and parts["rolled_back"] > 0 and parts["idle"] > 0
     assert found["steps"]["counted"] == 20 and found["steps"]["rolled_back"] >= 3

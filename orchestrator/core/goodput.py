@@ -156,7 +156,7 @@ class Goodput:
             "wall_h": self.wall_h,
             "parts_h": self.parts_h,
             "steps": self.steps,
-            "not_recorded": [part for part, hours in self.parts_h.items() if hours is None],
+            "parts_not_recorded": [part for part, hours in self.parts_h.items() if hours is None],
         }
 
     def metrics(self) -> dict[str, float]:
