@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from orchestrator.core.errors import OrchError
 
@@ -24,7 +25,25 @@ def spike(loss: float, data_step: int) -> float:
     return loss * SPIKE_FACTOR if planted("spike", data_step) else loss
 
 
-ACTIONS: dict[str, Callable[..., object]] = {"spike": spike}
+class PlantedFailure(RuntimeError):
+    """The error `fail` and `fail-always` raise."""
+
+
+def fail(step: int, rank: int, world: int, fired: Path) -> None:
+    """fail@N: training step N raises on the job's last rank (so that a rank other than 0 fails first), once per run
+    (a marker in `fired`, the run's chaos/ folder, remembers it); fail-always@N raises there on every try."""
+    if rank != world - 1:
+        return
+    marker = fired / f"fail@{step}"
+    if planted("fail", step) and not marker.exists():
+        fired.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise PlantedFailure(f"failure planted at step {step} ({VARIABLE})")
+    if planted("fail-always", step):
+        raise PlantedFailure(f"failure planted at step {step} on every try ({VARIABLE})")
+
+
+ACTIONS: dict[str, Callable[..., object]] = {"spike": spike, "fail": fail, "fail-always": fail}
 
 
 def planned() -> dict[str, frozenset[int]]:

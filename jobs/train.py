@@ -21,7 +21,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from jobs import chaos, watchdog
+from jobs import chaos, recovery, watchdog
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks
 from jobs.distributed import Ranks, agree, start_process_group
@@ -41,7 +41,7 @@ from orchestrator.core.estimate import flops_per_token
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import Ranges, committed_step, read_skips, skipped_data
+from orchestrator.core.runfiles import Ranges, Recovery, committed_step, read_skips, skipped_data
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
@@ -68,25 +68,28 @@ def run_training(run_dir: Path, stop: StopFlag) -> int | None:
         finally:
             dist.destroy_process_group()
     except Exception as err:
-        record_failure(run, str(job.job_id), job.global_rank, position.step, err)
+        record_failure(run, str(job.job_id), job.global_rank, position.step, err, position.decided)
         raise
 
 
 @dataclass
 class Position:
-    """The step this rank is training, for its failure report."""
+    """The step this rank is training, and what recovery decided after it failed, for its failure report."""
 
     step: int | None = None
+    decided: str | None = None
 
 
-def record_failure(run: Run, job_id: str, rank: int, step: int | None, err: BaseException) -> None:
+def record_failure(
+    run: Run, job_id: str, rank: int, step: int | None, err: BaseException, decided: str | None = None
+) -> None:
     failure = {
         "job_id": job_id,
         "rank": rank,
         "host": socket.gethostname(),
         "step": step,
         "type": type(err).__name__,
-        "message": str(err)[:2000],
+        "message": (str(err) + (f"; {decided}" if decided else ""))[:2000],
         "time": time.time(),
     }
     try:
@@ -121,8 +124,13 @@ def train(
         throughput = Throughput(profile, recipe, plan)
         finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position, guard)
     except Exception as err:
+        decision = recovery.decide(run, profile, job_id, ranks.rank, position.step, err)
+        position.decided = decision.reason
         if report:
-            report.failed(err)
+            report.failed(err, decision)
+        if decision.retried and decision.rank == ranks.rank:  # before a peer's exit can end this process
+            record_failure(run, job_id, ranks.rank, position.step, err, decision.reason)
+            recovery.requeue(run, profile, job_id, ranks.rank, decision)
         raise
     finally:
         if monitor:
@@ -334,6 +342,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, data_dir: Path, ranks: Ranks, skipped: Ranges = ()) -> None:
         spec = recipe.train
+        self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
         self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
         self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
         torch.manual_seed(spec.seed)
@@ -364,6 +373,7 @@ class Trainer:
     def step(self, step: int) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
         loss, data_wait = torch.zeros((), device=self.device), 0.0
+        chaos.fail(step, self.ranks.rank, self.ranks.world, self.chaos_dir)
         for micro_step in range(self.grad_accum):
             watchdog.note("data", step)
             fetch = time.perf_counter()
@@ -451,9 +461,13 @@ class JobReport:
         end_attempt(self.run, self.job_id, how)
         self.heartbeat.beat(how, done)
 
-    def failed(self, err: BaseException) -> None:
-        self.tracker.close("FAILED", artifacts(self.run, self.job_id, logs=True))
-        self.heartbeat.beat("failed", self.heartbeat.step, error=f"{type(err).__name__}: {err}")
+    def failed(self, err: BaseException, decision: Recovery) -> None:
+        """Failed, or requeued from the last checkpoint where recovery retries it (`decision`)."""
+        error = f"{type(err).__name__}: {err}; {decision.reason}"
+        if decision.retried:
+            end_attempt(self.run, self.job_id, "crashed")
+        self.tracker.close("RUNNING" if decision.retried else "FAILED", artifacts(self.run, self.job_id, logs=True))
+        self.heartbeat.beat("requeued" if decision.retried else "failed", self.heartbeat.step, error=error)
 
     def completed(self) -> None:
         self.tracker.close("FINISHED", artifacts(self.run, self.job_id, logs=True))
@@ -495,7 +509,7 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     return None
 
 
-def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "hang"] | None) -> None:
+def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "hang", "crashed"] | None) -> None:
     """Mark this job's newest attempt with when it stopped by itself and, where it stopped early, how."""
     attempts = run.attempts
     last = max((i for i, a in enumerate(attempts) if a.job_id == job_id), default=None)

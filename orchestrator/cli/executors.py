@@ -53,6 +53,15 @@ def from_frozen_code(profile: Profile, code_dir: Path) -> Profile:
     return profile.model_copy(update=update)
 
 
+def excluding(profile: Profile, hosts: list[str]) -> Profile:
+    """The profile with `hosts` kept out of the job (sbatch --exclude, besides any the profile names)."""
+    if not hosts or profile.slurm is None:
+        return profile
+    named = [h for h in profile.slurm.extra_sbatch.get("exclude", "").split(",") if h]
+    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(sorted({*named, *hosts}))}
+    return profile.model_copy(update={"slurm": profile.slurm.model_copy(update={"extra_sbatch": extra})})
+
+
 class Executor(Protocol):
     def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
         """A configured submitit executor whose jobs keep their files under `folder`; `plan` None: a one-off job."""

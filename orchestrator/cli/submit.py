@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
+from orchestrator.cli.executors import excluding, executor_for, fill_path, from_frozen_code
 from orchestrator.core.config import (
     PROJECT_ROOT,
     Override,
@@ -150,7 +150,9 @@ def attach_run_data(run: Run, recipe: Recipe) -> None:
 
 def launch(run: Run, profile: Profile, plan: Plan) -> str:
     """Queue the run's next job and record it (the caller holds the run's lock)."""
-    job_id = queue(from_frozen_code(profile, run.code_dir), plan, run.submitit_dir, job_function(run), f"run {run.id}")
+    suspects = run.suspect_hosts(profile.recovery.exclude_after)  # where its tries crashed or hung (jobs.recovery)
+    queued = excluding(from_frozen_code(profile, run.code_dir), suspects)
+    job_id = queue(queued, plan, run.submitit_dir, job_function(run), f"run {run.id}")
     run.add_job(job_id, profile.executor)
     return job_id
 

@@ -129,6 +129,16 @@ class WatchdogSpec(Strict):
     )
 
 
+class RecoverySpec(Strict):
+    """Automatic recovery after a crash (docs/watchdog.md): how many times a job requeues itself, and when a host is
+    kept out of the next try."""
+
+    retries: int = Field(default=2, ge=0, le=100, description="requeues after crashes per job; 0 turns recovery off")
+    exclude_after: int = Field(
+        default=2, ge=1, description="a host where this many tries failed is excluded from the next (Slurm)"
+    )
+
+
 class Profile(Strict):
     """Where and how a run's job executes."""
 
@@ -164,6 +174,7 @@ class Profile(Strict):
         default=10.0, ge=0, le=86400, description="seconds between samples of each node's CPU, memory and GPUs; 0: off"
     )
     watchdog: WatchdogSpec = WatchdogSpec()
+    recovery: RecoverySpec = RecoverySpec()
 
     @field_validator("time_limit_min")
     @classmethod

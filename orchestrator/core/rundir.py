@@ -13,7 +13,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,12 @@ from orchestrator.core.runfiles import (
     Attempt,
     DamagedFile,
     Failure,
+    Hang,
     JobRecord,
     MlflowState,
     Progress,
     RankBeat,
+    Recovery,
     RunInfo,
     read_model,
 )
@@ -151,6 +153,21 @@ class Run:
             except DamagedFile:
                 continue
         return sorted((f for f in found if f is not None), key=lambda f: (f.type == "PeerFailed", f.time))
+
+    def suspect_hosts(self, exclude_after: int, also_failed: tuple[str, ...] = ()) -> list[str]:
+        """Hosts to keep out of the run's next job: where `exclude_after` crashed tries of any of its jobs ran (with
+        `also_failed`, a failure not recorded yet), and where its watchdog found a rank stuck."""
+        failed = list(also_failed)
+        for path in self.errors_dir.glob("*.recovery.json"):
+            with suppress(DamagedFile):
+                if (decision := read_model(path, Recovery)) is not None:
+                    failed.append(decision.host)
+        stuck = set()
+        for path in self.hangs_dir.glob("*.json"):
+            with suppress(DamagedFile):
+                if (hang := read_model(path, Hang)) is not None:
+                    stuck |= {beat.host for beat in hang.ranks if beat.rank in hang.stuck}
+        return sorted({host for host in failed if failed.count(host) >= exclude_after} | stuck)
 
     def add_job(self, job_id: str, executor: str) -> None:
         job = JobRecord(job_id=job_id, executor=executor, submitted=time.time())

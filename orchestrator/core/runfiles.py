@@ -97,7 +97,8 @@ class Attempt(RunFile):
     started: float
     launched: float | None = None  # when the job's process started (before imports): allocations count from here
     nodes: int = Field(default=1, ge=1)
-    ended: Literal["requeued", "preempted", "hang"] | None = None  # how the job stopped early, where it saw that
+    # how the job stopped early, where it saw that itself
+    ended: Literal["requeued", "preempted", "hang", "crashed"] | None = None
     stopped: float | None = None  # when the job ended itself (requeue, preemption, hang, completion): goodput's end
 
     @property
@@ -187,6 +188,22 @@ class RankBeat(RunFile):
         where = f"rank {self.rank} on {self.host} (pid {self.pid}) in {self.phase} after step {self.step}"
         silence = f", silent for {now - self.updated:.0f} s" if self.silent(now) else ""
         return f"{where} for {now - self.since:.0f} s{silence}"
+
+
+class Recovery(RunFile):
+    """errors/<job>.attempt<N>.recovery.json: what was decided after a crash of that attempt of the job, written once
+    by the first rank that failed (jobs/recovery.py)."""
+
+    job_id: str
+    attempt: int = Field(ge=1)
+    rank: int = Field(ge=0)  # the rank that decided, and requeues the job where it was retried
+    host: str
+    step: int | None
+    error: str  # "Type: first line of the message": what makes two failures the same
+    retried: bool
+    reason: str
+    excluded_hosts: list[str] = []
+    time: float
 
 
 class Hang(RunFile):

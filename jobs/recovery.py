@@ -1,0 +1,126 @@
+"""Automatic, bounded recovery after a crash: the job requeues itself instead of waiting for a human.
+
+When training raises on a rank, the first rank to fail decides for the job, once per attempt, and writes the
+decision to `errors/<job>.attempt<N>.recovery.json` (created by a hard link, so two ranks can never both decide):
+
+- retried: the job is requeued from its last committed checkpoint (jobs.watchdog.requeue: the LocalExecutor's
+  requeue code after the other ranks are ended, or `scontrol requeue`), up to the profile's `recovery.retries` per job;
+- not retried, with the reason: a user error (OrchError: a bad recipe, damaged data), the same error at the same
+  step as an earlier attempt of the job (deterministic: a requeue would fail again), or the budget spent.
+
+Hosts where `recovery.exclude_after` tries failed (and hosts the watchdog found stuck) are kept out of the next
+try: in the requeued job where Slurm accepts the change of a queued job's exclusions, and in every job `orch resume`
+queues (`--exclude`, from the same records: orchestrator.core.rundir.Run.suspect_hosts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from typing import NoReturn
+
+from jobs import watchdog
+from orchestrator.core.config import Profile
+from orchestrator.core.errors import OrchError
+from orchestrator.core.rundir import Run
+from orchestrator.core.runfiles import DamagedFile, RankBeat, Recovery, read_model
+
+log = logging.getLogger("orch.recovery")
+DECIDED_WAIT_S = 5.0  # how long a rank that failed second waits for the first one's decision to appear
+
+
+def signature(err: BaseException) -> str:
+    """What makes two failures the same: the exception's type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def decide(run: Run, profile: Profile, job_id: str, rank: int, step: int | None, err: BaseException) -> Recovery:
+    """This attempt's decision: made here by the first rank to fail, else the one that rank recorded."""
+    attempts = [a for a in run.attempts if a.job_id == job_id]
+    attempt = max(len(attempts), 1)
+    path = run.errors_dir / f"{job_id}.attempt{attempt}.recovery.json"
+    earlier = [r for r in job_recoveries(run, job_id) if r.attempt < attempt]
+    host = socket.gethostname()
+    retried, reason = judge(profile, step, signature(err), earlier, err)
+    excluded = run.suspect_hosts(profile.recovery.exclude_after, also_failed=(host,))
+    decision = Recovery(
+        job_id=job_id, attempt=attempt, rank=rank, host=host, step=step, error=signature(err), retried=retried,
+        reason=reason, excluded_hosts=excluded if profile.executor == "slurm" else [], time=time.time(),
+    )  # fmt: skip
+    if claim(path, decision):
+        log.error("attempt %d of job %s failed at step %s (%s): %s", attempt, job_id, step, decision.error, reason)
+        return decision
+    return recorded(path) or decision.model_copy(update={"retried": False, "reason": "decided by another rank"})
+
+
+def judge(
+    profile: Profile, step: int | None, error: str, earlier: list[Recovery], err: BaseException
+) -> tuple[bool, str]:
+    if profile.recovery.retries == 0:
+        return False, "not retried: automatic recovery is off (recovery.retries: 0)"
+    if isinstance(err, OrchError):
+        return False, "not retried: the run's input is at fault, and a requeue would fail the same way"
+    if any(r.step == step and r.error == error for r in earlier):
+        return False, f"not retried: the same error at step {step} as an earlier attempt (deterministic)"
+    if len(earlier) >= profile.recovery.retries:
+        return False, f"not retried: the {profile.recovery.retries} automatic requeues of this job are spent"
+    return True, f"requeued from the last checkpoint (automatic retry {len(earlier) + 1} of {profile.recovery.retries})"
+
+
+def claim(path: os.PathLike[str], decision: Recovery) -> bool:
+    """Write the decision where none exists yet: a complete file appears at once, or not at all."""
+    folder = os.fspath(os.path.dirname(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".partial") as tmp:
+        tmp.write(decision.model_dump_json())
+    try:
+        os.link(tmp.name, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp.name)
+
+
+def recorded(path: os.PathLike[str]) -> Recovery | None:
+    until = time.time() + DECIDED_WAIT_S
+    while time.time() < until:
+        try:
+            return read_model(path, Recovery)
+        except DamagedFile:
+            time.sleep(0.1)
+    return None
+
+
+def job_recoveries(run: Run, job_id: str) -> list[Recovery]:
+    found = []
+    for path in sorted(run.errors_dir.glob(f"{job_id}.attempt*.recovery.json")):
+        try:
+            if (decision := read_model(path, Recovery)) is not None:
+                found.append(decision)
+        except DamagedFile as damage:
+            log.warning("%s", damage)
+    return found
+
+
+def requeue(run: Run, profile: Profile, job_id: str, rank: int, decision: Recovery) -> NoReturn:
+    """End this job and queue it again (module docstring)."""
+    if decision.excluded_hosts and profile.executor == "slurm":
+        excluded = ",".join(decision.excluded_hosts)
+        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={excluded}"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        log.warning("excluding %s from the next try: %s", excluded, done.stderr.strip() or "accepted")
+    peers = []
+    for other in range(profile.world_size):
+        if other != rank:
+            try:
+                beat = read_model(run.dir / "ranks" / f"{job_id}.rank{other}.json", RankBeat)
+            except DamagedFile:
+                beat = None
+            peers += [beat] if beat else []
+    watchdog.requeue(profile.executor, job_id, peers)
