@@ -222,6 +222,7 @@ def test_a_rollback_keeps_the_steps_it_drops_in_rolled_back_jsonl(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "rolled_back.jsonl").read_text().splitlines()] == [6, 7]
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_tiny_run_accounts_for_every_allocated_hour(orch_home):
     """Killed with kill -9 at step 13 (the checkpoint at 10 survives), resumed to the end: `orch status --json` has a
     goodput whose parts add up to the allocated total, with the discarded steps rolled back."""

@@ -146,6 +146,7 @@ def test_a_sweep_with_a_point_the_plan_refuses_names_the_point_and_writes_nothin
     assert not (orch_home / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_two_point_sweep_queues_two_runs_of_one_sweep_with_their_overrides(orch_home):
     result = orch("submit", "--steps", "4", "--sweep", "recipe.optimizer.lr=1e-3,2e-3")
     runs = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("Submitted run ")]

@@ -105,6 +105,7 @@ def refusal(*args: str) -> str:
     return str(result.exception)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -122,6 +123,7 @@ def test_orch_rollback_refuses_steps_that_do_not_fit_and_writes_nothing(stopped_
     assert snapshot(stopped_run) == before
 
 
+@pytest.mark.slow
 def test_orch_rollback_refuses_while_the_run_has_a_live_job(stopped_run: Path):
     controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
     try:
@@ -165,6 +167,7 @@ def spooled_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since(guarded: Path):
     [skip] = read_skips(guarded)
     assert (skip.by, skip.steps, skip.data_steps) == ("guard", (10, 13), (10, 13))
@@ -181,6 +184,7 @@ def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since
     assert "rolling back to the checkpoint at step 10 and skipping the data of steps 11..13" in log
 
 
+@pytest.mark.slow
 def test_orch_rollback_by_hand_trains_bitwise_what_the_guard_trained(guarded: Path, tmp_path: Path):
     """A copy of the guarded run as it would be had its guard not acted (no skip list; steps 1..10 are the same
     either way), rolled back by hand over the same steps: a new job from the checkpoint at step 10."""

@@ -97,6 +97,7 @@ def finished_run(orch_home: Path) -> Run:
     return create_run("tiny-schedule", info, dump(profile), dump(recipe))
 
 
+@pytest.mark.slow
 def test_steps_past_the_schedule_need_a_choice_and_extend_makes_the_schedule_end_at_them(finished_run: Run):
     recipe = finished_run.recipe()
     assert past_schedule(finished_run, recipe, 200, 200, None) == (recipe, None)  # within the schedule
@@ -109,6 +110,7 @@ def test_steps_past_the_schedule_need_a_choice_and_extend_makes_the_schedule_end
     assert lr_factor(299, longer.schedule) > lr_factor(300, longer.schedule)
 
 
+@pytest.mark.slow
 def test_orch_resume_past_the_schedule_refuses_with_the_choices_then_extends_the_stored_schedule(finished_run: Run):
     before = {name: (finished_run.dir / name).read_bytes() for name in ("run.json", "recipe.yaml", "profile.yaml")}
     refused = orch("resume", finished_run.id, "--steps", "300")

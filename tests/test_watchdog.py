@@ -179,6 +179,7 @@ STEPS, FREEZE_AFTER = 20, 13  # the tiny recipe commits a checkpoint every 10 st
 FACTOR = 20  # the bound is FACTOR × the run's own median step time; the floor is set below any step
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_is_stopped_by_the_others_watchdog_and_the_run_ends_as_if_undisturbed(orch_home: Path):
     bounds = ("--set", "watchdog.min_step_s=0.001", "--set", f"watchdog.step_factor={FACTOR}")
     with ThreadPoolExecutor(2) as pool:  # the undisturbed reference trains beside it
