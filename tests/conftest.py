@@ -47,14 +47,15 @@ def status_json(run_id: str | None = None) -> dict | list:
     return json.loads(result.stdout)
 
 
-def slurm_available() -> bool:
-    """A local Slurm answering `sinfo` (envs/slurm-local.sh starts one). In CI it is required, never skipped."""
+def slurm_available(starter: str = "envs/slurm-local.sh") -> bool:
+    """A local Slurm answering `sinfo` (the one SLURM_CONF names; `starter` starts it). In CI it is required, never
+    skipped."""
     try:
         ok = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
     except (FileNotFoundError, subprocess.TimeoutExpired):
         ok = False
     if not ok and os.environ.get("ORCH_REQUIRE_SLURM") == "1":
-        pytest.fail("ORCH_REQUIRE_SLURM=1 but no Slurm answers: run envs/slurm-local.sh")
+        pytest.fail(f"ORCH_REQUIRE_SLURM=1 but no Slurm answers: run {starter}")
     return ok
 
 

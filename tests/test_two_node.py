@@ -3,7 +3,6 @@ and UTS namespace), gloo between them; a timeout requeues the job, and the run e
 a run that never left one."""
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.runfiles import committed_step
-from tests.conftest import orch, spooled_losses, status_json, submitted_run_id
+from tests.conftest import orch, slurm_available, spooled_losses, status_json, submitted_run_id
 
 pytestmark = pytest.mark.slow
 CONF = "/etc/slurm-two-node/slurm.conf"
@@ -25,13 +24,7 @@ def two_node_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Slurm commands (the `orch` commands' too, and the job's srun) reach the two-node cluster. In CI it is
     required, never skipped."""
     monkeypatch.setenv("SLURM_CONF", CONF)
-    try:
-        ok = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        ok = False
-    if not ok and os.environ.get("ORCH_REQUIRE_SLURM") == "1":
-        pytest.fail("ORCH_REQUIRE_SLURM=1 but the two-node Slurm does not answer: run envs/slurm-two-node.sh")
-    if not ok:
+    if not slurm_available("envs/slurm-two-node.sh"):
         pytest.skip("no two-node Slurm (run: bash envs/slurm-two-node.sh)")
 
 
