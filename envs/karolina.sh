@@ -27,7 +27,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   # The tested versions of everything but torch (the lock's torch is the CPU build of envs/local.sh).
   grep -v '^torch==' "$ORCH_REPO/envs/requirements.lock" > "$ORCH_VENV/constraints.txt"
   "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
-  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "$ORCH_REPO"
+  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "${ORCH_REPO}[eval]"  # orch eval
   # flash-attn 2 is optional: SDPA runs when it is missing.
   "$ORCH_VENV/bin/python" -m pip install nvidia-ml-py  # GPU system metrics, whether or not flash-attn builds
   "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation || \

@@ -10,7 +10,7 @@ import grimp
 from tests.conftest import ROOT
 
 PACKAGES = ("orchestrator", "jobs", "bench")
-HEAVY = ("torch", "transformers", "accelerate", "mlflow", "lion_pytorch", "numpy")
+HEAVY = ("torch", "transformers", "accelerate", "mlflow", "lion_pytorch", "numpy", "lm_eval")
 
 
 def import_cycles() -> list[list[str]]:

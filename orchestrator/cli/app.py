@@ -14,6 +14,7 @@ from orchestrator.cli.commands.analysis import app as analysis_app
 from orchestrator.cli.commands.bench import app as bench_app
 from orchestrator.cli.commands.data import data_app, tokenizer_app
 from orchestrator.cli.commands.doctor import app as doctor_app
+from orchestrator.cli.commands.eval import app as eval_app
 from orchestrator.cli.commands.model import app as model_app
 from orchestrator.core.errors import OrchError
 
@@ -27,6 +28,7 @@ app.add_typer(model_app)
 app.add_typer(analysis_app)
 app.add_typer(bench_app)
 app.add_typer(doctor_app)
+app.add_typer(eval_app)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 console = Console()

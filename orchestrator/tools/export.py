@@ -24,18 +24,19 @@ def tokenizer_dir(run: Run) -> Path:
     return run.data_dir / "tokenizer"
 
 
-def choose_step(run: Run, step: int | None) -> int:
-    """The asked step if it has a committed checkpoint; by default the one `latest.json` names, else the newest."""
+def choose_step(run: Run, step: int | None, purpose: str = "export") -> int:
+    """The asked step if it has a committed checkpoint; by default the one `latest.json` names, else the newest.
+    `purpose` is what the refusals say the step was for (export, evaluate)."""
     steps = sorted(committed_steps(run.checkpoints_dir))
     if not steps:
-        raise OrchError(f"Run {run.id} has no checkpoint yet (none in {run.checkpoints_dir}); nothing to export.")
+        raise OrchError(f"Run {run.id} has no checkpoint yet (none in {run.checkpoints_dir}); nothing to {purpose}.")
     if step is None:
         latest = committed_step(run.checkpoints_dir)
         return latest if latest in steps else steps[-1]
     if step not in steps:
         raise OrchError(
             f"Run {run.id} has no checkpoint at step {step} (option --step). Available steps: "
-            f"{', '.join(map(str, steps))}; leave --step out to export the latest."
+            f"{', '.join(map(str, steps))}; leave --step out to {purpose} the latest."
         )
     return step
 
@@ -67,11 +68,15 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
 
 def export(run_id: str, step: int | None, output: Path) -> int:
     """Write the checkpoint of `step` (default: the latest) of a run to `output`; returns the step exported."""
+    return export_run(get_run(run_id), step, output)
+
+
+def export_run(run: Run, step: int | None, output: Path) -> int:
+    """`export` for a run found by its directory (a job has no run store to look it up in)."""
     from transformers import AutoTokenizer
 
     from jobs.model import save_hf_model
 
-    run = get_run(run_id)
     chosen = choose_step(run, step)
     tokenizer_path = tokenizer_dir(run)
     if not tokenizer_path.is_dir():

@@ -11,15 +11,23 @@ from jobs.system_metrics import unsent
 from jobs.tracking import artifacts, describe, finish_run, send
 from orchestrator.core.rundir import Run, all_runs
 from orchestrator.core.runfiles import DamagedFile, MlflowState, committed_step, read_model
+from orchestrator.tools.evaluate_checkpoint import send_evals
 
 log = logging.getLogger(__name__)
 MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}  # the ends a run can have
 
 
 def sync_run(run: Run) -> int | None:
-    """Send the run's metrics through its newest committed checkpoint and its nodes' new system samples (which wait for
-    no checkpoint); returns the step MLflow has everything through (None before the first commit). Raises when the
-    store cannot be reached."""
+    """Send the run's metrics through its newest committed checkpoint, its nodes' new system samples (which wait for
+    no checkpoint) and its new downstream scores (`orch eval`); returns the step MLflow has everything through (None
+    before the first commit). Raises when the store cannot be reached."""
+    sent = sync_steps(run)
+    send_evals(run)  # after the steps: sending them creates the MLflow run
+    return sent
+
+
+def sync_steps(run: Run) -> int | None:
+    """`sync_run`'s training metrics and system samples."""
     through = committed_step(run.checkpoints_dir)
     try:
         known = read_model(run.dir / "mlflow.json", MlflowState)
@@ -57,6 +65,7 @@ def follow(interval_s: float, rounds: int | None = None) -> None:
             try:
                 ended = (run.id, run.jobs[-1].job_id) if run.jobs else None
                 if ended in finished:
+                    send_evals(run)  # an evaluation after the run's end still reaches MLflow
                     continue
                 sync_run(run)
                 state = run.state()
