@@ -116,7 +116,7 @@ def browse(url: str, profile: Path, *output: str) -> subprocess.CompletedProcess
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1400,900",
+        "--window-size=1400,3000",  # tall enough that MLflow draws every chart card of a run (it draws those in view)
         "--virtual-time-budget=60000",
         "--run-all-compositor-stages-before-draw",
     ]
@@ -126,7 +126,8 @@ def browse(url: str, profile: Path, *output: str) -> subprocess.CompletedProcess
 def loss_chart(dom: str) -> str:
     """The chart card titled `loss` on the run's Model metrics tab."""
     cards = [card for card in dom.split('data-testid="experiment-view-compare-runs-card"') if 'title="loss"' in card]
-    assert cards, "no chart card titled loss in the rendered page"
+    titles = sorted(set(re.findall(r'title="([^"]+)"', dom)))
+    assert cards, f"no chart card titled loss in the rendered page; titles: {titles}"
     return cards[0]
 
 
