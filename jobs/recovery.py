@@ -27,7 +27,7 @@ from jobs import watchdog
 from orchestrator.core.config import Profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import DamagedFile, RankBeat, Recovery, read_model
+from orchestrator.core.runfiles import DamagedFile, Recovery, read_model
 
 log = logging.getLogger("orch.recovery")
 DECIDED_WAIT_S = 5.0  # how long a rank that failed second waits for the first one's decision to appear
@@ -119,7 +119,7 @@ def requeue(run: Run, profile: Profile, job_id: str, rank: int, decision: Recove
     for other in range(profile.world_size):
         if other != rank:
             try:
-                beat = read_model(run.dir / "ranks" / f"{job_id}.rank{other}.json", RankBeat)
+                beat = run.rank_beat(job_id, other)
             except DamagedFile:
                 beat = None
             peers += [beat] if beat else []
