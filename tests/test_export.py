@@ -117,3 +117,19 @@ def test_export_refuses_a_damaged_checkpoint(run, tmp_path: Path):
     damaged = export(copy.name, "--output", tmp_path / "hf")
     assert isinstance(damaged.exception, OrchError)
     assert f"at step 4 is damaged ({shard.name} has" in str(damaged.exception)
+
+
+def test_export_of_a_checkpoint_deleted_while_it_is_read_says_so(run, tmp_path: Path, monkeypatch):
+    copy = Path(run["run_dir"]).with_name(f"{run['run_id']}-deleted")
+    shutil.copytree(run["run_dir"], copy)
+    read = dcp.load
+
+    def deleted_by_retention_meanwhile(*args, **kwargs):
+        shutil.rmtree(kwargs["checkpoint_id"])  # after the manifest was checked, before the shards are read
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "load", deleted_by_retention_meanwhile)
+    gone = export(copy.name, "--step", "2", "--output", tmp_path / "hf")
+    assert isinstance(gone.exception, OrchError), gone.exception
+    assert "at step 2 was deleted while it was being read" in str(gone.exception)
+    assert "checkpoint.keep_last" in str(gone.exception)

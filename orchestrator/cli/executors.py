@@ -29,9 +29,12 @@ def runs_location(profile: Profile) -> Path:
     return Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
 
 
-def max_requeues(plan: Plan | None) -> int:
+def max_requeues(plan: Plan | None, requeues: int | None = None) -> int:
     """Enough requeues for every allocation the plan needs, plus two for early signals; without an estimate,
-    the requeue-loop guard is what stops a chain. A job without a plan (`orch doctor`) runs once."""
+    the requeue-loop guard is what stops a chain. A job without a plan (`orch doctor`) runs once, unless it asks for
+    `requeues` (an eval job that follows a training chain)."""
+    if requeues is not None:
+        return requeues
     if plan is None:
         return 0
     return plan.allocations + 2 if plan.tokens_per_s else 20
@@ -63,8 +66,9 @@ def excluding(profile: Profile, hosts: list[str]) -> Profile:
 
 
 class Executor(Protocol):
-    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
-        """A configured submitit executor whose jobs keep their files under `folder`; `plan` None: a one-off job."""
+    def make(self, profile: Profile, plan: Plan | None, folder: Path, requeues: int | None = None) -> Any:
+        """A configured submitit executor whose jobs keep their files under `folder`; `plan` None: a one-off job.
+        `requeues`: how often a job may requeue itself at its time limit, where not as the plan needs."""
 
     def environment(self, profile: Profile, log: Path) -> Any:
         """A context in which `submit` is called."""
@@ -76,10 +80,10 @@ class Executor(Protocol):
 class LocalExecutor:
     """submitit's LocalExecutor: the profile's tasks as processes on this machine."""
 
-    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
+    def make(self, profile: Profile, plan: Plan | None, folder: Path, requeues: int | None = None) -> Any:
         import submitit
 
-        executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_requeues(plan))
+        executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=max_requeues(plan, requeues))
         executor.update_parameters(
             tasks_per_node=profile.launch.tasks_per_node,
             timeout_min=profile.time_limit_min,
@@ -120,12 +124,12 @@ class LocalExecutor:
 class SlurmExecutor:
     """submitit's SlurmExecutor: an sbatch script with one task per GPU (or per the profile's launch layout)."""
 
-    def make(self, profile: Profile, plan: Plan | None, folder: Path) -> Any:
+    def make(self, profile: Profile, plan: Plan | None, folder: Path, requeues: int | None = None) -> Any:
         import submitit
 
         slurm = profile.slurm
         executor = submitit.SlurmExecutor(
-            folder=folder / "%j", max_num_timeout=max_requeues(plan), python=profile.python or None
+            folder=folder / "%j", max_num_timeout=max_requeues(plan, requeues), python=profile.python or None
         )
         parameters: dict[str, Any] = {
             "job_name": f"orch-{folder.parent.name}",

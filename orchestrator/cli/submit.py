@@ -157,13 +157,16 @@ def launch(run: Run, profile: Profile, plan: Plan) -> str:
     return job_id
 
 
-def queue(profile: Profile, plan: Plan | None, folder: Path, job: Callable[[], Any], what: str) -> str:
+def queue(
+    profile: Profile, plan: Plan | None, folder: Path, job: Callable[[], Any], what: str, requeues: int | None = None
+) -> str:
     """Queue `job` with the profile's executor, its submitit files under `folder`; returns the job id. A refusal by
-    the scheduler is an OrchError with its message, naming `what` the job was for."""
+    the scheduler is an OrchError with its message, naming `what` the job was for. `requeues`: how often the job may
+    requeue itself at its time limit, where not as the plan needs (`max_requeues`)."""
     executor = executor_for(profile)
     try:
         with executor.environment(profile, folder / "controller.log"):
-            return executor.make(profile, plan, folder).submit(job).job_id
+            return executor.make(profile, plan, folder, requeues).submit(job).job_id
     except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
         message = " ".join(str(err).split())[:1000] or type(err).__name__
         raise OrchError(f"The {profile.executor} scheduler refused the job of {what}: {message}") from None

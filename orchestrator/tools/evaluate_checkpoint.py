@@ -3,7 +3,8 @@
 The checkpoint is exported (`orchestrator.tools.export`) to a temporary Hugging Face model directory inside the run's
 evals/ folder (the filesystem that holds the checkpoints has room for one more copy; /tmp on a node may not), lm-eval
 scores it there, and the scores go to `evals/step_K.json` and, as `eval/<task>/<metric>` at step K, to the run's
-MLflow run. lm-eval is imported only here, and only when an evaluation runs.
+MLflow run. `follow_milestones` does that for each milestone of a run as it commits (`orch eval --every K`). lm-eval is
+imported only here, and only when an evaluation runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,16 +29,18 @@ from orchestrator.core.evals import (
     CheckpointEval,
     EvalsSent,
     TaskScores,
+    due_milestones,
     eval_file,
     eval_files,
     local_tasks,
     metric_key,
+    scored_steps,
     sent_file,
 )
 from orchestrator.core.files import write_json_atomic
-from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
-from orchestrator.tools.export import choose_step, export_run
+from orchestrator.core.rundir import TERMINAL_STATES, Run
+from orchestrator.core.runfiles import DamagedFile, MlflowState, committed_steps, read_model
+from orchestrator.tools.export import CheckpointUnavailable, choose_step, export_run
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 BATCH_SIZE = {"cpu": 8, "cuda": "auto"}  # lm-eval finds the largest batch that fits the GPU
 DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+FOLLOW_POLL_S = 5.0  # how often a follower looks for a new checkpoint: a step of a real run takes longer
 
 
 def task_manager(tasks: list[str]) -> TaskManager:
@@ -126,10 +131,47 @@ def evaluate(
             device=device,
             lm_eval_version=lm_eval.__version__,
             job_id=job_id,
+            asked=tasks,
         )
         for task, values in results["results"].items()
     }
     return record(run, chosen, scores)
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """One milestone a follower handled: its scores, or why its checkpoint could not be scored."""
+
+    step: int
+    scores: CheckpointEval | None
+    problem: str | None = None
+
+
+def follow_milestones(
+    run: Run, every: int, tasks: list[str], limit: int | None, device: str | None, job_id: str | None = None
+) -> Iterator[Milestone]:
+    """Score each committed checkpoint whose step is a multiple of `every`, and the final one, that evals/ has no score
+    of for `tasks` at `limit`, oldest first, as soon as it commits; return once the run has reached a terminal state
+    and every milestone it committed is scored. A checkpoint deleted or damaged before it is scored is yielded with
+    the reason and left; the others are still scored."""
+    left: set[int] = set()
+    while True:
+        ended = run.state() in TERMINAL_STATES  # asked first: whatever committed before the end is listed below
+        scored = scored_steps(run.dir, tasks, limit) | left
+        due = due_milestones(committed_steps(run.checkpoints_dir), every, run.info.steps, scored)
+        if not due:
+            if ended:
+                return
+            time.sleep(FOLLOW_POLL_S)
+            continue
+        try:
+            milestone = Milestone(due[0], evaluate(run, due[0], tasks, limit, device, job_id))
+        except OrchError as err:
+            if not isinstance(err, CheckpointUnavailable) and due[0] in committed_steps(run.checkpoints_dir):
+                raise
+            left.add(due[0])  # deleted between the listing and the export (retention), or damaged
+            milestone = Milestone(due[0], None, str(err))
+        yield milestone
 
 
 def lm_eval_metrics(values: dict[str, Any]) -> dict[str, float]:
@@ -221,20 +263,38 @@ def report(run: Run) -> str:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """What an eval job runs (submitit pickles it): one process, on the profile's device."""
+    """What an eval job runs (submitit pickles it): one process, on the profile's device. With `every` it follows the
+    run and scores its milestones as they commit (`follow_milestones`)."""
 
     run_dir: Path
     step: int | None  # None: the newest committed checkpoint when the job starts (after training: the final one)
     tasks: tuple[str, ...]
     limit: int | None
     device: str
+    every: int | None = None
 
     def __call__(self) -> str:
         import submitit
 
         run = Run(self.run_dir)
         job_id = str(submitit.JobEnvironment().job_id)
-        done = evaluate(run, self.step, list(self.tasks), self.limit, self.device, job_id)
-        where = report(run)
-        print(f"Scores of step {done.step} in {eval_file(run.dir, done.step)}. {where}", flush=True)
-        return where
+        if self.every is None:
+            done = evaluate(run, self.step, list(self.tasks), self.limit, self.device, job_id)
+            where = report(run)
+            print(f"Scores of step {done.step} in {eval_file(run.dir, done.step)}. {where}", flush=True)
+            return where
+        scored = []
+        for milestone in follow_milestones(run, self.every, list(self.tasks), self.limit, self.device, job_id):
+            if milestone.scores is None:
+                print(f"Step {milestone.step} not scored: {milestone.problem}", flush=True)
+                continue
+            scored.append(milestone.step)
+            print(f"Scores of step {milestone.step} in {eval_file(run.dir, milestone.step)}. {report(run)}", flush=True)
+        return f"Run {run.id} ended ({run.state()}); milestones scored by this job: {scored or 'none'}."
+
+    def checkpoint(self) -> Any:
+        """At its time limit submitit requeues the job with this (a follower is queued with requeues to spare:
+        training outlasts one allocation); the next start goes on from what evals/ holds."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)

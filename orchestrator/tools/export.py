@@ -6,6 +6,7 @@ torch.distributed.checkpoint reads every rank's shard into full tensors in one p
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,10 +14,14 @@ from typing import TYPE_CHECKING
 from orchestrator.core.config import Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run, get_run
-from orchestrator.core.runfiles import committed_step, committed_steps
+from orchestrator.core.runfiles import COMMIT_MARKER, committed_step, committed_steps
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
+
+
+class CheckpointUnavailable(OrchError):
+    """A checkpoint that was committed when it was chosen is damaged, or has been deleted since (retention)."""
 
 
 def tokenizer_dir(run: Run) -> Path:
@@ -56,14 +61,41 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
             "export takes the architecture from it. Make that model directory readable here."
         )
     folder = checkpoint.step_dir(run.checkpoints_dir, step)
-    problem = checkpoint.damage(folder)
-    if problem:
-        raise OrchError(f"The checkpoint of run {run.id} at step {step} is damaged ({problem}); export another step.")
-    model = build_empty_model(model_config(spec, "sdpa"), "cpu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
-    return model
+    try:
+        problem = checkpoint.damage(folder)
+        if problem is None:
+            model = build_empty_model(model_config(spec, "sdpa"), "cpu")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
+            return model
+    except (Exception, dcp.CheckpointException):  # torch's is a BaseException
+        if not lost_files(folder):
+            raise
+    else:
+        if (folder / COMMIT_MARKER).is_file():
+            raise CheckpointUnavailable(
+                f"The checkpoint of run {run.id} at step {step} is damaged ({problem}); export another step."
+            )
+    keep = run.recipe().checkpoint
+    raise CheckpointUnavailable(
+        f"The checkpoint of run {run.id} at step {step} was deleted while it was being read (its folder no longer "
+        f"holds the files its commit marker lists): retention keeps only the newest {keep.keep_last} checkpoints "
+        f"(checkpoint.keep_last) and the multiples of checkpoint.keep_every ({keep.keep_every or 'not set'}) while the "
+        "run trains. Export another step, e.g. the latest."
+    ) from None
+
+
+def lost_files(folder: Path) -> bool:
+    """Whether a checkpoint folder has lost its commit marker or a file the marker lists. Asked after reading it failed:
+    files that were there when the checkpoint was chosen and read are gone, which is what retention's deletion does."""
+    try:
+        listed = json.loads((folder / COMMIT_MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError):
+        return False  # an unreadable marker that is there: damage
+    return any(not (folder / name).is_file() for name in listed)
 
 
 def export(run_id: str, step: int | None, output: Path) -> int:

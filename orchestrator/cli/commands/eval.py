@@ -1,5 +1,6 @@
 """`orch eval`: a run's checkpoint scored on downstream tasks with lm-evaluation-harness, in this process or in a job
-queued on a profile's nodes, after the run's training job with --after-training (docs/eval.md)."""
+queued on a profile's nodes, after the run's training job with --after-training; with --every K each milestone as it
+commits while the run trains (docs/eval.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 console = Console()
 notes = Console(stderr=True)  # what happens meanwhile; stdout carries the scores
 EVAL_TIME_LIMIT_MIN = 120  # an eval job's limit (or the profile's, if shorter): minutes for a 1.2B model on a GPU
+# A job that follows a run has the profile's whole time limit and requeues itself at it while the run trains; it ends
+# by itself with the run, so this only bounds a chain that never ends (the training's own guard stops those).
+FOLLOW_REQUEUES = 20
 POLL_S = 2.0
 
 
@@ -43,6 +47,14 @@ def eval_command(
         bool,
         typer.Option(help="queue the job to start when the run's training job has completed; it scores the final step"),
     ] = False,
+    every: Annotated[
+        Optional[int],
+        typer.Option(
+            help="follow the run: score each checkpoint whose step is a multiple of K, and the final one, as it "
+            "commits, until the run has ended; already scored ones are skipped",
+            metavar="K",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow a queued job to its end and print its scores")] = False,
     dry_run: Annotated[bool, typer.Option(help="check everything and print the job script; evaluate nothing")] = False,
 ) -> None:
@@ -54,15 +66,28 @@ def eval_command(
     names = task_names(tasks)
     if limit is not None and limit < 1:
         raise OrchError(f"Option --limit is {limit}. Allowed: a number of documents per task, 1 or more.")
+    if every is not None and (step is not None or after_training):
+        other = f"--step {step}" if step is not None else "--after-training"
+        raise OrchError(
+            f"Options --every {every} and {other} exclude each other: --every follows the run and scores every "
+            f"checkpoint at a multiple of step {every} (and the final one) as it commits; --step scores one "
+            "committed checkpoint, --after-training the final one. Leave one of them out."
+        )
     if after_training and step is not None:
         raise OrchError(
             f"Options --after-training and --step {step} exclude each other: after training the job scores the final "
             f"checkpoint. Score step {step} now with `orch eval {run.id} --step {step} --tasks {tasks}`."
         )
-    if profile is None and not after_training:
+    if every is not None:
+        from orchestrator.core.evals import check_milestones
+
+        check_milestones(run.id, run.recipe().checkpoint, every)
+    if profile is None and not after_training and every is None:
         evaluate_here(run, step, names, limit, dry_run)
+    elif profile is None and every is not None:
+        follow_here(run, every, names, limit, dry_run)
     else:
-        queue_eval(run, step, names, limit, profile, account, after_training, wait, dry_run)
+        queue_eval(run, step, names, limit, profile, account, after_training, every, wait, dry_run)
 
 
 def task_names(tasks: str) -> list[str]:
@@ -82,10 +107,56 @@ def evaluate_here(run: Run, step: int | None, names: list[str], limit: int | Non
         task_manager(names)
         console.print(f"Dry run: this process would score run {run.id} at step {chosen} on {', '.join(names)}.")
         return
-    scores = evaluate(run, step, names, limit, None)
-    newest = max(s.finished for s in scores.tasks.values())
-    show_scores(run, scores, {task: s for task, s in scores.tasks.items() if s.finished == newest})
+    show_newest(run, evaluate(run, step, names, limit, None))
     console.print(report(run), highlight=False, soft_wrap=True)
+
+
+def follow_here(run: Run, every: int, names: list[str], limit: int | None, dry_run: bool) -> None:
+    """`--every` in this process: each milestone is scored as it commits, until the run has ended. Ctrl-C stops
+    between two writes of evals/ (a score is written whole or not at all), and the same command continues."""
+    from orchestrator.core.evals import due_milestones, scored_steps
+    from orchestrator.core.runfiles import committed_steps
+    from orchestrator.tools.evaluate_checkpoint import follow_milestones, report, task_manager
+
+    task_manager(names)
+    final = run.info.steps
+    what = f"each checkpoint of run {run.id} at a multiple of step {every} and its final step {final}"
+    if dry_run:
+        due = due_milestones(committed_steps(run.checkpoints_dir), every, final, scored_steps(run.dir, names, limit))
+        console.print(
+            f"Dry run: this process would score {what} on {', '.join(names)} as it commits, until the run has ended; "
+            f"due now: {', '.join(map(str, due)) or 'none'}.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    scored: list[int] = []
+    try:
+        with notes.status(f"Following run {run.id}: scoring {what} as it commits ..."):
+            for milestone in follow_milestones(run, every, names, limit, None):
+                if milestone.scores is None:
+                    notes.print(
+                        f"Step {milestone.step} not scored: {milestone.problem}", highlight=False, soft_wrap=True
+                    )
+                    continue
+                scored.append(milestone.step)
+                show_newest(run, milestone.scores)
+                console.print(report(run), highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        notes.print(
+            f"\nStopped following run {run.id} (scored now: {', '.join(map(str, scored)) or 'none'}); "
+            f"`orch eval {run.id} --tasks {','.join(names)} --every {every}{f' --limit {limit}' if limit else ''}` "
+            "goes on with the milestones left.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(130) from None
+    console.print(
+        f"Run {run.id} has ended ({run.state()}) and its milestones are scored (now: "
+        f"{', '.join(map(str, scored)) or 'none'}).",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def queue_eval(
@@ -96,11 +167,12 @@ def queue_eval(
     profile_name: str | None,
     account: str | None,
     after_training: bool,
+    every: int | None,
     wait: bool,
     dry_run: bool,
 ) -> None:
     """A job of one process on the profile's nodes; with `after_training`, one that starts when the run's training job
-    has completed."""
+    has completed; with `every`, one that starts when it has started and follows the run."""
     from orchestrator.cli.submit import queue
     from orchestrator.core.evals import EVALS
     from orchestrator.core.preflight import check_partition
@@ -110,27 +182,41 @@ def queue_eval(
 
     name, path, base = chosen_profile(run, profile_name, account)
     after = training_job(run, base) if after_training else None
-    chosen = None if after_training else choose_step(run, step, "evaluate")  # scores what is committed now
+    scores_now = not after_training and every is None
+    chosen = choose_step(run, step, "evaluate") if scores_now else None  # scores what is committed now
     task_manager(names)
     if after is not None and not dry_run:
         after = still_training(run, after)
-    resolved = job_profile(base, after.job_id if after else None)
+    if every is not None:
+        after = training_to_follow(run, base, name, ask_scheduler=not dry_run)
+    dependency = f"{'after' if every else 'afterok'}:{after.job_id}" if after else None
+    resolved = job_profile(base, dependency, following=every is not None)
     check_partition(resolved, path)
-    job = EvalJob(run.dir, chosen, tuple(names), limit, resolved.launch.device)
+    job = EvalJob(run.dir, chosen, tuple(names), limit, resolved.launch.device, every)
     folder = run.dir / EVALS / "submitit"
     if dry_run:
         show_job(run, job, resolved, name, after, folder)
         return
-    job_id = queue(resolved, None, folder, job, f"orch eval {run.id}")
-    what = f"the final checkpoint once job {after.job_id} has completed" if after else f"step {chosen}"
+    requeues = FOLLOW_REQUEUES if every else None
+    job_id = queue(resolved, None, folder, job, f"orch eval {run.id}", requeues)
     console.print(
-        f"Submitted eval job {job_id} ({resolved.executor}): run {run.id}, {what}, tasks {', '.join(names)}. "
-        f"Its logs: {folder / job_id}",
+        f"Submitted eval job {job_id} ({resolved.executor}): run {run.id}, {job_target(job, after)}, tasks "
+        f"{', '.join(names)}. Its logs: {folder / job_id}",
         highlight=False,
         soft_wrap=True,
     )
     if wait:
-        follow_job(run, JobRecord(job_id=job_id, executor=resolved.executor, submitted=time.time()))
+        follow_job(run, JobRecord(job_id=job_id, executor=resolved.executor, submitted=time.time()), job.every)
+
+
+def job_target(job: EvalJob, after: JobRecord | None) -> str:
+    """What an eval job scores, in words."""
+    if job.every is not None:
+        start = f" from when training job {after.job_id} has started" if after else ""
+        return f"each checkpoint at a multiple of step {job.every} and the final one as it commits{start}"
+    if after is not None:
+        return f"the final checkpoint once training job {after.job_id} has completed"
+    return f"step {job.step}"
 
 
 def chosen_profile(run: Run, name: str | None, account: str | None) -> tuple[str, Path, Profile]:
@@ -161,6 +247,26 @@ def training_job(run: Run, profile: Profile) -> JobRecord:
     return job
 
 
+def training_to_follow(run: Run, profile: Profile, name: str, ask_scheduler: bool) -> JobRecord | None:
+    """The training job a follower job starts after (Slurm's `after`: once it has started), where both run under
+    Slurm and the scheduler still has it; None where a dependency cannot be had (the local executor) or is not needed
+    (training has ended: the follower scores what was committed and ends). A local training job is seen only on this
+    machine: a follower on other nodes could not tell when it ends."""
+    from orchestrator.core.scheduler import job_alive
+
+    jobs = run.jobs
+    job = jobs[-1] if jobs else None
+    if job is not None and job.executor == "local" and profile.executor != "local":
+        raise OrchError(
+            f"Run {run.id}'s training job {job.job_id} runs under the local executor on this machine, which a job "
+            f"on profile {name}'s nodes ({profile.executor}) cannot watch. Follow it here (leave --profile out) or "
+            "with a local profile."
+        )
+    if job is None or not job.executor == profile.executor == "slurm":
+        return None
+    return job if not ask_scheduler or job_alive(job) else None
+
+
 def still_training(run: Run, job: JobRecord) -> JobRecord | None:
     """The training job while the scheduler has it; None when it has ended and the run completed (then the eval job
     waits for nothing). A run whose training ended otherwise is refused: an afterok dependency on it never holds."""
@@ -178,26 +284,28 @@ def still_training(run: Run, job: JobRecord) -> JobRecord | None:
     )
 
 
-def job_profile(profile: Profile, after: str | None) -> Profile:
+def job_profile(profile: Profile, dependency: str | None, following: bool = False) -> Profile:
     """The eval job's resources: one process on one node (with one GPU where the nodes have GPUs), for at most
-    EVAL_TIME_LIMIT_MIN. After a training job it carries Slurm's afterok dependency, and Slurm cancels it when that
-    job fails or is cancelled (kill-on-invalid-dep) instead of keeping it pending for good. The dependency is the one
-    directive outside the profile's allow-list: orch writes it, from a job id it recorded."""
+    EVAL_TIME_LIMIT_MIN, or the profile's whole time limit for a job `following` a run. After a training job it
+    carries Slurm's `dependency` on it (afterok: completed; after: started), and Slurm cancels it when that dependency
+    can never hold (kill-on-invalid-dep) instead of keeping it pending for good. The dependency is the one directive
+    outside the profile's allow-list: orch writes it, from a job id it recorded."""
     update = {
         "nodes": 1,
-        "time_limit_min": min(profile.time_limit_min, EVAL_TIME_LIMIT_MIN),
+        "time_limit_min": profile.time_limit_min if following else min(profile.time_limit_min, EVAL_TIME_LIMIT_MIN),
         "launch": profile.launch.model_copy(update={"tasks_per_node": 1}),
         "node": profile.node.model_copy(update={"gpus": min(profile.node.gpus, 1)}),
     }
-    if after is not None:
-        extra = {**profile.slurm.extra_sbatch, "dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"}
+    if dependency is not None:
+        extra = {**profile.slurm.extra_sbatch, "dependency": dependency, "kill-on-invalid-dep": "yes"}
         update["slurm"] = profile.slurm.model_copy(update={"extra_sbatch": extra})
     return profile.model_copy(update=update)
 
 
-def follow_job(run: Run, job: JobRecord) -> None:
-    """Wait for the job's end, then print its scores; a job that ended without any is an error naming its logs.
-    Ctrl-C stops the waiting, never the job."""
+def follow_job(run: Run, job: JobRecord, every: int | None = None) -> None:
+    """Wait for the job's end, then print its scores (a follower's, of each milestone it scored); a job that failed,
+    or that scored one checkpoint and ended without its scores, is an error naming its logs. Ctrl-C stops the waiting,
+    never the job."""
     from orchestrator.cli.commands.doctor import rank_error
     from orchestrator.core.evals import CheckpointEval, eval_files
     from orchestrator.core.runfiles import read_model
@@ -210,17 +318,34 @@ def follow_job(run: Run, job: JobRecord) -> None:
     except KeyboardInterrupt:
         notes.print(f"\nStopped waiting; eval job {job.job_id} goes on (`scancel {job.job_id}` stops a Slurm one).")
         raise SystemExit(130) from None
-    for path in reversed(eval_files(run.dir).values()):
+    shown = []
+    for step, path in eval_files(run.dir).items():
         scores = read_model(path, CheckpointEval)
         done = {task: s for task, s in scores.tasks.items() if s.job_id == job.job_id}
         if done:
             show_scores(run, scores, done)
-            return
+            shown.append(step)
     logs = run.dir / "evals" / "submitit" / job.job_id
-    raise OrchError(
-        f"Eval job {job.job_id} of run {run.id} ended without scores ({rank_error(logs) or 'no error was recorded'}). "
-        f"Its logs are in {logs}."
-    )
+    error = rank_error(logs) if every or not shown else None
+    if error or not (shown or every):
+        ended = f"after scoring steps {', '.join(map(str, shown))}" if shown else "without scores"
+        raise OrchError(
+            f"Eval job {job.job_id} of run {run.id} ended {ended} ({error or 'no error was recorded'}). "
+            f"Its logs are in {logs}."
+        )
+    if every:
+        console.print(
+            f"Eval job {job.job_id} followed run {run.id} to its end; milestones it scored: "
+            f"{', '.join(map(str, shown)) or 'none (the others were scored before)'}.",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def show_newest(run: Run, scores: CheckpointEval) -> None:
+    """The tasks of a checkpoint's scores that its newest evaluation scored."""
+    newest = max(s.finished for s in scores.tasks.values())
+    show_scores(run, scores, {task: s for task, s in scores.tasks.items() if s.finished == newest})
 
 
 def show_scores(run: Run, scores: CheckpointEval, tasks: dict[str, TaskScores]) -> None:
@@ -238,10 +363,9 @@ def show_scores(run: Run, scores: CheckpointEval, tasks: dict[str, TaskScores]) 
 def show_job(run: Run, job: EvalJob, profile: Profile, name: str, after: JobRecord | None, folder: Path) -> None:
     from orchestrator.cli.executors import executor_for
 
-    which = f"the final checkpoint (once training job {after.job_id} has completed)" if after else f"step {job.step}"
     console.print(
         f"Dry run: an eval job of run {run.id} on profile {name} ({profile.executor}, 1 process, "
-        f"{profile.launch.device}, at most {profile.time_limit_min:g} min) would score {which} on "
+        f"{profile.launch.device}, at most {profile.time_limit_min:g} min) would score {job_target(job, after)} on "
         f"{', '.join(job.tasks)}. Nothing was submitted.",
         highlight=False,
         soft_wrap=True,
