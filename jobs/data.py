@@ -11,12 +11,17 @@ Order: global sample g is block `permutation(seed, epoch)[g % n_blocks]` with `e
 and optimizer step s consumes global samples [d·B, (d+1)·B) for global batch B, where d is its data step: s itself,
 or, where the run skips data steps (skips.json, docs/rollback.md), the s-th data step not skipped. Which rank
 computes which of them depends on the world size; which samples a step sees does not.
+
+Mixtures: with several sources (`data.sources`), each global sample is drawn from one source by a fixed pattern
+(`Mixture`), and a source's own k-th sample is its block `permutation(seed, epoch, source)[k % n_source]`: each
+source runs through its own epochs, and a change of weights at a step changes only the samples after it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +30,10 @@ import numpy as np
 import torch
 
 from jobs.shards import TokenBlocks
+from orchestrator.core.config import TrainSpec
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json
-from orchestrator.core.runfiles import Ranges, data_step
+from orchestrator.core.runfiles import MixPhases, Ranges, data_step
 
 POINTER = "tokens.json"
 
@@ -41,12 +47,86 @@ def pack(documents: Iterable[list[int]], eos_id: int, block_len: int) -> tuple[n
     return stream[: n_blocks * block_len].reshape(n_blocks, block_len), len(stream) - n_blocks * block_len
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_permutation(seed: int, epoch: int, n_blocks: int) -> np.ndarray:
-    """Drawn once per epoch, not per sample: at corpus scale a permutation takes a noticeable fraction of a second."""
-    permutation = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+@functools.lru_cache(maxsize=8)
+def epoch_permutation(seed: int, epoch: int, n_blocks: int, stream: tuple[int, ...] = ()) -> np.ndarray:
+    """Drawn once per epoch, not per sample: at corpus scale a permutation takes a noticeable fraction of a second.
+    `stream` tells a mixture's sources apart (one source has none)."""
+    permutation = np.random.default_rng([seed, epoch, *stream]).permutation(n_blocks)
     permutation.flags.writeable = False
     return permutation
+
+
+MIX_PERIOD = 1 << 16  # a mixture's pattern repeats every MIX_PERIOD samples: weights hold to 1/MIX_PERIOD
+MIX_STRIDE = 40503  # ≈ MIX_PERIOD / golden ratio, odd: slot n sits at n·MIX_STRIDE mod MIX_PERIOD, spread evenly
+
+
+def quotas(weights: Sequence[float]) -> tuple[int, ...]:
+    """Samples per MIX_PERIOD of each source: the weights' shares, rounded by largest remainder (ties to the first)."""
+    exact = np.asarray(weights, dtype=np.float64) / sum(weights) * MIX_PERIOD
+    counts = np.floor(exact).astype(np.int64)
+    short = MIX_PERIOD - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return tuple(counts.tolist())
+
+
+@functools.lru_cache(maxsize=16)
+def mix_pattern(period_quotas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(source of each slot of a period, prefix[i, r]: the slots before r that are source i's).
+
+    Slot n lies at n·MIX_STRIDE mod MIX_PERIOD, a permutation of the period (a Fibonacci lattice), and source i owns
+    the positions [Q_i-1, Q_i) of the quotas' running sum Q: each source gets exactly its quota per period, spread
+    evenly, so any run of samples holds each source's share to within a few samples."""
+    position = np.arange(MIX_PERIOD, dtype=np.int64) * MIX_STRIDE % MIX_PERIOD
+    source = np.searchsorted(np.cumsum(period_quotas), position, side="right")
+    prefix = np.zeros((len(period_quotas), MIX_PERIOD + 1), dtype=np.int64)
+    for i in range(len(period_quotas)):
+        np.cumsum(source == i, out=prefix[i, 1:])
+    return source, prefix
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Several sources drawn by weight, the weights changing at chosen data steps.
+
+    `phases` are (first training step, weights) in step order, the first from step 0; `GlobalOrder` says which
+    global sample each phase starts at. A phase's samples follow `mix_pattern` of its quotas from the phase's first
+    sample; a source's samples are numbered across phases, so a new phase continues each source where the one before
+    left it."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]  # blocks of each source
+    phases: tuple[tuple[int, tuple[float, ...]], ...]
+
+    def draw(self, samples: np.ndarray, starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(source, that source's own sample number) of each global sample, the phases starting at global samples
+        `starts`."""
+        phase_of = np.searchsorted(starts, samples, side="right") - 1
+        source, number = np.empty_like(samples), np.empty_like(samples)
+        drawn = np.zeros(len(self.names), dtype=np.int64)  # by the phases before
+        for p, (start, (_, weights)) in enumerate(zip(starts, self.phases, strict=True)):
+            period_quotas = quotas(weights)
+            pattern, prefix = mix_pattern(period_quotas)
+            periods, slot = np.divmod(samples[phase_of == p] - start, MIX_PERIOD)
+            mine = pattern[slot]
+            source[phase_of == p] = mine
+            number[phase_of == p] = drawn[mine] + periods * np.take(period_quotas, mine) + prefix[mine, slot]
+            if p + 1 < len(starts):
+                periods, slot = divmod(starts[p + 1] - start, MIX_PERIOD)
+                drawn += periods * np.asarray(period_quotas) + prefix[:, slot]
+        return source, number
+
+    def blocks(self, samples: np.ndarray, starts: Sequence[int], seed: int) -> np.ndarray:
+        """The joined-block index (`JoinedBlocks`) of each global sample."""
+        source, number = self.draw(samples, starts)
+        offsets, out = np.cumsum((0, *self.sizes[:-1])), np.empty_like(samples)
+        for i, (name, size) in enumerate(zip(self.names, self.sizes, strict=True)):
+            epochs, within = np.divmod(number[source == i], size)
+            stream = (zlib.crc32(name.encode()),)
+            out[source == i] = offsets[i] + np.array(
+                [epoch_permutation(seed, int(e), size, stream)[w] for e, w in zip(epochs, within, strict=True)],
+                dtype=np.int64,
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +139,7 @@ class GlobalOrder:
     world_size: int
     seed: int
     skipped: Ranges = ()  # data steps never trained (orchestrator.core.runfiles.skipped_data)
+    mixture: Mixture | None = None  # several sources; n_blocks is then their joined blocks
 
     def permutation(self, epoch: int) -> np.ndarray:
         return epoch_permutation(self.seed, epoch, self.n_blocks)
@@ -74,11 +155,40 @@ class GlobalOrder:
         first = self.data_step(step) * self.global_batch
         return range(first, first + self.global_batch)
 
+    def phase_starts(self) -> list[int]:
+        """The global sample each mixture phase starts at: that of its first step's data (the first phase: 0)."""
+        assert self.mixture is not None
+        return [0] + [self.global_samples(step).start for step, _ in self.mixture.phases[1:]]
+
+    def source_shares(self, step: int) -> dict[str, float]:
+        """The share of each mixture source in the global batch of `step` (none for one source)."""
+        if self.mixture is None:
+            return {}
+        samples = self.global_samples(step)
+        source, _ = self.mixture.draw(np.arange(samples.start, samples.stop), self.phase_starts())
+        counts = np.bincount(source, minlength=len(self.mixture.names)).tolist()
+        return {name: count / self.global_batch for name, count in zip(self.mixture.names, counts, strict=True)}
+
     def block_indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
         first = self.global_samples(step).start + (micro_step * self.world_size + rank) * self.micro_batch
         samples = np.arange(first, first + self.micro_batch)
+        if self.mixture is not None:
+            return self.mixture.blocks(samples, self.phase_starts(), self.seed)
         epochs = samples // self.n_blocks
         return np.array([self.permutation(e)[s % self.n_blocks] for e, s in zip(epochs, samples, strict=True)])
+
+
+def make_order(
+    blocks: TokenBlocks | JoinedBlocks, train: TrainSpec, world_size: int, skipped: Ranges, phases: MixPhases
+) -> GlobalOrder:
+    """The order a run's ranks read `blocks` in; a mixture's weights in force from each step are `phases`."""
+    mixture = None
+    if isinstance(blocks, JoinedBlocks):
+        weights = tuple((step, tuple(by_name[n] for n in blocks.names)) for step, by_name in phases)
+        mixture = Mixture(blocks.names, tuple(len(part) for part in blocks.parts), weights)
+    return GlobalOrder(
+        len(blocks), train.global_batch_size, train.micro_batch_size, world_size, train.seed, skipped, mixture
+    )
 
 
 class BlockLoader:
@@ -118,20 +228,48 @@ class BlockLoader:
         return self.order.global_batch // (self.order.micro_batch * self.order.world_size)
 
 
-def load_split(data_dir: Path, split: str) -> TokenBlocks:
-    """A split of the corpus tokens.json names: a folder elsewhere, or (relative, ".") the run's own data folder,
-    which moves with the run."""
+class JoinedBlocks:
+    """A mixture's sources end to end: source i's block b is block offsets[i] + b (the numbering `Mixture` draws)."""
+
+    def __init__(self, parts: dict[str, TokenBlocks]) -> None:
+        self.names, self.parts = tuple(parts), list(parts.values())
+        self.starts = np.cumsum([0, *(len(part) for part in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((*rows.shape, self.parts[0].block_len), dtype=np.int64)
+        for i, part in enumerate(self.parts):
+            mine = part_of == i
+            if mine.any():
+                out[mine] = part[rows[mine] - self.starts[i]]
+        return out
+
+
+def source_splits(data_dir: Path, split: str) -> dict[str, TokenBlocks]:
+    """A split of each source the run's `data/tokens.json` names: {"": blocks} for one source, by name for a
+    mixture. A source is a folder elsewhere or (relative, ".") the run's own data folder, which moves with the run."""
     pointer = read_json(data_dir / POINTER)
     if pointer is None:
         raise OrchError(f"{data_dir / POINTER} is missing: the run has no data attached (`orch submit` attaches it).")
-    return TokenBlocks(data_dir / pointer["tokens"] / split, pointer["max_seq_len"])
+    folders = source_folders(pointer)
+    return {name: TokenBlocks(data_dir / folder / split, pointer["max_seq_len"]) for name, folder in folders.items()}
 
 
-def load_blocks(data_dir: Path) -> TokenBlocks:
-    """The training blocks of the corpus a run's `data/tokens.json` names."""
-    return load_split(data_dir, "train")
+def source_folders(pointer: dict) -> dict[str, str]:
+    """The prepared folder of each source a tokens.json names: {"": folder} for one source."""
+    return pointer.get("sources") or {"": pointer["tokens"]}
 
 
-def load_val_blocks(data_dir: Path) -> TokenBlocks:
-    """The held-out blocks (the val split) of the corpus a run's `data/tokens.json` names."""
-    return load_split(data_dir, "val")
+def load_blocks(data_dir: Path) -> TokenBlocks | JoinedBlocks:
+    """The training blocks a run reads: its one source's, or its mixture's sources joined."""
+    parts = source_splits(data_dir, "train")
+    return parts[""] if "" in parts else JoinedBlocks(parts)
+
+
+def load_val_blocks(data_dir: Path) -> dict[str, TokenBlocks]:
+    """The held-out blocks (the val split) of each source, as `source_splits` names them."""
+    return source_splits(data_dir, "val")

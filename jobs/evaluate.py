@@ -36,13 +36,31 @@ def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, 
 
 
 class Evaluator:
-    """Validation at the recipe's cadence (every `eval.every_steps` and at the last step); nothing without `eval`."""
+    """Validation at the recipe's cadence (every `eval.every_steps` and at the last step); nothing without `eval`.
 
-    def __init__(self, spec: EvalSpec | None, data_dir: Path, micro_batch: int, device: torch.device) -> None:
-        self.spec, self.micro_batch, self.device = spec, micro_batch, device
-        self.blocks = load_val_blocks(data_dir) if spec else None
+    A mixture's sources are validated each on its own held-out blocks (`val_loss/NAME`: forgetting shows in the
+    replayed source's), and `val_loss` is their mean weighted by the recipe's weights."""
+
+    def __init__(
+        self, spec: EvalSpec | None, data_dir: Path, micro_batch: int, device: torch.device, weights: dict[str, float]
+    ) -> None:
+        self.spec, self.micro_batch, self.device, self.weights = spec, micro_batch, device, weights
+        self.sources = load_val_blocks(data_dir) if spec else {}
 
     def maybe_evaluate(self, step: int, last_step: int, model: torch.nn.Module) -> dict:
         if self.spec is None or (step % self.spec.every_steps and step != last_step):
             return {}
-        return evaluate(model, self.blocks, self.spec.blocks, self.micro_batch, self.device)
+        if "" in self.sources:
+            return evaluate(model, self.sources[""], self.spec.blocks, self.micro_batch, self.device)
+        scores = {
+            name: evaluate(model, val, self.spec.blocks, self.micro_batch, self.device)
+            for name, val in self.sources.items()
+        }
+        metrics = {f"{key}/{name}": value for name, found in scores.items() for key, value in found.items()}
+        losses = {name: found["val_loss"] for name, found in scores.items() if found}
+        weights = {name: self.weights[name] for name in losses}
+        if losses:
+            weights = weights if sum(weights.values()) else dict.fromkeys(losses, 1.0)
+            loss = sum(weights[name] * value for name, value in losses.items()) / sum(weights.values())
+            metrics.update(val_loss=loss, val_perplexity=math.exp(min(loss, 50.0)))
+        return metrics

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from jobs import chaos, recovery, watchdog
 from jobs.checkpoint import Checkpointer
-from jobs.data import BlockLoader, GlobalOrder, load_blocks
+from jobs.data import BlockLoader, GlobalOrder, load_blocks, make_order, source_splits
 from jobs.distributed import Ranks, agree, start_process_group
 from jobs.evaluate import Evaluator
 from jobs.loss import causal_lm_loss
@@ -41,7 +41,16 @@ from orchestrator.core.estimate import flops_per_token
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import Ranges, Recovery, committed_step, read_skips, skipped_data
+from orchestrator.core.runfiles import (
+    MixPhases,
+    Ranges,
+    Recovery,
+    committed_step,
+    mix_phases,
+    read_mix_changes,
+    read_skips,
+    skipped_data,
+)
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
@@ -105,11 +114,13 @@ def train(
     if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
     check_data(run.data_dir, ranks.rank)
-    trainer = Trainer(recipe, run.data_dir, ranks, agree(ranks.rank, lambda: skipped_data(read_skips(run.dir))))
+    skipped = agree(ranks.rank, lambda: skipped_data(read_skips(run.dir)))
+    phases = agree(ranks.rank, lambda: mix_phases(recipe.data.weights, read_mix_changes(run.dir)))
+    trainer = Trainer(recipe, run.data_dir, ranks, skipped, phases)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world), run.info.from_scratch)
     position.step = state.step
-    evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device)
+    evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device, recipe.data.weights)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     guard = SpikeGuard(recipe.spike_guard, run, ranks.rank, job_id, state.step) if recipe.spike_guard else None
     log.info(
@@ -153,7 +164,8 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
 
 def check_data(data_dir: Path, rank: int) -> None:
     """The run's token shards are what `orch data prepare` wrote, before any GPU time is spent on them."""
-    problem = agree(rank, lambda: shard_damage(load_blocks(data_dir).dir))
+    splits = source_splits(data_dir, "train").values()
+    problem = agree(rank, lambda: next(filter(None, (shard_damage(split.dir) for split in splits)), None))
     if problem:
         raise OrchError(f"the training data is damaged: {problem}. Prepare it again (`orch data prepare`).")
 
@@ -218,6 +230,7 @@ def loop(
         metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
         watchdog.step_done(state.step, metrics["step_time_s"])
         metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
+        metrics.update({f"mix/{name}": share for name, share in trainer.order.source_shares(step).items()})
         watchdog.note("eval")
         evaluating = time.perf_counter()
         if evaluated := evaluator.maybe_evaluate(state.step, plan.steps, trainer.model):
@@ -340,14 +353,16 @@ class StepResult:
 class Trainer:
     """One rank's model, optimizer, schedule and data, built from the recipe's specs, and its optimizer step."""
 
-    def __init__(self, recipe: Recipe, data_dir: Path, ranks: Ranks, skipped: Ranges = ()) -> None:
+    def __init__(
+        self, recipe: Recipe, data_dir: Path, ranks: Ranks, skipped: Ranges = (), phases: MixPhases | None = None
+    ) -> None:
         spec = recipe.train
         self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
         self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
         self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
-        order = GlobalOrder(len(blocks), spec.global_batch_size, spec.micro_batch_size, ranks.world, spec.seed, skipped)
+        order = make_order(blocks, spec, ranks.world, skipped, phases or [(0, recipe.data.weights)])
         self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
         self.attention = attention_implementation(spec.attention, ranks.device)
         self.model = build_sharded_model(

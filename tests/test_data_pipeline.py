@@ -554,7 +554,7 @@ def test_a_prepared_source_is_read_in_place_by_the_training_job(tmp_path: Path, 
     assert data_ready(data_dir) and sorted(p.name for p in data_dir.iterdir()) == ["tokenizer", "tokens.json"]
     assert (data_dir / "tokenizer/tokenizer.json").read_bytes() == (prepared / "tokenizer/tokenizer.json").read_bytes()
     assert np.array_equal(load_blocks(data_dir)[np.arange(4)], TokenBlocks(prepared / "train", 16)[np.arange(4)])
-    assert len(load_val_blocks(data_dir)) == TokenBlocks(prepared / "val", 16).tokens // 16 > 0
+    assert len(load_val_blocks(data_dir)[""]) == TokenBlocks(prepared / "val", 16).tokens // 16 > 0
 
 
 def test_submission_refuses_prepared_data_that_does_not_fit_the_recipe(tmp_path: Path, prepared: Path):
@@ -581,7 +581,7 @@ def test_submission_refuses_prepared_data_that_does_not_fit_the_recipe(tmp_path:
 def test_the_demo_goes_through_the_same_prepare_into_the_run_data_folder(tmp_path: Path):
     data_dir = tmp_path / "data"
     attach_data(DataSpec(source="demo", tokenizer="demo", max_seq_len=32), vocab_size=300, seed=0, data_dir=data_dir)
-    train, val = load_blocks(data_dir), load_val_blocks(data_dir)
+    train, val = load_blocks(data_dir), load_val_blocks(data_dir)[""]
     assert train.index["vocab_size"] <= 300 and train.block_len == 32 and len(train) > 10 * len(val) > 0
     demo_tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     decoded = decoded_documents(data_dir / "train", demo_tokenizer) + decoded_documents(

@@ -124,13 +124,19 @@ def resume(
     update_code: Annotated[
         bool, typer.Option(help="run the checkout's code from now on instead of the code frozen at submission")
     ] = False,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            help="a mixture's new weights from the step the run resumes at: NAME=W,... (sources not named keep theirs)"
+        ),
+    ] = None,
 ) -> None:
     """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
     from orchestrator.cli.submit import resume as resume_run
 
     run = get_run_or_latest(run_id)
     overrides = collect_overrides(account, nodes, time, set_)
-    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code, beyond_schedule)
+    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code, beyond_schedule, weights)
     console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
     if beyond_schedule:
         from orchestrator.cli.show import show_run_schedule

@@ -75,6 +75,9 @@ def memory_row(plan: Plan, gpu_memory_gb: float) -> str:
 
 def data_row(request: Request) -> str:
     data = request.recipe.data
+    if data.sources is not None:
+        total = sum(data.weights.values())
+        return "mixture: " + ", ".join(f"{n} {s.weight / total:.3g} ({s.path})" for n, s in data.sources.items())
     if data.source != "demo":
         return data.source
     if request.profile.demo_data:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -28,7 +30,7 @@ from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
 from orchestrator.core.preflight import checked_plan
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
-from orchestrator.core.runfiles import JobRecord, committed_step
+from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, committed_step, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
 from orchestrator.core.scheduler import cancel_job, job_alive, wait_until_gone
 from orchestrator.core.settings import named_tracking_uri
@@ -195,10 +197,12 @@ def resume(
     from_scratch: bool = False,
     update_code: bool = False,
     beyond_schedule: str | None = None,
+    weights: str | None = None,
 ) -> str:
     """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
     run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for). Steps past
-    the end of the run's schedule need `beyond_schedule` (`past_schedule`)."""
+    the end of the run's schedule need `beyond_schedule` (`past_schedule`); `weights` change a mixture's weights
+    from the step the job starts at (`mixture_changed`)."""
     check_resume_input(run, overrides, beyond_schedule)
     with run.lock():
         jobs, info = run.jobs, run.info
@@ -226,6 +230,7 @@ def resume(
             profile_path = run.dir / "profile.yaml"
             profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), profile_layers(overrides)))
         plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        mixture = mixture_changed(run, recipe, weights, done) if weights is not None else None
         changed = info.model_copy(
             update={
                 "steps": steps,
@@ -240,7 +245,39 @@ def resume(
         with rewritten(run.dir / "run.json", json.dumps(changed.model_dump(), indent=2, sort_keys=True)):
             with rewritten(run.dir / "profile.yaml", dump(profile)):
                 with rewritten(recipe_path, dump(recipe)) if recipe != stored else nullcontext():
-                    return launch(run, profile, plan)
+                    with rewritten(run.dir / MIXTURE, mixture) if mixture else nullcontext():
+                        return launch(run, profile, plan)
+
+
+def mixture_changed(run: Run, recipe: Recipe, given: str, at: int) -> str:
+    """mixture.json with one more change: `--weights NAME=W,...` from step `at` on, the sources not named keeping the
+    weights in force there. Refused (nothing written) for a run of one source or weights that do not parse."""
+    in_force = recipe.data.weights
+    allowed = (
+        f"Allowed: NAME=WEIGHT pairs separated by commas, NAME one of the run's sources ({', '.join(in_force)}), "
+        "WEIGHT a number of at least 0, the weights then in force summing to a positive number (docs/data.md)."
+    )
+    if not in_force:
+        raise OrchError(
+            f"--weights {shown(given)}: run {run.id} trains on one source (data.source in {run.dir / 'recipe.yaml'}); "
+            "weights belong to a mixture of sources (data.sources, docs/data.md)."
+        )
+    changes = read_mix_changes(run.dir)
+    in_force = [weights for step, weights in mix_phases(in_force, changes) if step <= at][-1]
+    new = dict(in_force)
+    for pair in given.split(","):
+        name, _, value = pair.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if name not in in_force or not 0 <= weight < math.inf:
+            raise OrchError(f"--weights {shown(given)}: {shown(pair.strip())} is not NAME=WEIGHT. {allowed}")
+        new[name] = weight
+    if not sum(new.values()) > 0:
+        raise OrchError(f"--weights {shown(given)}: the weights would be {new}, which sum to 0. {allowed}")
+    changes.append(MixChange(from_step=at, weights=new, time=time.time()))
+    return json.dumps([change.model_dump() for change in changes], indent=2)
 
 
 BEYOND_SCHEDULE = ("refuse", "extend", "floor")
@@ -287,12 +324,15 @@ def past_schedule(run: Run, recipe: Recipe, steps: int, at: int, choice: str | N
 @contextmanager
 def rewritten(path: Path, text: str) -> Iterator[None]:
     """`path` holds `text` from here on, unless the block fails: then it is put back as it was."""
-    before = path.read_bytes()
+    before = path.read_bytes() if path.exists() else None
     write_atomic(path, text)
     try:
         yield
     except BaseException:
-        write_atomic(path, before)
+        if before is None:
+            path.unlink()
+        else:
+            write_atomic(path, before)
         raise
 
 

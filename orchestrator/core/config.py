@@ -14,7 +14,7 @@ import re
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -251,15 +252,47 @@ class ModelSpec(Strict):
         return self
 
 
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"  # names metrics (mix/NAME, val_loss/NAME)
+
+
+class MixSource(Strict):
+    """One prepared corpus of a mixture and its share of the samples (weights are relative: 9 and 1 = 0.9 and 0.1)."""
+
+    path: str = Field(description="a folder made by `orch data prepare`")
+    weight: float = Field(ge=0, allow_inf_nan=False, description="its share of the samples, relative to the others")
+
+
 class DataSpec(Strict):
-    """The Concat dataset: documents joined with EOS and cut into max_seq_len blocks."""
+    """The Concat dataset: documents joined with EOS and cut into max_seq_len blocks, from one source or a weighted
+    mixture of prepared sources (jobs.data.Mixture)."""
 
     dataset: Literal["concat"] = "concat"
-    source: str = Field(description="'demo', a folder made by `orch data prepare`, or a folder of documents")
+    source: str | None = Field(
+        default=None, description="'demo', a folder made by `orch data prepare`, or a folder of documents"
+    )
+    sources: dict[Annotated[str, StringConstraints(pattern=SOURCE_NAME)], MixSource] | None = Field(
+        default=None, description="instead of source: named prepared folders, mixed by weight"
+    )
     tokenizer: str = Field(
         description="'demo' (trained on the documents) or a tokenizer directory; for a prepared source, the one used"
     )
     max_seq_len: int = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _one_source_or_a_mixture(self) -> DataSpec:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError(
+                "give either 'source' (one corpus) or 'sources' (a weighted mixture), not both and not neither; a "
+                "recipe that extends one with a source replaces it by a mixture with 'source: null'"
+            )
+        if self.sources is not None and not sum(s.weight for s in self.sources.values()) > 0:
+            raise ValueError("the weights of 'sources' must sum to a positive number")
+        return self
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The mixture's weights, by source name (empty for one source)."""
+        return {name: s.weight for name, s in (self.sources or {}).items()}
 
 
 AUTO = "auto"  # a train setting the planner picks for the profile (orchestrator.core.plan.choose_train)
@@ -597,6 +630,11 @@ def describe_validation_error(path: Path, schema: type[BaseModel], err: Validati
             problems.append(f"unknown field '{field}' ({hint}allowed here: {', '.join(allowed)})")
         elif item["type"] == "missing":
             problems.append(f"field '{field}' is required")
+        elif item["type"] == "string_pattern_mismatch" and item["ctx"]["pattern"] == SOURCE_NAME:
+            problems.append(
+                f"field '{field}': {shown(item['input'])} is not a source name: 1 to 32 letters, digits, _ and -, "
+                "starting with a letter or digit (it names metrics such as mix/NAME)"
+            )
         elif item["type"] == "string_pattern_mismatch":
             problems.append(
                 f"field '{field}': {shown(item['input'])} may only contain {SAFE_TEXT} (it reaches the job script)"
@@ -624,11 +662,17 @@ def written_as_text_hint(item: Any) -> str:
 
 
 def allowed_fields(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names accepted at a nested location of a schema."""
+    """The field names accepted at a nested location of a schema (a mapping's keys, as data.sources', are names)."""
     model: Any = schema
-    for part in loc:
-        annotation = model.model_fields[part].annotation
-        model = next(t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel))
+    parts = iter(loc)
+    for part in parts:
+        model = model.model_fields[part].annotation
+        while not (isinstance(model, type) and issubclass(model, BaseModel)):
+            if get_origin(model) is dict:
+                next(parts)  # the key: a name the user chose
+                model = get_args(model)[1]
+            else:
+                model = next(t for t in get_args(model) if t is not type(None))
     return list(model.model_fields)
 
 

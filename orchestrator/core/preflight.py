@@ -59,47 +59,57 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
     """What the job will read must exist, be prepared and fit the model before anything is queued: the job itself
     never tokenizes (GPU time is not paid for CPU work)."""
     data, model = recipe.data, recipe.model
-    for field, value in (("data.source", data.source), ("data.tokenizer", data.tokenizer)):
+    sources = {f"data.sources.{name}.path": s.path for name, s in (data.sources or {}).items()}
+    if data.source is not None:
+        sources = {"data.source": data.source}
+    for field, value in (*sources.items(), ("data.tokenizer", data.tokenizer)):
         if value != "demo" and not Path(value).is_dir():
+            allowed = "an existing folder made by `orch data prepare`" if field in sources else "an existing folder"
             raise OrchError(
-                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. "
-                "Allowed: 'demo' or an existing folder."
+                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. Allowed: 'demo' or {allowed}."
             )
-    if data.source != "demo":
-        check_prepared_data(recipe, recipe_path, prepared_index(recipe_path, data.source))
+    if data.sources is not None and data.tokenizer == "demo":
+        raise OrchError(
+            f"{recipe_path}: field 'data.tokenizer' is 'demo', but a mixture's sources are prepared folders. "
+            "Allowed: the tokenizer folder every source was prepared with."
+        )
+    for field, source in sources.items():
+        if source != "demo":
+            check_prepared_data(recipe, recipe_path, field, source, prepared_index(recipe_path, field, source))
     if model.init_from:
         check_init_from(recipe, recipe_path)
 
 
-def prepared_index(recipe_path: Path, source: str) -> dict[str, Any]:
+def prepared_index(recipe_path: Path, field: str, source: str) -> dict[str, Any]:
     """The train split's index of a folder made by `orch data prepare`."""
     index = read_json(Path(source) / "train" / "index.json")
     if not isinstance(index, dict):
         raise OrchError(
-            f"{recipe_path}: field 'data.source' names {source!r}, which holds no prepared token shards "
-            "(train/index.json). Allowed: 'demo', or the output folder of `orch data prepare --tokenizer T "
-            f"--input {source} --output OUT` (run it on a login or CPU node, then set data.source to OUT)."
+            f"{recipe_path}: field '{field}' names {source!r}, which holds no prepared token shards "
+            "(train/index.json). Allowed: 'demo' (one source only), or the output folder of `orch data prepare "
+            f"--tokenizer T --input {source} --output OUT` (run it on a login or CPU node, then set {field} to OUT)."
         )
     return index
 
 
-def check_prepared_data(recipe: Recipe, recipe_path: Path, index: dict[str, Any]) -> None:
+def check_prepared_data(recipe: Recipe, recipe_path: Path, field: str, source: str, index: dict[str, Any]) -> None:
     """Shards from `orch data prepare` name their vocabulary size and tokenizer: both must match the recipe, and the
     train split must hold at least one block."""
     if index["vocab_size"] > recipe.model.vocab_size:
         raise OrchError(
-            f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but {recipe.data.source} was "
+            f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but {source} ({field}) was "
             f"tokenized with {index['vocab_size']} token ids. Allowed: at least {index['vocab_size']}."
         )
     tokenizer = Path(recipe.data.tokenizer) / "tokenizer.json"
     if not tokenizer.is_file() or hashlib.sha256(tokenizer.read_bytes()).hexdigest() != index["tokenizer"]["sha256"]:
         raise OrchError(
-            f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer "
-            f"{recipe.data.source} was prepared with. Allowed: that tokenizer, e.g. {recipe.data.source}/tokenizer."
+            f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer {source} "
+            f"({field}) was prepared with. Allowed: that tokenizer, e.g. {source}/tokenizer; the sources of a "
+            "mixture must all be prepared with the same one."
         )
     if index.get("tokens", 0) < recipe.data.max_seq_len:
         raise OrchError(
-            f"{recipe_path}: {recipe.data.source} has {index.get('tokens', 0)} training tokens, fewer than one "
+            f"{recipe_path}: {source} ({field}) has {index.get('tokens', 0)} training tokens, fewer than one "
             f"block of data.max_seq_len {recipe.data.max_seq_len}. Allowed: a corpus of at least one block."
         )
 

@@ -336,6 +336,40 @@ def data_step(skipped: Ranges, step: int) -> int:
     return step
 
 
+MIXTURE = "mixture.json"
+MixPhases = list[tuple[int, dict[str, float]]]  # (first training step, weights by source), in step order
+
+
+class MixChange(RunFile):
+    """One entry of mixture.json: from training step `from_step` on, the mixture's sources have `weights`
+    (`orch resume --weights`). The recipe's weights hold from step 0 until the first change."""
+
+    from_step: int = Field(ge=0)
+    weights: dict[str, float]
+    time: float
+
+    @model_validator(mode="after")
+    def _weights_sum_to_a_positive_number(self) -> MixChange:
+        if any(w < 0 for w in self.weights.values()) or not sum(self.weights.values()) > 0:
+            raise ValueError("weights must be at least 0 and sum to a positive number")
+        return self
+
+
+def read_mix_changes(run_dir: Path) -> list[MixChange]:
+    """The run's changes of mixture weights, oldest first (none when mixture.json is absent)."""
+    return read_model(run_dir / MIXTURE, list[MixChange], [])
+
+
+def mix_phases(weights: dict[str, float], changes: list[MixChange]) -> MixPhases:
+    """The weights in force from each step on: the recipe's from step 0, then each change in the order recorded. A
+    change replaces the phases that start at or after its step (a run taken back to an earlier checkpoint and given
+    other weights there)."""
+    phases: MixPhases = [(0, weights)]
+    for change in changes:
+        phases = [p for p in phases if p[0] < change.from_step] + [(change.from_step, change.weights)]
+    return phases
+
+
 def new_skip(
     skips: list[Skip], start: int, end: int, by: Literal["guard", "hand"], reason: str, job_id: str | None
 ) -> Skip:

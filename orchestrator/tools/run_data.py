@@ -1,8 +1,9 @@
 """A run's data, set up on the submitting machine before its job is queued (the job never tokenizes).
 
-A folder made by `orch data prepare` is read where it is: `RUN_DIR/data/tokens.json` names it and the block length,
-and `RUN_DIR/data/tokenizer` keeps a copy of its tokenizer. 'demo' (a generated Czech-like corpus) goes through the
-same prepare into `RUN_DIR/data`, with a tokenizer trained there on it unless the recipe names one.
+A folder made by `orch data prepare` is read where it is: `RUN_DIR/data/tokens.json` names it (for a mixture, each
+source by name) and the block length, and `RUN_DIR/data/tokenizer` keeps a copy of the tokenizer. 'demo' (a
+generated Czech-like corpus) goes through the same prepare into `RUN_DIR/data`, with a tokenizer trained there on it
+unless the recipe names one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from jobs.data import POINTER
+from jobs.data import POINTER, source_folders
 from jobs.shards import INDEX
 from orchestrator.core.config import DataSpec
 from orchestrator.core.corpus import SHARD_TOKENS
@@ -55,7 +56,9 @@ def is_prepared(folder: Path) -> bool:
 def data_ready(data_dir: Path) -> bool:
     """Whether `data_dir` already names complete token shards (then `attach_data` has nothing to do)."""
     pointer = read_json(data_dir / POINTER)
-    return pointer is not None and is_prepared(data_dir / pointer["tokens"])
+    if pointer is None:
+        return False
+    return all(is_prepared(data_dir / folder) for folder in source_folders(pointer).values())
 
 
 def write_demo_corpus(path: Path, seed: int) -> Path:
@@ -68,6 +71,11 @@ def attach_data(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> N
     """Make `data_dir` name the token shards the recipe trains on: a prepared folder where it is, or the demo corpus
     prepared into `data_dir`. The submission's pre-flight checks (`orchestrator.core.preflight`) have passed."""
     if data_ready(data_dir):
+        return
+    if spec.sources is not None:
+        copy_tokenizer(Path(spec.tokenizer), data_dir)
+        folders = {name: str(Path(source.path).resolve()) for name, source in spec.sources.items()}
+        write_json_atomic(data_dir / POINTER, {"sources": folders, "max_seq_len": spec.max_seq_len})
         return
     if spec.source == "demo":
         prepare_demo(spec, vocab_size, seed, data_dir)

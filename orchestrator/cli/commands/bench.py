@@ -151,7 +151,7 @@ def bench(
         )
     check_data(base, recipe_path)
     from jobs.bench import available_ranks, run_benchmark
-    from jobs.data import load_blocks
+    from jobs.data import source_splits
     from orchestrator.tools.run_data import attach_data
 
     where = available_ranks(resolved_profile, ranks)
@@ -167,10 +167,11 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as scratch:
         folder = data_dir or Path(scratch) / "data"
         attach_data(base.data, base.model.vocab_size, base.train.seed, folder)
-        index = load_blocks(folder).index
+        indexes = [part.index for part in source_splits(folder, "train").values()]
         results = run_benchmark(list(recipes.items()), where, steps, warmup, folder)
     console.print(
-        f"data: {index['tokens']:,} training tokens, token ids below {index['vocab_size']} "
+        f"data: {sum(i['tokens'] for i in indexes):,} training tokens, token ids below "
+        f"{max(i['vocab_size'] for i in indexes)} "
         f"(model vocabulary {base.model.vocab_size})"
     )
     table_console = console if console.is_terminal else Console(width=150)  # a log keeps every column whole
