@@ -47,11 +47,12 @@ def test_local_slurm_submit_runs_two_tasks_under_slurm_and_tracks(orch_home: Pat
 def test_slurm_timeouts_requeue_until_done_with_the_uninterrupted_losses(orch_home: Path):
     """A 2-minute limit: the job's own deadline (set before Slurm's coarse signal can come) stops all ranks at a
     step boundary, they save, rank 0 requeues through submitit and Slurm starts the job again, until done. The steps
-    are sized from this machine's measured pace to take about 3 allocations."""
+    are sized from this machine's measured pace to take about 2.5 allocations: at least 2 even if the machine gets
+    much quieter meanwhile."""
     pace = measure_pace()
     _, profile = load_profile("local-slurm", [{"time_limit_min": 2}])
     stop_before_end_s = make_plan(profile, load_recipe("tiny")[1], 1).stop_before_end_s
-    steps = steps_for_allocations(pace, 3, limit_s=120, stop_before_end_s=stop_before_end_s)
+    steps = steps_for_allocations(pace, 2.5, limit_s=120, stop_before_end_s=stop_before_end_s)
     run_id = submitted_run_id(orch("submit", "--profile", "local-slurm", "--steps", str(steps), "--time", "2"))
     run_dir = Path(status_json(run_id)["run_dir"])
     until = time.time() + 2400
