@@ -10,6 +10,7 @@ server is down, training goes on and the spool waits; `orch sync RUN_ID` sends w
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
@@ -35,6 +36,23 @@ BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 # A tracking server that is down must fail fast: training must not wait on it.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def client_for(uri: str) -> Any:
+    """An MLflow client of `uri` whose store exists. A new SQLite store is created under a lock beside it: jobs that
+    start at once on a fresh store (a sweep's runs) would otherwise race through its schema migrations, and the
+    losers fail."""
+    import mlflow
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)  # a new store's tables are made by its first use
+    return client
 
 
 class MetricSpool:
@@ -67,7 +85,7 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
     on first contact. Returns the step MLflow now has everything through. Raises when the server cannot be reached."""
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client = client_for(uri)
     state_path = run_dir / "mlflow.json"
     try:
         known = read_model(state_path, MlflowState)
@@ -159,12 +177,11 @@ def create_experiment(client: Any, uri: str) -> str:
 
 def upload_artifacts(run_dir: Path, uri: str, files: list[Path]) -> None:
     """The resolved recipe and profile, the job script and the job logs, under `orch/` in the MLflow run."""
-    import mlflow
 
     run_id = mlflow_run_id(run_dir)
     if run_id is None:
         return
-    client = mlflow.MlflowClient(uri)
+    client = client_for(uri)
     for path in files:
         if path.is_file():
             folder = "orch/logs" if path.suffix in (".out", ".err") else "orch"
@@ -290,10 +307,9 @@ def finish_run(run_dir: Path, uri: str, status: str, artifacts: list[Path]) -> N
     run_id = mlflow_run_id(run_dir)
     if run_id is None:
         return
-    import mlflow
 
     try:
         upload_artifacts(run_dir, uri, artifacts)
-        mlflow.MlflowClient(uri).set_terminated(run_id, status=status)
+        client_for(uri).set_terminated(run_id, status=status)
     except Exception as err:  # noqa: BLE001 - best effort: the files stay in the run directory
         log.warning("could not finish the MLflow run (artifacts, status): %s", err)

@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator.tools.sync import follow
 from tests.conftest import (
+    ROOT,
     free_port,
     kill_job_tree,
     orch,
@@ -142,3 +143,15 @@ def test_spooling_jobs_leave_the_store_to_orch_sync_as_its_single_writer(orch_ho
     assert client.get_run(mlflow_run_id).info.status == "FINISHED"
     assert {"orch/recipe.yaml", "orch/logs"} <= {a.path for a in client.list_artifacts(mlflow_run_id, "orch")}
     assert len(client.get_metric_history(mlflow_run_id, "loss")) == 20  # nothing sent twice
+
+
+def test_jobs_opening_a_fresh_sqlite_store_at_once_all_get_its_tables(tmp_path: Path):
+    """A sweep's jobs start together on a new ORCH_HOME: each creating the store's schema at once, some failed."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opener = f"from jobs.tracking import client_for; print(len(client_for({store!r}).search_experiments()))"
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", opener], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    results = [(job.wait(timeout=300), *job.communicate()) for job in jobs]
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, b"1")] * 3, [err[-500:] for *_, err in results]
