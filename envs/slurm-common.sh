@@ -111,7 +111,9 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-ReturnToService=2
+# A node that went DOWN for a reason of its own (not a lost contact) stays out until `scontrol update
+# state=resume`, as a failed node on a cluster does (tests/test_slurm_chaos.py sets one down).
+ReturnToService=1
 JobRequeue=1
 MinJobAge=300
 KillWait=5

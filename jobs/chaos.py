@@ -9,6 +9,7 @@ run. Unset, nothing happens.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,20 +31,31 @@ class PlantedFailure(RuntimeError):
 
 
 def fail(step: int, rank: int, world: int, fired: Path) -> None:
-    """fail@N: training step N raises on the job's last rank (so that a rank other than 0 fails first), once per run
-    (a marker in `fired`, the run's chaos/ folder, remembers it); fail-always@N raises there on every try."""
+    """The faults planted at training step N, on the job's last rank (so that a rank other than 0 fails first):
+    fail@N raises once per run (a marker in `fired`, the run's chaos/ folder, remembers it), fail-always@N raises on
+    every try, and sigkill@N kills the rank's process with SIGKILL once per run: a rank that dies without a word (the
+    OOM killer, a segfault) while its peers go on into the step's first collective."""
     if rank != world - 1:
         return
-    marker = fired / f"fail@{step}"
-    if planted("fail", step) and not marker.exists():
-        fired.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    if planted("sigkill", step) and first_time(fired, f"sigkill@{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if planted("fail", step) and first_time(fired, f"fail@{step}"):
         raise PlantedFailure(f"failure planted at step {step} ({VARIABLE})")
     if planted("fail-always", step):
         raise PlantedFailure(f"failure planted at step {step} on every try ({VARIABLE})")
 
 
-ACTIONS: dict[str, Callable[..., object]] = {"spike": spike, "fail": fail, "fail-always": fail}
+def first_time(fired: Path, marker: str) -> bool:
+    """Whether the fault `marker` fires for the first time in this run; from now on it has fired."""
+    path = fired / marker
+    if path.exists():
+        return False
+    fired.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return True
+
+
+ACTIONS: dict[str, Callable[..., object]] = {"spike": spike, "fail": fail, "fail-always": fail, "sigkill": fail}
 
 
 def planned() -> dict[str, frozenset[int]]:

@@ -8,6 +8,8 @@ decision to `errors/<job>.attempt<N>.recovery.json` (created by a hard link, so 
 - not retried, with the reason: a user error (OrchError: a bad recipe, damaged data), the same error at the same
   step as an earlier attempt of the job (deterministic: a requeue would fail again), or the budget spent.
 
+A failure after the watchdog requeued the job for a hang (jobs.watchdog) decides nothing: it is the hang's aftermath.
+
 Hosts where `recovery.exclude_after` tries failed (and hosts the watchdog found stuck) are kept out of the next
 try: in the requeued job where Slurm accepts the change of a queued job's exclusions, and in every job `orch resume`
 queues (`--exclude`, from the same records: orchestrator.core.rundir.Run.suspect_hosts).
@@ -24,6 +26,7 @@ import time
 from typing import NoReturn
 
 from jobs import watchdog
+from jobs.preemption import process_started
 from orchestrator.core.config import Profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
@@ -40,7 +43,12 @@ def signature(err: BaseException) -> str:
 
 
 def decide(run: Run, profile: Profile, job_id: str, rank: int, step: int | None, err: BaseException) -> Recovery:
-    """This attempt's decision: made here by the first rank to fail, else the one that rank recorded."""
+    """This attempt's decision: made here by the first rank to fail, else the one that rank recorded. A failure after
+    the watchdog found the job hung and requeued it (the rank that requeued it left, and the collective this one was
+    in broke) is that hang's aftermath, not a crash: this rank leaves at once, deciding nothing."""
+    if (hang := watchdog.reported(run.dir, job_id, process_started())) is not None:
+        log.error("%s after rank %d found the job hung and requeued it: leaving", signature(err), hang.detected_by)
+        watchdog.exit_now(1)
     attempts = [a for a in run.attempts if a.job_id == job_id]
     attempt = max(len(attempts), 1)
     path = run.errors_dir / f"{job_id}.attempt{attempt}.recovery.json"

@@ -142,15 +142,22 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self.stopped.wait(BEAT_S):
-            now = time.time()
-            own = self.beat(now)
-            self._write(own)
-            bound = self.step_bound()
-            if now - own.since <= bound:
-                continue
-            beats = self.beats(own)
-            if hung(beats, self.world, now, bound, self.started):
-                self.fire(beats, now, bound)
+            self.look(time.time())
+
+    def look(self, now: float) -> None:
+        """Write this rank's beat; past its step bound, read the others' and act on a hang. A rank that finds the hang
+        already reported by a peer (it was frozen, and the scheduler's requeue woke it) leaves: the job is requeued."""
+        own = self.beat(now)
+        self._write(own)
+        bound = self.step_bound()
+        if now - own.since <= bound:
+            return
+        beats = self.beats(own)
+        if hung(beats, self.world, now, bound, self.started):
+            if (known := reported(self.run_dir, self.job_id, self.started)) is not None:
+                log.error("rank %d found this job hung and requeued it; rank %d leaves", known.detected_by, self.rank)
+                exit_now(1)
+            self.fire(beats, now, bound)
 
     def beats(self, own: RankBeat) -> dict[int, RankBeat]:
         """Every rank's last beat of this attempt of the job that can be read (this rank's own as it is now); a beat
@@ -199,6 +206,19 @@ def hung(beats: dict[int, RankBeat], world: int, now: float, step_bound: float, 
     if len(beats) < world:
         return now - started > silence
     return all(now > beat.deadline for beat in waiting)
+
+
+def reported(run_dir: Path, job_id: str, since: float) -> Hang | None:
+    """The hang a rank of the job reported after `since` (when this rank's processes started): the job is being
+    requeued, and what still fails in it is that hang's aftermath."""
+    for path in sorted((run_dir / "hangs").glob(f"{job_id}.*.json")):
+        try:
+            hang = read_model(path, Hang)
+        except DamagedFile:
+            continue
+        if hang is not None and hang.time >= since:
+            return hang
+    return None
 
 
 def stuck(beats: dict[int, RankBeat], world: int, now: float) -> list[int]:

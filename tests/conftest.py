@@ -5,11 +5,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from orchestrator.core.rundir import TERMINAL_STATES, Run
 from orchestrator.core.scheduler import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +32,14 @@ def orch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def orch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the real `orch` command line in a subprocess, as a user would."""
+def orch(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `orch` command line in a subprocess, as a user would, with `env` added to this environment."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ.copy(),
+        env={**os.environ, **env},
         cwd=ROOT,
     )
 
@@ -78,10 +81,24 @@ def run_dir_of(orch_home: Path, run_id: str) -> Path:
     return orch_home / "runs" / run_id
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 180, poll_s: float = 1) -> None:
+    until = time.time() + timeout
+    while not condition():
+        assert time.time() < until, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+def wait_until_ended(run: Run, timeout: float = 600, poll_s: float = 0.2) -> str:
+    """The state that ends the run (read in this process: cheaper to poll than `orch status`)."""
+    until = time.time() + timeout
+    while (state := run.state()) not in TERMINAL_STATES:
+        assert time.time() < until, run.summary()
+        time.sleep(poll_s)
+    return state
+
+
 def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> None:
     """Until the job has finished `step` (its metrics spool gets a line at every step)."""
-    import time
-
     spool, until = run_dir / "metrics.jsonl", time.time() + timeout
     while time.time() < until:
         lines = spool.read_text().splitlines() if spool.is_file() else []
@@ -95,6 +112,24 @@ def spooled_losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
     return {e["step"]: e["metrics"]["loss"] for e in entries}
+
+
+def report_goodput(run_id: str, fault: str, capsys: pytest.CaptureFixture[str], **env: str) -> dict:
+    """`orch status RUN` with its goodput table, and one line with what the fault cost, printed into the test output
+    whatever pytest captures; returns the `goodput` object of `orch status RUN --json` (docs/goodput.md)."""
+    table = orch("status", run_id, **env)
+    status = orch("status", run_id, "--json", **env)
+    assert table.returncode == status.returncode == 0, table.stderr + status.stderr
+    found = json.loads(status.stdout)["goodput"]
+    unit, parts = f"{found['device']}-s", {part: (hours or 0) * 3600 for part, hours in found["parts_h"].items()}
+    line = (
+        f"{fault}: goodput {found['percent']:.1f} % of {found['allocated_h'] * 3600:.1f} {unit}; "
+        f"{found['steps']['rolled_back']} steps rolled back ({parts['rolled_back']:.2f} {unit}), "
+        f"idle {parts['idle']:.1f} {unit}, startup {parts['startup']:.1f} {unit}"
+    )
+    with capsys.disabled():
+        print(f"\n{line}\n{table.stdout}")
+    return found
 
 
 def final_weights(run_dir: Path, step: int) -> dict:

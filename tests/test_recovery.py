@@ -1,23 +1,28 @@
 """Automatic recovery after a crash: a job requeues itself from its last checkpoint, within a budget, never for a
-deterministic error, and keeps hosts that failed out of the next try."""
+deterministic error, and keeps hosts that failed out of the next try. Crashes of real jobs on the local Slurm are
+tests/test_slurm_chaos.py's."""
 
-import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from jobs import watchdog
 from jobs.chaos import PlantedFailure
 from jobs.recovery import claim, decide, judge
+from orchestrator.cli.app import app
 from orchestrator.cli.executors import excluding
 from orchestrator.core.config import load_profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import Recovery
-from tests.conftest import orch, run_dir_of, spooled_losses, status_json, submitted_run_id
-
-STEPS = 20
+from orchestrator.core.runfiles import Hang, Recovery
+from tests.conftest import ROOT
 
 
 def local(**recovery: int):
@@ -41,6 +46,18 @@ def test_a_crash_is_retried_until_the_budget_is_spent_but_never_a_deterministic_
     assert not judge(local(retries=0), 13, "RuntimeError: x", [], crash)[0]
 
 
+def test_orch_chaos_sigkill_kills_the_jobs_last_rank_once_per_run(tmp_path: Path):
+    """sigkill@13 at training step 13: the last rank dies of SIGKILL the first time, and trains on after a requeue."""
+    plant = "from pathlib import Path; from jobs import chaos; chaos.fail(13, {rank}, 2, Path({fired!r}))"
+    env = {**os.environ, "ORCH_CHAOS": "sigkill@13"}
+    tries = [
+        subprocess.run([sys.executable, "-c", plant.format(rank=rank, fired=str(tmp_path))], env=env, cwd=ROOT)
+        for rank in (0, 1, 1)
+    ]
+    assert [done.returncode for done in tries] == [0, -signal.SIGKILL, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["sigkill@13"]
+
+
 def test_one_rank_decides_for_the_attempt_and_the_others_read_its_decision(tmp_path: Path):
     run = Run(tmp_path)
     write_json_atomic(tmp_path / "attempts.json", [{"job_id": "7", "start_step": 0, "started": 0.0}])
@@ -49,6 +66,35 @@ def test_one_rank_decides_for_the_attempt_and_the_others_read_its_decision(tmp_p
     assert first.retried and first.rank == 1 and second == first
     assert not claim(tmp_path / "errors" / "7.attempt1.recovery.json", second)  # taken: nothing is overwritten
     assert [p.name for p in (tmp_path / "errors").iterdir()] == ["7.attempt1.recovery.json"]
+
+
+def test_a_failure_after_the_watchdog_requeued_the_job_for_a_hang_leaves_without_deciding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Rank 1 found the job hung and requeued it, and left; rank 0's collective broke with it. That is the hang's
+    aftermath: no decision, no second requeue, no crash counted against the budget or the host."""
+    run = Run(tmp_path)
+    write_json_atomic(tmp_path / "attempts.json", [{"job_id": "7", "start_step": 0, "started": time.time()}])
+    report = Hang(job_id="7", detected_by=1, time=time.time(), bound_s=5, stuck=[0], ranks=[])
+    write_json_atomic(tmp_path / "hangs" / f"7.{int(report.time)}.json", report.model_dump())
+    monkeypatch.setattr(watchdog, "exit_now", lambda code: sys.exit(code))
+    with pytest.raises(SystemExit):
+        decide(run, local(), "7", 0, 13, RuntimeError("Connection closed by peer"))
+    assert not run.errors_dir.exists()
+
+
+def test_orch_status_shows_a_crashs_message_as_written_whatever_brackets_it_quotes(orch_home: Path):
+    """gloo's errors begin with their source line in brackets, which rich would read as a closing markup tag."""
+    message = "[/__w/pytorch/third_party/gloo/pair.cc:537] Read error: Connection reset by peer"
+    run_dir, now = orch_home / "runs" / "tiny-crashed", time.time()
+    info = {"run_id": run_dir.name, "created": now, "profile": "local", "recipe": "tiny", "steps": 20}
+    write_json_atomic(run_dir / "run.json", {**info, "stop_before_end_s": 30})
+    write_json_atomic(run_dir / "jobs.json", [{"job_id": "999999999", "executor": "local", "submitted": now}])
+    failure = {"job_id": "999999999", "rank": 0, "host": "n1", "step": 13, "type": "RuntimeError", "message": message}
+    write_json_atomic(run_dir / "errors" / "999999999.rank0.json", {**failure, "time": now})
+    shown = CliRunner().invoke(app, ["status", run_dir.name])
+    assert shown.exit_code == 0, shown.output
+    assert f"RuntimeError: {message} (rank 0 on n1 at step 13)" in " ".join(shown.output.split())
 
 
 def test_hosts_that_failed_often_enough_are_excluded_from_the_next_job(tmp_path: Path):
@@ -61,36 +107,3 @@ def test_hosts_that_failed_often_enough_are_excluded_from_the_next_job(tmp_path:
     profile = load_profile("local-slurm", [{"slurm": {"extra_sbatch": {"exclude": "n9"}}}])[1]
     assert excluding(profile, ["n1"]).slurm.extra_sbatch["exclude"] == "n1,n9"
     assert excluding(local(), ["n1"]) == local()  # no scheduler to tell
-
-
-def wait_ended(run_id: str, timeout: float = 600) -> dict:
-    until = time.time() + timeout
-    while time.time() < until:
-        status = status_json(run_id)
-        if status["state"] in ("completed", "failed", "cancelled"):
-            return status
-        time.sleep(1)
-    raise TimeoutError(f"run {run_id} still {status['state']}")
-
-
-@pytest.mark.slow
-def test_a_crash_requeues_by_itself_and_the_run_ends_with_the_undisturbed_losses(orch_home, monkeypatch):
-    reference = submitted_run_id(orch("submit", "--steps", str(STEPS)))
-    monkeypatch.setenv("ORCH_CHAOS", "fail@13")
-    crashed = submitted_run_id(orch("submit", "--steps", str(STEPS)))
-    monkeypatch.setenv("ORCH_CHAOS", "fail-always@13")
-    looping = submitted_run_id(orch("submit", "--steps", str(STEPS)))
-
-    assert wait_ended(crashed)["state"] == "completed"
-    assert wait_ended(reference)["state"] == "completed"
-    crashed_dir = run_dir_of(orch_home, crashed)
-    assert spooled_losses(crashed_dir) == spooled_losses(run_dir_of(orch_home, reference))  # bitwise, every step
-    decision = json.loads(next((crashed_dir / "errors").glob("*.attempt1.recovery.json")).read_text())
-    assert decision["retried"] and decision["rank"] == 1 and decision["step"] == 13
-    attempts = json.loads((crashed_dir / "attempts.json").read_text())
-    assert [a["start_step"] for a in attempts] == [0, 10] and len({a["job_id"] for a in attempts}) == 1
-
-    stopped = wait_ended(looping)
-    assert stopped["state"] == "failed" and "same error at step 13" in stopped["error"], stopped
-    decisions = sorted((run_dir_of(orch_home, looping) / "errors").glob("*.recovery.json"))
-    assert [json.loads(p.read_text())["retried"] for p in decisions] == [True, False]

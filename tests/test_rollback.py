@@ -1,9 +1,9 @@
 """Skipped steps, the loss-spike guard and `orch rollback` (docs/rollback.md).
 
 The data order with a skip list is checked as arithmetic; the guard and `orch rollback` on the tiny recipe and the
-local profile: a run whose step 13 (data step 12) is made to spike, so that the guard goes back to its checkpoint at
-step 10 and skips steps 10..13 within its job, and a copy of it rolled back by hand over the same steps, which a new
-job trains from that checkpoint. Both must train the same steps bitwise.
+local Slurm (profile local-slurm): a run whose step 13 (data step 12) is made to spike, so that the guard goes back to
+its checkpoint at step 10 and skips steps 10..13 within its job, and a copy of it rolled back by hand over the same
+steps, which a new job trains from that checkpoint. Both must train the same steps bitwise.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jobs.data import GlobalOrder
 from orchestrator.cli.app import app
 from orchestrator.core.errors import OrchError
 from orchestrator.core.runfiles import data_step, new_skip, read_skips, skipped_data
-from tests.conftest import ROOT, final_weights, spooled_losses, submitted_run_id
+from tests.conftest import ROOT, final_weights, needs_slurm, report_goodput, spooled_losses, submitted_run_id
 
 # --- the data order ------------------------------------------------------------------------------
 
@@ -158,8 +158,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = yaml.safe_load((ROOT / "recipes/tiny.yaml").read_text())
     recipe["spike_guard"] = {"factor": 3.0, "window": 50, "min_steps": 5}
     (tmp / "guarded.yaml").write_text(yaml.safe_dump(recipe))
-    submitted = orch_in(tmp, "submit", "--recipe", str(tmp / "guarded.yaml"), "--steps", str(STEPS), "--wait",
-                        ORCH_CHAOS="spike@12")  # fmt: skip
+    submitted = orch_in(tmp, "submit", "--profile", "local-slurm", "--recipe", str(tmp / "guarded.yaml"), "--steps",
+                        str(STEPS), "--wait", ORCH_CHAOS="spike@12")  # fmt: skip
     return tmp / "runs" / submitted_run_id(submitted)
 
 
@@ -168,7 +168,10 @@ def spooled_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since(guarded: Path):
+@needs_slurm
+def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since(
+    guarded: Path, capsys: pytest.CaptureFixture[str]
+):
     [skip] = read_skips(guarded)
     assert (skip.by, skip.steps, skip.data_steps) == ("guard", (10, 13), (10, 13))
     assert spooled_steps(guarded) == list(range(1, STEPS + 1))  # each step once, the spike and its rollback gone
@@ -182,9 +185,13 @@ def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since
     assert sorted(m.step for m in client.get_metric_history(mlflow_run, "loss")) == list(range(1, STEPS + 1))
     log = next((guarded / "submitit").glob("*/*_0_log.err")).read_text()
     assert "rolling back to the checkpoint at step 10 and skipping the data of steps 11..13" in log
+    goodput = report_goodput(guarded.name, "a loss spike", capsys, ORCH_HOME=str(guarded.parent.parent))
+    assert goodput["steps"]["rolled_back"] == 2 and goodput["parts_h"]["rolled_back"] > 0  # steps 11, 12 went back
+    assert goodput["parts_h"]["idle"] == 0  # within the job: no interruption
 
 
 @pytest.mark.slow
+@needs_slurm
 def test_orch_rollback_by_hand_trains_bitwise_what_the_guard_trained(guarded: Path, tmp_path: Path):
     """A copy of the guarded run as it would be had its guard not acted (no skip list; steps 1..10 are the same
     either way), rolled back by hand over the same steps: a new job from the checkpoint at step 10."""

@@ -5,14 +5,12 @@ a run that never left one."""
 import json
 import re
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from orchestrator.core.runfiles import committed_step
-from tests.conftest import orch, slurm_available, spooled_losses, status_json, submitted_run_id
+from tests.conftest import orch, slurm_available, spooled_losses, status_json, submitted_run_id, wait_until
 
 pytestmark = pytest.mark.slow
 CONF = "/etc/slurm-two-node/slurm.conf"
@@ -36,13 +34,6 @@ def rank_hosts(log_dir: Path) -> dict[int, str]:
 
 def scontrol_job(job_id: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 180) -> None:
-    until = time.time() + timeout
-    while not condition():
-        assert time.time() < until, f"timed out waiting for {what}"
-        time.sleep(1)
 
 
 def test_two_hosts_train_requeue_and_resume_on_one_node_with_the_one_node_losses(

@@ -319,7 +319,7 @@ def status(
     print_columns(headers, rows)
     for s in summaries:
         if run_id and s["error"]:
-            console.print(f"[red]{s['error']}[/]")
+            console.print(s["error"], style="red", markup=False, highlight=False)  # it quotes logs: [/path:42]
     if run:
         from orchestrator.cli.show import show_accounting
 
