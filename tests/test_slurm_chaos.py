@@ -61,7 +61,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("ORCH_HOME", str(folder))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield folder
-        for run_dir in (folder / "runs").iterdir():
+        for run_dir in (folder / "runs").glob("*"):
             if (jobs := Run(run_dir).jobs) and job_alive(jobs[-1]):
                 orch("cancel", run_dir.name)
 
@@ -114,7 +114,8 @@ def queued_jobs() -> set[str]:
     return set(slurm("squeue", "--noheader", "--format=%i").split())
 
 
-def started_at(run: Run) -> list[tuple[str, int, str | None]]:
+def attempts_of(run: Run) -> list[tuple[str, int, str | None]]:
+    """Each start of the run's jobs: job id, the step it started from, how it ended where it ended itself."""
     return [(a.job_id, a.start_step, a.ended) for a in run.attempts]
 
 
@@ -134,7 +135,7 @@ def test_a_rank_frozen_mid_step_is_stopped_by_its_peers_watchdog_and_slurm_runs_
     [report] = [read_model(path, Hang) for path in run.hangs_dir.iterdir()]
     assert report.stuck == [0] and report.detected_by == 1 and report.ranks[0].pid == frozen.pid
     assert report.time - frozen_at <= max(report.bound_s, SILENT_S) + 3 * watchdog.BEAT_S
-    assert started_at(run) == [(job_id, 0, "hang"), (job_id, committed, None)]  # one Slurm job, requeued
+    assert attempts_of(run) == [(job_id, 0, "hang"), (job_id, committed, None)]  # one Slurm job, requeued
     assert not Path(f"/proc/{frozen.pid}").exists()  # Slurm ended it with the job's first try
     assert spooled_losses(run.dir) == request.getfixturevalue("undisturbed")
 
@@ -154,7 +155,7 @@ def test_a_rank_killed_with_sigkill_is_replaced_by_a_requeue_that_its_surviving_
     assert "task 1: Killed" in log  # srun saw rank 1 die of the signal, and ended the job's step
     decision = read_model(run.errors_dir / f"{job_id}.attempt1.recovery.json", Recovery)
     assert decision.retried and decision.rank == 0 and decision.step == FAULT  # the survivor decided
-    assert started_at(run) == [(job_id, 0, "crashed"), (job_id, COMMITTED, None)]
+    assert attempts_of(run) == [(job_id, 0, "crashed"), (job_id, COMMITTED, None)]
     assert spooled_losses(run.dir) == undisturbed
 
     goodput = report_goodput(run.id, "a rank killed with SIGKILL", capsys)
@@ -169,7 +170,7 @@ def test_an_exception_at_one_step_requeues_the_job_and_the_run_ends_with_the_und
     [job_id] = [job.job_id for job in run.jobs]
     decision = read_model(run.errors_dir / f"{job_id}.attempt1.recovery.json", Recovery)
     assert decision.retried and decision.rank == 1 and decision.step == FAULT
-    assert started_at(run) == [(job_id, 0, "crashed"), (job_id, COMMITTED, None)]
+    assert attempts_of(run) == [(job_id, 0, "crashed"), (job_id, COMMITTED, None)]
     assert spooled_losses(run.dir) == undisturbed
 
     goodput = report_goodput(run.id, "an exception at one step", capsys)
@@ -186,7 +187,7 @@ def test_the_same_exception_at_the_same_step_twice_stops_the_chain_with_the_reas
     [job_id] = [job.job_id for job in run.jobs]
     decisions = [read_model(path, Recovery) for path in sorted(run.errors_dir.glob("*.recovery.json"))]
     assert [(d.attempt, d.retried) for d in decisions] == [(1, True), (2, False)]
-    assert [start for _, start, _ in started_at(run)] == [0, COMMITTED]
+    assert [start for _, start, _ in attempts_of(run)] == [0, COMMITTED]
 
     goodput = report_goodput(run.id, "the same exception twice", capsys)
     assert goodput["steps"]["rolled_back"] == goodput["steps"]["uncommitted"] == FAULT - COMMITTED
@@ -219,11 +220,11 @@ def test_a_node_set_down_mid_run_has_slurm_requeue_the_job_which_ends_with_the_u
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True, timeout=60)
 
     assert wait_until_ended(run) == "completed"
-    assert started_at(run) == [(job_id, 0, None), (job_id, committed, None)]  # the first try never ended itself
+    assert attempts_of(run) == [(job_id, 0, None), (job_id, committed, None)]  # the first try never ended itself
     assert "Restarts=1" in slurm("scontrol", "show", "job", job_id)
     assert not list(run.errors_dir.glob("*.recovery.json"))  # Slurm requeued it; orch's recovery had nothing to do
     assert spooled_losses(run.dir) == undisturbed
 
     goodput = report_goodput(run.id, "the node set down", capsys)
-    assert goodput["steps"]["rolled_back"] == trained - committed
+    assert goodput["steps"]["rolled_back"] == trained - committed > 0
     assert goodput["parts_h"]["idle"] > 0  # the node down, the job pending
