@@ -290,12 +290,16 @@ class Tracker:
                 )
             self.outage_reported = True
 
+    def stop(self) -> None:
+        """Stop the sender without waiting for it: the spool keeps what it has not sent, for the next job."""
+        self.stopping.set()
+        self.wake.set()
+
     def close(self, status: str, artifacts: list[Path]) -> None:
         """Stop the thread, send what is committed, upload the artifacts and mark the MLflow run's status."""
         if not self.uri:
             return
-        self.stopping.set()
-        self.wake.set()
+        self.stop()
         self.thread.join()
         self.flush()
         if not self.outage_reported:

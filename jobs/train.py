@@ -477,11 +477,15 @@ class JobReport:
         self.heartbeat.beat(how, done)
 
     def failed(self, err: BaseException, decision: Recovery) -> None:
-        """Failed, or requeued from the last checkpoint where recovery retries it (`decision`)."""
+        """Failed, or requeued from the last checkpoint where recovery retries it (`decision`). A retried job leaves
+        MLflow to its next try (the spool and the logs stay): the requeue must not wait on the tracking server while
+        the scheduler is ending the job's other tasks."""
         error = f"{type(err).__name__}: {err}; {decision.reason}"
         if decision.retried:
             end_attempt(self.run, self.job_id, "crashed")
-        self.tracker.close("RUNNING" if decision.retried else "FAILED", artifacts(self.run, self.job_id, logs=True))
+            self.tracker.stop()
+        else:
+            self.tracker.close("FAILED", artifacts(self.run, self.job_id, logs=True))
         self.heartbeat.beat("requeued" if decision.retried else "failed", self.heartbeat.step, error=error)
 
     def completed(self) -> None:
