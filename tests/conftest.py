@@ -6,7 +6,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def orch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ORCH_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+
+@contextmanager
+def module_home(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Iterator[Path]:
+    """An ORCH_HOME for a module's runs (a module-scoped fixture holds it), with `env` set on top."""
+    home = tmp_path_factory.mktemp(name) / "orch-home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORCH_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for variable, value in env.items():
+            patch.setenv(variable, value)
+        yield home
 
 
 def orch(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:

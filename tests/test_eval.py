@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import orch, status_json, submitted_run_id
+from tests.conftest import module_home, orch, status_json, submitted_run_id
 
 # Each test starts a training run or needs lm-eval, which is in the eval extra, not in .venv-lowest's pins.
 pytestmark = pytest.mark.slow
@@ -25,12 +25,7 @@ def files_under(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An ORCH_HOME in which nothing may reach the Hugging Face hub."""
-    orch_home = tmp_path_factory.mktemp("eval") / "orch-home"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ORCH_HOME", str(orch_home))
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.setenv("HF_DATASETS_OFFLINE", "1")
+    with module_home(tmp_path_factory, "eval", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1") as orch_home:
         yield orch_home
 
 

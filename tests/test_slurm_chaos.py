@@ -25,6 +25,7 @@ from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import SILENT_S, Hang, Recovery, committed_step, read_model
 from orchestrator.core.scheduler import job_alive
 from tests.conftest import (
+    module_home,
     needs_slurm,
     orch,
     report_goodput,
@@ -56,10 +57,7 @@ def submit(*extra: str, chaos: str = "") -> str:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One ORCH_HOME for the module's runs; whatever job of theirs is left at the end is cancelled."""
-    folder = tmp_path_factory.mktemp("chaos") / "orch-home"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ORCH_HOME", str(folder))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with module_home(tmp_path_factory, "chaos") as folder:
         yield folder
         for run_dir in (folder / "runs").glob("*"):
             if (jobs := Run(run_dir).jobs) and job_alive(jobs[-1]):
