@@ -105,5 +105,13 @@ def test_hosts_that_failed_often_enough_are_excluded_from_the_next_job(tmp_path:
     assert run.suspect_hosts(exclude_after=2) == ["n1"]
     assert run.suspect_hosts(exclude_after=2, also_failed=("n2",)) == ["n1", "n2"]
     profile = load_profile("local-slurm", [{"slurm": {"extra_sbatch": {"exclude": "n9"}}}])[1]
-    assert excluding(profile, ["n1"]).slurm.extra_sbatch["exclude"] == "n1,n9"
+    assert excluding(profile, ["n1"], lambda _: ["n1", "n2", "n9"]).slurm.extra_sbatch["exclude"] == "n1,n9"
+    assert excluding(profile, ["n1"], lambda _: None).slurm.extra_sbatch["exclude"] == "n1,n9"  # sinfo cannot say
     assert excluding(local(), ["n1"]) == local()  # no scheduler to tell
+
+
+def test_suspects_are_not_excluded_where_the_partition_would_keep_too_few_nodes_for_the_job(caplog):
+    profile = load_profile("local-slurm", [{"nodes": 2}])[1]
+    assert excluding(profile, ["n1"], lambda _: ["n1", "n2"]) == profile  # the job would wait for good
+    assert "not excluding the suspect hosts n1: partition debug has 2 nodes" in caplog.text
+    assert excluding(profile, ["n1"], lambda _: ["n1", "n2", "n3"]).slurm.extra_sbatch["exclude"] == "n1"

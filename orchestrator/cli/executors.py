@@ -4,18 +4,22 @@ submitting process gives it. Liveness and cancelling are `orchestrator.core.sche
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.core.config import PROJECT_ROOT, Profile
 from orchestrator.core.plan import Plan
+from orchestrator.core.scheduler import partition_nodes
 from orchestrator.core.settings import runs_root
+
+log = logging.getLogger(__name__)
 
 
 def fill_path(template: str, profile: Profile) -> str:
@@ -56,12 +60,24 @@ def from_frozen_code(profile: Profile, code_dir: Path) -> Profile:
     return profile.model_copy(update=update)
 
 
-def excluding(profile: Profile, hosts: list[str]) -> Profile:
-    """The profile with `hosts` kept out of the job (sbatch --exclude, besides any the profile names)."""
+def excluding(
+    profile: Profile, hosts: list[str], nodes_of: Callable[[str], list[str] | None] = partition_nodes
+) -> Profile:
+    """The profile with `hosts` kept out of the job (sbatch --exclude, besides any the profile names), unless that
+    would leave the partition (its nodes as `nodes_of` lists them) fewer nodes than the job needs: such a job would
+    wait for good, so it goes where it may and the suspects stay recorded (a warning says so)."""
     if not hosts or profile.slurm is None:
         return profile
     named = [h for h in profile.slurm.extra_sbatch.get("exclude", "").split(",") if h]
-    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(sorted({*named, *hosts}))}
+    excluded = sorted({*named, *hosts})
+    nodes = nodes_of(profile.slurm.partition)
+    if nodes is not None and len(set(nodes) - set(excluded)) < profile.nodes:
+        log.warning(
+            "not excluding the suspect hosts %s: partition %s has %d nodes (%s), and the job needs %d",
+            ",".join(hosts), profile.slurm.partition, len(nodes), ",".join(nodes), profile.nodes,
+        )  # fmt: skip
+        return profile
+    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(excluded)}
     return profile.model_copy(update={"slurm": profile.slurm.model_copy(update={"extra_sbatch": extra})})
 
 

@@ -158,6 +158,16 @@ def cancel_job(job: JobRecord) -> None:
     SCHEDULERS[job.executor].cancel(job)
 
 
+def partition_nodes(partition: str) -> list[str] | None:
+    """The nodes of a Slurm partition, whatever their state; None where `sinfo` cannot say."""
+    try:
+        listed = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N"], capture_output=True, text=True,
+                                timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sorted(set(listed.stdout.split())) if listed.returncode == 0 and listed.stdout.strip() else None
+
+
 def wait_until_gone(job: JobRecord, timeout_s: float, poll_s: float = 2) -> bool:
     """Whether the scheduler stopped listing the job within `timeout_s`."""
     deadline = time.time() + timeout_s
