@@ -150,6 +150,8 @@ def test_a_two_source_mixture_killed_and_resumed_trains_bitwise_and_takes_new_we
     orch_home: Path, mixture_recipe: Path
 ):
     submit = ("submit", "--recipe", str(mixture_recipe), "--steps", str(STEPS))
+    plan = orch(*submit, "--dry-run")
+    assert plan.returncode == 0 and "mixture: cs 0.75" in plan.stdout and "en 0.25" in plan.stdout, plan.stdout
     with ThreadPoolExecutor(1) as pool:
         undisturbed = pool.submit(orch, *submit, "--wait")  # the reference trains beside it
         run_id = submitted_run_id(orch(*submit))

@@ -59,22 +59,19 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
     """What the job will read must exist, be prepared and fit the model before anything is queued: the job itself
     never tokenizes (GPU time is not paid for CPU work)."""
     data, model = recipe.data, recipe.model
-    sources = {f"data.sources.{name}.path": s.path for name, s in (data.sources or {}).items()}
-    if data.source is not None:
-        sources = {"data.source": data.source}
+    demo = "'demo' or " if data.sources is None else ""  # a mixture's sources are all prepared folders
+    sources = {"data.source": data.source} if data.sources is None else {
+        f"data.sources.{name}.path": source.path for name, source in data.sources.items()
+    }  # fmt: skip
     for field, value in (*sources.items(), ("data.tokenizer", data.tokenizer)):
-        if value != "demo" and not Path(value).is_dir():
-            allowed = "an existing folder made by `orch data prepare`" if field in sources else "an existing folder"
+        if not (demo and value == "demo") and not Path(value).is_dir():
+            what = "folder made by `orch data prepare`" if field in sources else "tokenizer folder"
             raise OrchError(
-                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. Allowed: 'demo' or {allowed}."
+                f"{recipe_path}: field '{field}' names {value!r}, which is not a folder. Allowed: {demo}an existing "
+                f"{what}."
             )
-    if data.sources is not None and data.tokenizer == "demo":
-        raise OrchError(
-            f"{recipe_path}: field 'data.tokenizer' is 'demo', but a mixture's sources are prepared folders. "
-            "Allowed: the tokenizer folder every source was prepared with."
-        )
     for field, source in sources.items():
-        if source != "demo":
+        if not (demo and source == "demo"):
             check_prepared_data(recipe, recipe_path, field, source, prepared_index(recipe_path, field, source))
     if model.init_from:
         check_init_from(recipe, recipe_path)
