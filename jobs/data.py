@@ -106,10 +106,11 @@ class Mixture:
         for p, (start, (_, weights)) in enumerate(zip(starts, self.phases, strict=True)):
             period_quotas = quotas(weights)
             pattern, prefix = mix_pattern(period_quotas)
-            periods, slot = np.divmod(samples[phase_of == p] - start, MIX_PERIOD)
+            in_phase = phase_of == p
+            periods, slot = np.divmod(samples[in_phase] - start, MIX_PERIOD)
             mine = pattern[slot]
-            source[phase_of == p] = mine
-            number[phase_of == p] = drawn[mine] + periods * np.take(period_quotas, mine) + prefix[mine, slot]
+            source[in_phase] = mine
+            number[in_phase] = drawn[mine] + periods * np.take(period_quotas, mine) + prefix[mine, slot]
             if p + 1 < len(starts):
                 periods, slot = divmod(starts[p + 1] - start, MIX_PERIOD)
                 drawn += periods * np.asarray(period_quotas) + prefix[:, slot]

@@ -32,6 +32,10 @@ def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, 
             total += causal_lm_loss(model, tokens).double() * micro_batch
     dist.all_reduce(total)
     loss = (total / count).item()
+    return loss_metrics(loss)
+
+
+def loss_metrics(loss: float) -> dict[str, float]:
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -62,5 +66,5 @@ class Evaluator:
         if losses:
             weights = weights if sum(weights.values()) else dict.fromkeys(losses, 1.0)
             loss = sum(weights[name] * value for name, value in losses.items()) / sum(weights.values())
-            metrics.update(val_loss=loss, val_perplexity=math.exp(min(loss, 50.0)))
+            metrics.update(loss_metrics(loss))
         return metrics

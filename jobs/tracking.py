@@ -44,15 +44,21 @@ def client_for(uri: str) -> Any:
     losers fail."""
     import mlflow
 
-    if not uri.startswith("sqlite:///"):
-        return mlflow.MlflowClient(uri)
+    if uri.startswith("sqlite:///"):
+        sqlite_store_ready(uri)
+    return mlflow.MlflowClient(uri)
+
+
+@functools.cache
+def sqlite_store_ready(uri: str) -> None:
+    """Once per process: the store's tables exist, made under the lock if this process is the first to use it."""
+    import mlflow
+
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        client = mlflow.MlflowClient(uri)
-        client.search_experiments(max_results=1)  # a new store's tables are made by its first use
-    return client
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # a new store's tables are made by its first use
 
 
 class MetricSpool:

@@ -164,8 +164,10 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
 
 def check_data(data_dir: Path, rank: int) -> None:
     """The run's token shards are what `orch data prepare` wrote, before any GPU time is spent on them."""
-    splits = source_splits(data_dir, "train").values()
-    problem = agree(rank, lambda: next(filter(None, (shard_damage(split.dir) for split in splits)), None))
+    def damage() -> str | None:
+        return next(filter(None, (shard_damage(s.dir) for s in source_splits(data_dir, "train").values())), None)
+
+    problem = agree(rank, damage)
     if problem:
         raise OrchError(f"the training data is damaged: {problem}. Prepare it again (`orch data prepare`).")
 

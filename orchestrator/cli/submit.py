@@ -252,18 +252,18 @@ def resume(
 def mixture_changed(run: Run, recipe: Recipe, given: str, at: int) -> str:
     """mixture.json with one more change: `--weights NAME=W,...` from step `at` on, the sources not named keeping the
     weights in force there. Refused (nothing written) for a run of one source or weights that do not parse."""
-    in_force = recipe.data.weights
+    recipe_weights = recipe.data.weights
     allowed = (
-        f"Allowed: NAME=WEIGHT pairs separated by commas, NAME one of the run's sources ({', '.join(in_force)}), "
+        f"Allowed: NAME=WEIGHT pairs separated by commas, NAME one of the run's sources ({', '.join(recipe_weights)}), "
         "WEIGHT a number of at least 0, the weights then in force summing to a positive number (docs/data.md)."
     )
-    if not in_force:
+    if not recipe_weights:
         raise OrchError(
             f"--weights {shown(given)}: run {run.id} trains on one source (data.source in {run.dir / 'recipe.yaml'}); "
             "weights belong to a mixture of sources (data.sources, docs/data.md)."
         )
     changes = read_mix_changes(run.dir)
-    in_force = [weights for step, weights in mix_phases(in_force, changes) if step <= at][-1]
+    in_force = [weights for step, weights in mix_phases(recipe_weights, changes) if step <= at][-1]
     new = dict(in_force)
     for pair in given.split(","):
         name, _, value = pair.strip().partition("=")
