@@ -4,10 +4,7 @@
 # Usage: bash envs/local.sh          (idempotent; re-run after pulling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null || PYTHON=python3
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 # envs/requirements.lock holds every package at the version the tests last passed with.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/requirements.lock torch==2.13.0 -e '.[test,eval]'
+bash envs/venv-install.sh .venv -c envs/requirements.lock torch==2.13.0 -e '.[test,eval]'
 echo "orch environment ready: $(pwd)/.venv (activate with: source .venv/bin/activate)"

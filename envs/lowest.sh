@@ -24,14 +24,6 @@ for requirement in project["dependencies"] + project["optional-dependencies"]["t
 header = "# The lower bounds of pyproject.toml, pinned; written by envs/lowest.sh.\n"
 open("envs/requirements-lowest.txt", "w").write(header + "\n".join(pins) + "\n")
 PY
-[ -x .venv-lowest/bin/python ] || "$PYTHON" -m venv .venv-lowest
-pip=(.venv-lowest/bin/python -m pip install --quiet --disable-pip-version-check)
-# Already installed as pinned: nothing to do (pip's resolver takes a while even then).
-if ! .venv-lowest/bin/python -m pip freeze --exclude-editable 2>/dev/null | diff -q - .venv-lowest/.installed >/dev/null 2>&1 \
-   || ! cmp -s envs/requirements-lowest.txt .venv-lowest/.requirements; then
-  "${pip[@]}" -r envs/requirements-lowest.txt
-  "${pip[@]}" --no-deps -e .
-  cp envs/requirements-lowest.txt .venv-lowest/.requirements
-  .venv-lowest/bin/python -m pip freeze --exclude-editable > .venv-lowest/.installed
-fi
+bash envs/venv-install.sh .venv-lowest -r envs/requirements-lowest.txt
+bash envs/venv-install.sh .venv-lowest --no-deps -e .
 echo "lowest-versions environment ready: $(pwd)/.venv-lowest"
