@@ -364,7 +364,7 @@ class Trainer:
         self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
-        order = make_order(blocks, spec, ranks.world, skipped, phases or [(0, recipe.data.weights)])
+        order = make_order(blocks, spec, ranks.world, skipped, phases or mix_phases(recipe.data.weights, []))
         self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
         self.attention = attention_implementation(spec.attention, ranks.device)
         self.model = build_sharded_model(
