@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from orchestrator.cli import submit
 from orchestrator.cli.app import app
 from orchestrator.core.errors import OrchError
 from tests.conftest import orch, status_json, submitted_run_id
@@ -144,6 +145,10 @@ def sacrificial_process() -> subprocess.Popen:
 @pytest.mark.parametrize("job_id", ["-1", "0", "1", "--user=root", "12; rm -rf /", "99999999999", "own pid"])
 def test_job_ids_from_a_run_directory_never_signal_a_process_outside_the_run(template, tmp_path, monkeypatch, job_id):
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    # what a resume would start is not at stake here, only what it signals first: its jobs would train on in the
+    # background through the tests that follow
+    launched: list[str] = []
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
     damaged, _ = store_with_two_runs(template, tmp_path / "home")
     bystander = sacrificial_process()
     try:
@@ -156,6 +161,7 @@ def test_job_ids_from_a_run_directory_never_signal_a_process_outside_the_run(tem
                     invoke(*command)
         time.sleep(0.3)
         assert bystander.poll() is None, "a process outside the run was signalled"
+        assert launched, "no resume got past stopping the recorded job"
     finally:
         bystander.kill()
         bystander.wait()
