@@ -24,6 +24,5 @@ for requirement in project["dependencies"] + project["optional-dependencies"]["t
 header = "# The lower bounds of pyproject.toml, pinned; written by envs/lowest.sh.\n"
 open("envs/requirements-lowest.txt", "w").write(header + "\n".join(pins) + "\n")
 PY
-bash envs/venv-install.sh .venv-lowest -r envs/requirements-lowest.txt
-bash envs/venv-install.sh .venv-lowest --no-deps -e .
+bash envs/venv-install.sh .venv-lowest -r envs/requirements-lowest.txt -e .  # the pins satisfy orch's own bounds
 echo "lowest-versions environment ready: $(pwd)/.venv-lowest"
