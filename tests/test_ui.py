@@ -166,10 +166,33 @@ def test_ui_prints_the_remote_tracking_servers_address_and_exits(orch_home: Path
     assert not orch_home.exists()
 
 
-def test_ui_refuses_when_no_run_has_reported_yet(orch_home: Path):
-    result = CliRunner().invoke(app, ["ui"])
-    assert isinstance(result.exception, OrchError)
-    assert "no tracking store" in str(result.exception)
+def test_ui_on_a_spooling_profile_creates_the_store_and_serves_an_empty_experiment(orch_home: Path):
+    """Jobs of a spooling profile (Karolina's) never create the store: `orch ui` does, before its first metric."""
+    port = free_port()
+    log = orch_home.parent / "orch-ui.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "ui", "--profile", "local-gpu", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    try:
+        wait_until_answering(port, server, log)
+        printed = log.read_text()
+        assert f"Created the tracking store {orch_home / 'mlflow.db'}" in printed
+        experiment_id = re.search(rf"Open: http://127\.0\.0\.1:{port}/#/experiments/(\d+)", printed).group(1)
+        search = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [experiment_id]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(search, timeout=30) as answer:
+            assert json.load(answer).get("runs", []) == []
+    finally:
+        stop(server)
 
 
 def test_ui_refuses_a_port_that_is_taken(orch_home: Path):

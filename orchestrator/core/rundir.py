@@ -38,6 +38,7 @@ from orchestrator.core.scheduler import job_alive
 from orchestrator.core.settings import embedded_store, runs_root
 
 TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged")
+RUN_FILES = ("run.json", "profile.yaml", "recipe.yaml")  # what every run directory holds from its creation
 CODE_FOLDERS = ("orchestrator", "jobs", "envs")  # what a job imports or sources
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
@@ -316,19 +317,44 @@ def node_hours(attempts: list[Attempt], progress: Progress | None, state: str) -
 def create_run(
     run_id: str, info: dict[str, Any], profile_yaml: str, recipe_yaml: str, location: Path | None = None
 ) -> Run:
-    """A new run directory; when the profile keeps runs elsewhere (a cluster filesystem), ORCH_HOME links to it."""
+    """A new run directory. When the profile keeps runs elsewhere (`paths.runs`, a cluster filesystem), the run lives
+    there and ORCH_HOME's runs folder links to it, unless the two are one folder. If any of it fails, nothing of the
+    new run is left behind."""
     entry = runs_root() / run_id
-    if location is None:
-        entry.mkdir(parents=True, exist_ok=False)
-    else:
-        (location / run_id).mkdir(parents=True, exist_ok=False)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        entry.symlink_to(location / run_id, target_is_directory=True)
-    run = Run(entry)
-    write_atomic(run.dir / "profile.yaml", profile_yaml)
-    write_atomic(run.dir / "recipe.yaml", recipe_yaml)
-    write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})
+    home = entry.parent.resolve() if entry.parent.exists() else entry.parent
+    target = entry if location is None or location.resolve() == home else location.resolve() / run_id
+    made: list[Path] = []
+    try:
+        make_folder(target, made)
+        if target != entry:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            entry.symlink_to(target, target_is_directory=True)
+            made.append(entry)
+        run = Run(entry)
+        write_atomic(run.dir / "profile.yaml", profile_yaml)
+        write_atomic(run.dir / "recipe.yaml", recipe_yaml)
+        write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})
+    except BaseException as err:
+        for path in reversed(made):
+            path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)
+        if isinstance(err, FileExistsError) and err.filename in (str(target), str(entry)):
+            raise OrchError(f"A run {run_id} already exists ({err.filename}). Allowed: a new run id.") from None
+        if isinstance(err, OSError):
+            where = "the profile's paths.runs" if target != entry else "ORCH_HOME's runs folder"
+            raise OrchError(
+                f"Cannot create run {run_id} in {target.parent} ({where}): {err.strerror}. Allowed: a folder you can "
+                "write to; set the profile's paths.runs or ORCH_HOME to one."
+            ) from None
+        raise
     return run
+
+
+def make_folder(path: Path, made: list[Path]) -> None:
+    """`mkdir -p` that records in `made` the topmost folder it created, so that a failure can take it away again."""
+    missing = next((p for p in reversed([path, *path.parents]) if not p.exists()), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    made.append(missing)
 
 
 def remove_run(run: Run) -> None:
@@ -344,8 +370,14 @@ def all_runs() -> list[Run]:
     root = runs_root()
     if not root.is_dir():
         return []
-    runs = [Run(d) for d in root.iterdir() if d.is_dir() and RUN_ID.match(d.name)]
+    runs = [Run(d) for d in root.iterdir() if RUN_ID.match(d.name) and is_run_dir(d)]
     return sorted(runs, key=created)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder that create_run made: it holds one of the files written first (not, say, a profile's `paths.runs`
+    kept inside ORCH_HOME's runs folder)."""
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 
 
 def created(run: Run) -> float:

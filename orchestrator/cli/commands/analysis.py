@@ -112,20 +112,30 @@ def ui(
             f"MLFLOW_TRACKING_URI is {uri!r}, which orch ui cannot serve. Allowed: an http(s):// tracking server "
             "(orch ui prints its address) or a sqlite:/// store (orch ui serves it)."
         )
-    if not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise OrchError(
-            f"There is no tracking store at {uri.removeprefix('sqlite:///')} yet: runs create it when they report "
-            "their first metrics. Allowed: an ORCH_HOME (or MLFLOW_TRACKING_URI) where a run has trained."
-        )
     if not 1 <= port <= 65535:
         raise OrchError(f"Option --port is {port}. Allowed: a port number from 1 to 65535 (1024 and up without root).")
     check_port_free(host, port)
-    print_addresses(uri, host, port)
+    print_addresses(uri, ensure_store(uri), host, port)
     sys.stdout.flush()
     start_sync_follower()
     # One worker is plenty for one person and light on a shared login node.
     command = ["mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     os.execv(sys.executable, [sys.executable, "-m", *command])
+
+
+def ensure_store(uri: str) -> str:
+    """A store with the experiment runs report to, created when it is new: jobs of a spooling profile never create
+    it (this command's follower is the store's writer), and a user who opens the UI before the first metric sees an
+    empty experiment rather than an error."""
+    from jobs.tracking import client_for, create_experiment
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    new = not database.is_file()
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if new:
+        console.print(f"Created the tracking store {database}: no run has reported to it yet.", soft_wrap=True)
+    return experiment.experiment_id if experiment else create_experiment(client, uri)
 
 
 def start_sync_follower() -> None:
@@ -154,17 +164,12 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def print_addresses(uri: str, host: str, port: int) -> None:
+def print_addresses(uri: str, experiment_id: str, host: str, port: int) -> None:
     """Where to point a browser, and the SSH tunnel that reaches this machine's loopback from a laptop."""
-    import mlflow
-
-    experiment = mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
-    page = f"#/experiments/{experiment.experiment_id}" if experiment else ""
+    page = f"#/experiments/{experiment_id}"
     shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
     console.print(f"Serving {uri} with the MLflow UI (Ctrl+C stops it).", soft_wrap=True, highlight=False)
     console.print(f"Open: http://{shown}:{port}/{page}", soft_wrap=True, highlight=False)
-    if experiment is None:
-        console.print(f"No run has reported yet: the '{EXPERIMENT}' experiment appears with the first one.")
     console.print('Training runs show under "Model training", in the run\'s "Model metrics" tab.')
     if host in ("127.0.0.1", "localhost", "::1"):
         console.print(
