@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The software environment on IT4I Karolina (profiles karolina*).
-#   bash envs/karolina.sh      on a login node (internet): builds the virtual environment in $ORCH_VENV
-#   source envs/karolina.sh    in a job (no internet): loads the modules, activates it, sets NCCL for InfiniBand
+#   bash envs/karolina.sh      once, on a login node (internet): builds the virtual environment in $ORCH_VENV
+#   source envs/karolina.sh    in every new login shell, and in every job (no internet): loads the run-time modules,
+#                              activates the environment, sets NCCL for InfiniBand
 # `orch env setup --profile karolina --account ID` runs the first form with ORCH_VENV from the profile.
 
 # Module versions: the one place to change them (`ml av Python CUDA` on a login node lists the current ones).
-ORCH_MODULES=(Python/3.11.5-GCCcore-13.2.0 CUDA/12.4.0)
+# Run time needs only Python: the venv is made from it and uses its shared libraries (libbz2, libffi...). torch's
+# wheel brings its own CUDA libraries and needs only the driver; a CUDA module on LD_LIBRARY_PATH ahead of them is
+# a known way for `import torch` to fail, so the toolkit is loaded only to compile flash-attn, in torch's version.
+ORCH_MODULES=(Python/3.11.5-GCCcore-13.2.0)
+ORCH_BUILD_MODULES=(CUDA/12.8.0)        # matches ORCH_TORCH_INDEX's cu128
 ORCH_TORCH="torch==2.13.0"             # orch needs torch >= 2.13
 # PyPI's default Linux build of torch 2.13 is for CUDA 13, which needs an NVIDIA driver >= 580; a CUDA 12 build
 # runs on the driver of any CUDA 12 module. Set ORCH_TORCH_INDEX= (empty) to take the default index instead.
@@ -13,11 +18,17 @@ ORCH_TORCH_INDEX=${ORCH_TORCH_INDEX-https://download.pytorch.org/whl/cu128}
 : "${ORCH_VENV:?set ORCH_VENV to the virtual environment folder, e.g. /scratch/project/<id>/orch/venv}"
 ORCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# Stop a sourced script without closing the shell that sourced it; stop a run script with status 1.
+orch_env_fail() {
+  echo "envs/karolina.sh: $1" >&2
+  if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then exit 1; fi
+}
+
 ml purge >/dev/null 2>&1 || true
 # A module that does not load stops here, with its name, instead of surfacing later as an import error.
 if ! ml "${ORCH_MODULES[@]}"; then
-  echo "envs/karolina.sh: could not load the modules ${ORCH_MODULES[*]} (see \`ml av Python CUDA\`)" >&2
-  if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then exit 1; else return 1 2>/dev/null || exit 1; fi
+  orch_env_fail "could not load the modules ${ORCH_MODULES[*]} (see \`ml av Python\`; the versions are at the top of envs/karolina.sh)"
+  return 1 2>/dev/null
 fi
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
@@ -28,11 +39,16 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   grep -v '^torch==' "$ORCH_REPO/envs/requirements.lock" > "$ORCH_VENV/constraints.txt"
   "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
   "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "${ORCH_REPO}[eval]"  # orch eval
-  # flash-attn 2 is optional: SDPA runs when it is missing.
   "$ORCH_VENV/bin/python" -m pip install nvidia-ml-py  # GPU system metrics, whether or not flash-attn builds
-  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation || \
+  # flash-attn 2 is optional (SDPA runs when it is missing); compiling it is the one step that needs the toolkit.
+  # A subshell, so that the toolkit stays out of everything after it.
+  (set +u && ml "${ORCH_BUILD_MODULES[@]}" &&
+    "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation) ||
     echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
-  echo "Karolina environment ready in $ORCH_VENV"
+  echo "Karolina environment ready in $ORCH_VENV. In each new shell: source envs/karolina.sh"
+elif [[ ! -f "$ORCH_VENV/bin/activate" ]]; then
+  orch_env_fail "no virtual environment in $ORCH_VENV: build it once with \`bash envs/karolina.sh\`"
+  return 1 2>/dev/null
 else
   source "$ORCH_VENV/bin/activate"
   # NCCL over the 4 × HDR InfiniBand links of each node.

@@ -59,6 +59,10 @@ $(shared_settings)
 NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
 # FORCE:4 lets up to 4 jobs share each core (tiny test jobs on a 2-core box).
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+# Partitions whose limits a profile can get wrong: orch reads them from Slurm before it submits
+# (tests/test_slurm_partitions.py).
+PartitionName=short Nodes=$NODE MaxTime=2 State=UP OverSubscribe=FORCE:4
+PartitionName=big Nodes=$NODE MinNodes=2 MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 )
 if [[ ! -f $CONF ]] || [[ $(cat "$CONF") != "$new" ]]; then

@@ -212,7 +212,7 @@ def test_a_node_set_down_mid_run_has_slurm_requeue_the_job_which_ends_with_the_u
         trained, committed = len(spooled_losses(run.dir)), committed_step(run.checkpoints_dir)
         assert trained < STEPS, "the job finished before the node went down"
         wait_until(lambda: not on_node(job_id), "the job to leave the node", timeout=120, poll_s=0.2)
-        assert slurm("sinfo", "--noheader", "--nodes", node, "--format=%T").rstrip("*") == "down"
+        assert slurm("sinfo", "--noheader", "--partition=debug", "--nodes", node, "--format=%T").rstrip("*") == "down"
         assert slurm("squeue", "--noheader", "--format=%T", "--jobs", job_id) == "PENDING"  # requeued, waiting
     finally:  # back in service whatever happened above (Slurm refuses this for a node that is not down)
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True, timeout=60)

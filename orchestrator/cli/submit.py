@@ -28,11 +28,11 @@ from orchestrator.core.config import (
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
-from orchestrator.core.preflight import checked_plan
+from orchestrator.core.preflight import check_against_slurm, checked_plan
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
 from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, committed_step, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
-from orchestrator.core.scheduler import cancel_job, job_alive, wait_until_gone
+from orchestrator.core.scheduler import cancel_job, job_alive, slurm_partitions, wait_until_gone
 from orchestrator.core.settings import named_tracking_uri
 
 
@@ -99,6 +99,21 @@ def git_commit() -> str | None:
 
     out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or None
+
+
+def scheduler_notes(requests: list[Request]) -> list[str]:
+    """Each request's partition checked against what Slurm reports (`check_against_slurm`), before any is submitted;
+    returns the notes to show. Skipped where no Slurm answers: sbatch then says why."""
+    slurm_requests = [r for r in requests if r.profile.executor == "slurm"]
+    partitions = slurm_partitions() if slurm_requests else None
+    if partitions is None:
+        return []
+    notes = [
+        note
+        for r in slurm_requests
+        for note in check_against_slurm(r.profile, Path(r.info["profile_file"]), r.plan, partitions)
+    ]
+    return list(dict.fromkeys(notes))  # a sweep's points share their partition
 
 
 def submit(request: Request, run_id: str | None = None) -> Run:

@@ -13,6 +13,7 @@ from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json
 from orchestrator.core.plan import Plan, check_time_limit, make_plan
+from orchestrator.core.scheduler import PartitionFacts
 
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
@@ -140,3 +141,52 @@ def check_init_from(recipe: Recipe, recipe_path: Path) -> None:
             f"{recipe_path}: the model in {model.init_from} differs from the recipe: {'; '.join(differ)}. "
             "Allowed: the directory's dimensions (copy them into the recipe's model section)."
         )
+
+
+def check_against_slurm(profile: Profile, path: Path, plan: Plan, partitions: dict[str, PartitionFacts]) -> list[str]:
+    """The profile's partition as Slurm reports it: refuse what Slurm would refuse or leave pending for good, each
+    with Slurm's figure; return notes on what the profile assumed wrongly and on preemption without time to save."""
+    slurm = profile.slurm
+    if slurm is None:
+        return []
+    facts = partitions.get(slurm.partition)
+    if facts is None:
+        raise OrchError(
+            f"{path}: field 'slurm.partition' is '{slurm.partition}', which this cluster does not have. Allowed: "
+            f"{', '.join(sorted(partitions)) or 'none listed'} (`scontrol show partition`); set it with "
+            "--set slurm.partition=NAME or in a profile that extends this one."
+        )
+    where = f"partition '{facts.name}'"
+    if facts.state == "INACTIVE":
+        raise OrchError(f"{path}: {where} is INACTIVE in Slurm: it accepts no jobs. Ask the site, or pick another.")
+    if facts.max_time_min is not None and profile.time_limit_min > facts.max_time_min:
+        raise OrchError(
+            f"{path}: time limit {profile.time_limit_min:g} min is above {where}'s MaxTime of "
+            f"{facts.max_time_min:g} min as Slurm reports it (the profile assumed slurm.max_walltime_min "
+            f"{slurm.max_walltime_min:g}); the job would pend for good. Allowed: --time {int(facts.max_time_min)} or "
+            "less; longer runs are requeued automatically."
+        )
+    if profile.nodes < facts.min_nodes or (facts.max_nodes is not None and profile.nodes > facts.max_nodes):
+        most = "no limit" if facts.max_nodes is None else facts.max_nodes
+        raise OrchError(
+            f"{path}: {profile.nodes} node(s) is outside {where}'s range as Slurm reports it (MinNodes "
+            f"{facts.min_nodes}, MaxNodes {most}; the profile assumed slurm.max_nodes {slurm.max_nodes}). Allowed: "
+            "--nodes within that range, or a partition that takes this many."
+        )
+    notes = []
+    if facts.state != "UP":
+        notes.append(f"Note: {where} is {facts.state} in Slurm: the job queues but starts only once it is UP again.")
+    if facts.max_time_min is not None and facts.max_time_min != slurm.max_walltime_min:
+        notes.append(
+            f"Note: {path} assumes slurm.max_walltime_min {slurm.max_walltime_min:g}; Slurm says {where}'s MaxTime is "
+            f"{facts.max_time_min:g} min. Correct the profile."
+        )
+    if profile.preemptible and facts.preempt_mode != "OFF" and facts.grace_time_s < plan.step_s + plan.save_s:
+        every = plan.recipe.checkpoint.every_steps
+        lost = f"up to {every} steps" + (f" (~{every * plan.step_s / 60:.0f} min)" if plan.step_s else "")
+        notes.append(
+            f"Note: {where} gives a preempted job {facts.grace_time_s} s (GraceTime) between SIGTERM and SIGKILL, "
+            f"less than one step and one save ({plan.step_s + plan.save_s:.0f} s estimated): a preemption loses the "
+            f"work since the last checkpoint, {lost}. Checkpoint more often (checkpoint.every_steps) to lose less."
+        )
+    return notes

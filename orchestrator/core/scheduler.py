@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -176,3 +177,56 @@ def wait_until_gone(job: JobRecord, timeout_s: float, poll_s: float = 2) -> bool
             return False
         time.sleep(poll_s)
     return True
+
+
+@dataclass(frozen=True)
+class PartitionFacts:
+    """What Slurm itself says of a partition (`scontrol show partition`), over what a profile assumes."""
+
+    name: str
+    max_time_min: float | None  # None: UNLIMITED
+    min_nodes: int
+    max_nodes: int | None  # None: UNLIMITED
+    grace_time_s: int  # how long a preempted job has between SIGTERM and SIGKILL
+    preempt_mode: str
+    state: str
+
+
+def slurm_partitions() -> dict[str, PartitionFacts] | None:
+    """Every partition of the cluster the Slurm commands reach; None where `scontrol` cannot say."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "partition", "--oneliner"], capture_output=True, text=True,
+                               timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if shown.returncode != 0:
+        return None
+    facts = [partition_facts(line) for line in shown.stdout.splitlines() if line.startswith("PartitionName=")]
+    return {f.name: f for f in facts}
+
+
+def partition_facts(line: str) -> PartitionFacts:
+    """One line of `scontrol show partition --oneliner`."""
+    fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+    return PartitionFacts(
+        name=fields["PartitionName"],
+        max_time_min=slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
+        min_nodes=int(fields.get("MinNodes", "0")),
+        max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
+        grace_time_s=int(fields.get("GraceTime", "0")),
+        preempt_mode=fields.get("PreemptMode", "OFF"),
+        state=fields.get("State", "UP"),
+    )
+
+
+def slurm_minutes(value: str) -> float | None:
+    """Slurm's `[D-]HH:MM:SS` (or `MM`, `MM:SS`, `HH:MM:SS`) in minutes; None for UNLIMITED or INFINITE."""
+    if value in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, minutes, seconds = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
