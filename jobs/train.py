@@ -72,7 +72,8 @@ def run_training(run_dir: Path, stop: StopFlag) -> int | None:
         ranks = start_process_group(profile.launch.device, profile.launch.backend, bounds.collective_timeout_s)
         hang = partial(end_attempt, run, job_id, "hang")  # counted by the requeue-loop guard like a requeue
         try:
-            with watchdog.Watchdog(run.dir, job_id, ranks.rank, ranks.world, bounds, profile.executor, hang):
+            per_node = profile.launch.tasks_per_node
+            with watchdog.Watchdog(run.dir, job_id, ranks.rank, ranks.world, bounds, profile.executor, hang, per_node):
                 return train(run, profile, recipe, ranks, job_id, stop, position)
         finally:
             dist.destroy_process_group()

@@ -2,8 +2,10 @@
 
 A hung collective (a peer frozen, dead or cut off) cannot be left cleanly: the training thread is blocked inside
 the backend. So the training thread only notes what it is doing (`note`, `step_done`: attribute writes, no I/O),
-and a thread per rank (`Watchdog`) writes that every second to `ranks/<job>.rank<N>.json`, with the time by which
-the phase should be over (the profile's `watchdog` section):
+and a thread per rank (`Watchdog`) writes that to `ranks/<job>.rank<N>.json`, with the time by which the phase
+should be over (the profile's `watchdog` section). The ranks of a node take turns, so that a node rewrites one beat
+every NODE_BEAT_S (a parallel filesystem's metadata server serves every node of every job), each rank at most a
+third of the silence that counts as a hang:
 
 - a step (phases data, forward_backward, optimizer, sync): max(min_step_s, step_factor × the median of this job's
   recent step times), or first_step_s until this job has timed a step after its first;
@@ -49,7 +51,8 @@ from orchestrator.core.runfiles import SILENT_S, DamagedFile, Hang, RankBeat, re
 from orchestrator.core.scheduler import descendants
 
 log = logging.getLogger("orch.watchdog")
-BEAT_S = 1.0  # how often a watchdog rewrites its rank's beat and looks at the others
+BEAT_S = 1.0  # how often a watchdog looks at its own rank (and, past its bound, at the others)
+NODE_BEAT_S = 2.5  # a node's ranks together rewrite one beat this often: the run folder is on a shared filesystem
 ACTOR_GRACE_S = 30.0
 RECENT_STEPS = 20  # step times the median is taken over
 SLOW_PHASES = frozenset({"start", "load", "eval", "save"})  # bounded by first_step_s: step times do not predict them
@@ -99,10 +102,15 @@ class Watchdog:
         spec: WatchdogSpec,
         executor: str,
         on_hang: Callable[[], None],
+        ranks_per_node: int = 1,
     ) -> None:
         self.run_dir, self.job_id, self.rank, self.world = run_dir, job_id, rank, world
         self.spec, self.executor, self.on_hang = spec, executor, on_hang
         self.host, self.pid, self.started = socket.gethostname(), os.getpid(), time.time()
+        self.ranks_per_node = ranks_per_node
+        # A node's ranks take turns: each starts its rhythm at its own offset.
+        self.next_write = self.started + (rank % ranks_per_node) * self.write_period() / ranks_per_node
+        self.written_slow = True  # whether the beat last written was of a slow phase ("start" is)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
 
@@ -126,12 +134,19 @@ class Watchdog:
             return self.spec.first_step_s
         return max(self.spec.min_step_s, self.spec.step_factor * statistics.median(times))
 
+    def write_period(self) -> float:
+        """How often this rank rewrites its beat: one beat per node every NODE_BEAT_S, but at most a third of the
+        silence after which the others find it hung (`hung`), so that a live rank never looks silent; the watchdog's
+        bounds are the same whatever the period."""
+        silence = max(self.step_bound(), SILENT_S)
+        return max(BEAT_S, min(self.ranks_per_node * NODE_BEAT_S, silence / 3))
+
     def beat(self, now: float) -> RankBeat:
         phase, step, since = NOTES.now
         bound = self.spec.first_step_s if phase in SLOW_PHASES else self.step_bound()
         return RankBeat(
             job_id=self.job_id, rank=self.rank, host=self.host, pid=self.pid, step=step, phase=phase, since=since,
-            deadline=since + bound, updated=now,
+            deadline=since + bound, updated=now, every_s=self.write_period(),
         )  # fmt: skip
 
     def _write(self, beat: RankBeat) -> None:
@@ -145,10 +160,17 @@ class Watchdog:
             self.look(time.time())
 
     def look(self, now: float) -> None:
-        """Write this rank's beat; past its step bound, read the others' and act on a hang. A rank that finds the hang
-        already reported by a peer (it was frozen, and the scheduler's requeue woke it) leaves: the job is requeued."""
+        """Write this rank's beat when due, and at once when it enters a save, an evaluation or a load (whose longer
+        deadline keeps peers past their step bound from taking it for hung); past its step bound, read the others'
+        and act on a hang. A rank that finds the hang already reported by a peer (it was frozen, and the scheduler's
+        requeue woke it) leaves: the job is requeued."""
         own = self.beat(now)
-        self._write(own)
+        slow, due = own.phase in SLOW_PHASES, now >= self.next_write
+        if due or (slow and not self.written_slow):
+            self._write(own)
+            self.written_slow = slow
+        if due:  # on the rank's own rhythm, whatever was written between
+            self.next_write = max(self.next_write + own.every_s, now)
         bound = self.step_bound()
         if now - own.since <= bound:
             return
@@ -194,9 +216,9 @@ class Watchdog:
 
 def hung(beats: dict[int, RankBeat], world: int, now: float, step_bound: float, started: float) -> bool:
     """A rank silent (or never heard of) for longer than the step bound, or every rank past its own bound. Silence
-    counts from SILENT_S up however short the bound: a beat is rewritten only every BEAT_S. Once a rank has left
-    training (finished, or failed and reported why) the job is ending, not hung: a collective that waits for it
-    fails when its process ends."""
+    counts from SILENT_S up however short the bound: beats are rewritten only now and then (`write_period`). Once a
+    rank has left training (finished, or failed and reported why) the job is ending, not hung: a collective that
+    waits for it fails when its process ends."""
     if any(beat.phase == EXITED for beat in beats.values()):
         return False
     waiting = list(beats.values())

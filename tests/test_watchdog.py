@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -149,6 +150,67 @@ def test_a_rank_that_finds_the_hang_reported_by_its_peer_leaves_instead_of_repor
     with pytest.raises(SystemExit):
         dog.look(NOW)
     assert fired == [NOW] and [p.name for p in (tmp_path / "hangs").iterdir()] == [f"42.{int(NOW) - 1}.json"]
+
+
+def node_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: WatchdogSpec, ranks_per_node: int,
+                seconds: int, step_s: float | None = None) -> list[float]:  # fmt: skip
+    """The times at which the watchdogs of one node's ranks rewrite their beats over `seconds` of looks, one look a
+    second each as in a job; `step_s`: steps of that length are timed first."""
+    watchdog.NOTES.reset()
+    for _ in range(3 if step_s else 0):
+        watchdog.step_done(1, step_s)
+    monkeypatch.setattr(watchdog, "time", SimpleNamespace(time=lambda: NOW))  # the watchdogs start at NOW
+    dogs = [watchdog.Watchdog(tmp_path, "42", r, ranks_per_node, spec, "slurm", lambda: None, ranks_per_node)
+            for r in range(ranks_per_node)]  # fmt: skip
+    writes: list[float] = []
+    for dog in dogs:
+        monkeypatch.setattr(dog, "_write", lambda beat: writes.append(beat.updated))
+    for tick in range(1, seconds + 1):
+        watchdog.NOTES.now = ("forward_backward", 1, NOW + tick)  # a step has just finished: no rank is late
+        for dog in dogs:
+            dog.look(NOW + tick)
+    return sorted(writes)
+
+
+def test_a_node_of_eight_ranks_rewrites_one_beat_every_few_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Karolina's 8 ranks a node under the default bounds: one beat every NODE_BEAT_S from the node, spread out,
+    instead of eight a second."""
+    writes = node_writes(tmp_path, monkeypatch, WatchdogSpec(), 8, seconds=600, step_s=1.0)
+    assert len(writes) / 600 <= 1 / watchdog.NODE_BEAT_S + 0.02  # 8 ranks × 1 per 20 s
+    gaps = [b - a for a, b in zip(writes, writes[1:], strict=False)]
+    assert min(gaps) >= watchdog.NODE_BEAT_S - 1  # turns, not bursts (looks come once a second)
+
+
+def test_a_short_step_bound_keeps_beats_frequent_enough_to_tell_a_live_rank_from_a_silent_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    spec = WatchdogSpec(min_step_s=0.001, step_factor=3)
+    writes = node_writes(tmp_path, monkeypatch, spec, 2, seconds=60, step_s=0.1)
+    period = 60 * 2 / len(writes)
+    assert period <= SILENT_S / 3 + 1  # a rank's beat is never older than a third of the silence that is a hang
+    live = beat(0, updated=-period)
+    assert not live.silent(NOW)
+
+
+def test_a_rank_entering_a_save_rewrites_its_beat_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A save's deadline is first_step_s, not the step bound: peers past their own bound must see it at once."""
+    dog = watchdog.Watchdog(tmp_path, "42", 0, 8, WatchdogSpec(), "slurm", lambda: None, 8)
+    written: list[str] = []
+    monkeypatch.setattr(dog, "_write", lambda beat: written.append(beat.phase))
+    dog.next_write, dog.written_slow = NOW + 100, False
+    watchdog.NOTES.now = ("forward_backward", 3, NOW - 0.5)
+    dog.look(NOW)
+    assert written == []
+    watchdog.NOTES.now = ("save", 3, NOW)
+    dog.look(NOW + 1)
+    assert written == ["save"]
+
+
+def test_a_beat_is_silent_after_two_missed_rewrites_and_never_before_the_floor():
+    assert not beat(0, updated=-(SILENT_S - 1)).silent(NOW)
+    assert beat(0, updated=-(SILENT_S + 1)).silent(NOW)
+    slow = beat(0, updated=-30).model_copy(update={"every_s": 20.0})
+    assert not slow.silent(NOW) and slow.model_copy(update={"updated": NOW - 41}).silent(NOW)
 
 
 # --- "stalled" in orch status -------------------------------------------------------------------------------------

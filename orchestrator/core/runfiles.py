@@ -163,11 +163,11 @@ class Skip(RunFile):
         return self
 
 
-SILENT_S = 5.0  # a rank beat older than this shows no sign of life (its watchdog rewrites it every second)
+SILENT_S = 5.0  # the least silence that counts as no sign of life, however often a rank's beat is rewritten
 
 
 class RankBeat(RunFile):
-    """ranks/<job>.rank<N>.json: what one rank of a job is doing, rewritten every second by its watchdog thread
+    """ranks/<job>.rank<N>.json: what one rank of a job is doing, rewritten every `every_s` by its watchdog thread
     (jobs/watchdog.py): the step, the phase and since when, and the time by which that phase should be over."""
 
     job_id: str
@@ -179,10 +179,11 @@ class RankBeat(RunFile):
     since: float
     deadline: float
     updated: float
+    every_s: float = Field(default=1.0, gt=0)  # when the next rewrite is due
 
     def silent(self, now: float) -> bool:
-        """No sign of life: the process is stopped or gone, or its host unreachable."""
-        return now - self.updated > SILENT_S
+        """No sign of life (two rewrites missed): the process is stopped or gone, or its host unreachable."""
+        return now - self.updated > max(SILENT_S, 2 * self.every_s)
 
     def describe(self, now: float) -> str:
         where = f"rank {self.rank} on {self.host} (pid {self.pid}) in {self.phase} after step {self.step}"
