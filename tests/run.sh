@@ -8,6 +8,7 @@ bash envs/local.sh
 if [ "$(id -u)" -eq 0 ]; then
   bash envs/slurm-local.sh
   bash envs/slurm-two-node.sh
+  bash envs/karolina-modules.sh  # Lmod and Karolina's module names, for tests/test_karolina_env.py
   if ! command -v chromium >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi

@@ -64,6 +64,21 @@ class TestRefusedBeforeSubmission:
         recipe.write_text((ROOT / "recipes/tiny.yaml").read_text().replace("source: demo", "source: /nonexistent"))
         assert_refused(orch("submit", "--recipe", str(recipe)), "field 'data.source'", "/nonexistent")
 
+    def test_an_environment_script_that_fails_here_stops_the_submission_with_its_message(self, tmp_path: Path):
+        """What Lmod says of a module that does not exist, from the script every job would source first."""
+        script = tmp_path / "site-env.sh"
+        script.write_text(
+            'echo "Lmod has detected the following error: The following module(s) are unknown: CUDA/12.4.0" >&2\n'
+            "return 1\n"
+        )
+        profile = tmp_path / "site.yaml"
+        profile.write_text(f"extends: local-slurm\nenv_script: {script}\n")
+        assert_refused(
+            orch("submit", "--profile", str(profile), "--steps", "5"),
+            f"{profile}: the environment script {script} fails here",
+            "module(s) are unknown: CUDA/12.4.0",
+        )
+
 
 def test_unknown_run_is_a_clear_error(orch_home: Path):
     assert_refused(orch("status", "no-such-run"), "No run 'no-such-run'")

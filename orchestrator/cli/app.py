@@ -61,7 +61,7 @@ def submit(
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
 ) -> None:
     """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
-    from orchestrator.cli.submit import build_requests, scheduler_notes, submit_sweep
+    from orchestrator.cli.submit import build_requests, site_checks, submit_sweep
     from orchestrator.cli.submit import submit as submit_run
     from orchestrator.core.config import parse_sweep, sweep_points
 
@@ -75,7 +75,7 @@ def submit(
         else:
             show_plan(requests[0], console)
         return
-    for note in scheduler_notes(requests):
+    for note in site_checks(requests):
         console.print(note, soft_wrap=True, highlight=False)
     sweep_id, runs = submit_sweep(requests) if sweep else (None, [submit_run(requests[0])])
     for run in runs:

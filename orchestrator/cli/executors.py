@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +16,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.core.config import PROJECT_ROOT, Profile
+from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import Plan
 from orchestrator.core.scheduler import partition_nodes
 from orchestrator.core.settings import runs_root
 
 log = logging.getLogger(__name__)
+
+
+ENV_CHECK_TIMEOUT_S = 120
 
 
 def fill_path(template: str, profile: Profile) -> str:
@@ -198,3 +203,26 @@ def setup_lines(profile: Profile) -> list[str]:
             lines.append(f"export ORCH_VENV={shlex.quote(fill_path(profile.paths.venv, profile))}")
         lines.append(f"source {shlex.quote(str(PROJECT_ROOT / profile.env_script))}")
     return lines
+
+
+def check_environment(profile: Profile, path: Path) -> None:
+    """Source the profile's environment script here, as every job will before it trains (its modules, its virtual
+    environment): one that fails stops the submission with its own message, not the job after its wait in the
+    queue. A login node has the compute nodes' modules and filesystems."""
+    if not profile.env_script:
+        return
+    try:
+        done = subprocess.run(["bash", "-c", " && ".join(setup_lines(profile))], capture_output=True, text=True,
+                              timeout=ENV_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise OrchError(
+            f"{path}: the environment script {profile.env_script} did not finish within {ENV_CHECK_TIMEOUT_S} s here "
+            "(jobs source it before training). Allowed: a script that sets up the environment and returns."
+        ) from None
+    if done.returncode != 0:
+        said = " ".join(done.stderr.split()[-60:]) or f"exit status {done.returncode}"  # its last words, one line
+        raise OrchError(
+            f"{path}: the environment script {profile.env_script} fails here, and every job sources it before "
+            f"training: {said.rstrip('.')}. Fix what it names (module versions are at the script's top), then "
+            "submit again."
+        )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli.executors import excluding, executor_for, fill_path, from_frozen_code
+from orchestrator.cli.executors import check_environment, excluding, executor_for, fill_path, from_frozen_code
 from orchestrator.core.config import (
     PROJECT_ROOT,
     Override,
@@ -101,19 +101,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def scheduler_notes(requests: list[Request]) -> list[str]:
-    """Each request's partition checked against what Slurm reports (`check_against_slurm`), before any is submitted;
-    returns the notes to show. Skipped where no Slurm answers: sbatch then says why."""
-    slurm_requests = [r for r in requests if r.profile.executor == "slurm"]
-    partitions = slurm_partitions() if slurm_requests else None
+def site_checks(requests: list[Request]) -> list[str]:
+    """What only the site can answer, asked before any request is submitted: the profile's environment script runs
+    here (`check_environment`), and its partition is checked against what Slurm reports (`check_against_slurm`,
+    skipped where no Slurm answers: sbatch then says why). Returns the notes to show."""
+    path = Path(requests[0].info["profile_file"])  # a sweep's points share a profile file, and so its script
+    check_environment(requests[0].profile, path)
+    partitions = slurm_partitions() if requests[0].profile.executor == "slurm" else None
     if partitions is None:
         return []
-    notes = [
-        note
-        for r in slurm_requests
-        for note in check_against_slurm(r.profile, Path(r.info["profile_file"]), r.plan, partitions)
-    ]
-    return list(dict.fromkeys(notes))  # a sweep's points share their partition
+    notes = [note for r in requests for note in check_against_slurm(r.profile, path, r.plan, partitions)]
+    return list(dict.fromkeys(notes))  # the points' notes, each once
 
 
 def submit(request: Request, run_id: str | None = None) -> Run:
