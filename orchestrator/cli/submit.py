@@ -102,9 +102,11 @@ def git_commit() -> str | None:
 
 
 def site_checks(requests: list[Request]) -> list[str]:
-    """What only the site can answer, asked before any request is submitted: the profile's environment script runs
-    here (`check_environment`), and its partition is checked against what Slurm reports (`check_against_slurm`,
-    skipped where no Slurm answers: sbatch then says why). Returns the notes to show."""
+    """What a real submission needs beyond a plan, asked before any request is submitted: trainable data, the
+    profile's environment script, run here (`check_environment`), and its partition as Slurm reports it
+    (`check_against_slurm`; skipped where no Slurm answers: sbatch then says why). Returns the notes to show."""
+    for request in requests:
+        check_trainable_data(request)
     path = Path(requests[0].info["profile_file"])  # a sweep's points share a profile file, and so its script
     check_environment(requests[0].profile, path)
     partitions = slurm_partitions() if requests[0].profile.executor == "slurm" else None
@@ -114,15 +116,19 @@ def site_checks(requests: list[Request]) -> list[str]:
     return list(dict.fromkeys(notes))  # the points' notes, each once
 
 
-def submit(request: Request, run_id: str | None = None) -> Run:
-    """Create the run, attach its data and queue its job; if any of it fails, the new run is removed again."""
-    profile = request.profile
-    if request.recipe.data.source == "demo" and not profile.demo_data:
+def check_trainable_data(request: Request) -> None:
+    """The demo corpus is for a dry run's plan on profiles whose node-hours cost (`demo_data: false`)."""
+    if request.recipe.data.source == "demo" and not request.profile.demo_data:
         raise OrchError(
             f"{request.info['profile_file']}: this profile trains prepared data only (demo_data: false), and the "
             f"recipe {request.info['recipe_file']} names the demo corpus (data.source: demo). Prepare your corpus on "
             "a login or CPU node (`orch data prepare`, docs/data.md), then set data.source and data.tokenizer."
         )
+
+
+def submit(request: Request, run_id: str | None = None) -> Run:
+    """Create the run, attach its data and queue its job; if any of it fails, the new run is removed again."""
+    profile = request.profile
     runs_dir = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else None
     run_id = run_id or new_run_id(request.info["recipe"])
     run = create_run(run_id, request.info, dump(profile), dump(request.recipe), runs_dir)
