@@ -24,6 +24,7 @@ class TrainJob(Checkpointable):
         from jobs.preemption import StopFlag
 
         offline_and_unlimited()
+        compile_caches_in(self.run_dir)
         stop = StopFlag()  # before the heavy imports: from now on a warning signal waits for a step boundary
         from jobs.train import run_training
 
@@ -45,3 +46,11 @@ def offline_and_unlimited() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def compile_caches_in(run_dir: Path) -> None:
+    """torch.compile's caches (inductor's, Triton's) in the run's `cache/` on scratch, not in `$HOME` (small, and
+    shared by every job of the user): the run's later jobs reuse what its first compiled. A profile's env_vars that
+    name other folders win."""
+    for name, folder in {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}.items():
+        os.environ.setdefault(name, str(run_dir / "cache" / folder))

@@ -181,4 +181,6 @@ def test_every_with_a_slurm_profile_queues_one_job_that_starts_once_training_has
     assert "#SBATCH --dependency=after:4242" in dry.stdout and "#SBATCH --kill-on-invalid-dep=yes" in dry.stdout
     assert "#SBATCH --ntasks-per-node=1" in dry.stdout and "#SBATCH --time=30" in dry.stdout  # the profile's limit
     assert "each checkpoint at a multiple of step 20 and the final one as it commits" in dry.stdout
+    assert "This job holds 1 process for the rest of the training" in dry.stdout  # what it costs, and the cheaper way
+    assert f"orch eval {slurm_run.name} --tasks czech_cloze --step K --profile local-slurm" in dry.stdout
     assert not (slurm_run / "evals").exists()

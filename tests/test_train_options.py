@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from jobs.distributed import Ranks, launch
+from jobs.entry import compile_caches_in
 from jobs.train import Trainer
 from orchestrator.core.config import Recipe, load_profile, load_recipe, merge_all, validate
 from orchestrator.tools.run_data import attach_data
@@ -47,6 +48,9 @@ def train_variants(ranks: Ranks, recipes: dict[str, Recipe], data_dir: Path, out
 
 def test_compile_and_activation_checkpointing_train_the_plain_losses_without_recompiling(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    compile_caches_in(tmp_path / "run")  # as the job does, before its ranks import torch
     path, tiny = load_recipe("tiny")
     data_dir = tmp_path / "data"
     attach_data(tiny.data, tiny.model.vocab_size, tiny.train.seed, data_dir)
@@ -59,6 +63,7 @@ def test_compile_and_activation_checkpointing_train_the_plain_losses_without_rec
     launch(local.world_size, "cpu", local.launch.backend, train_variants, recipes, data_dir, output)
     results = json.loads(output.read_text())
 
+    assert any((tmp_path / "run" / "cache" / "inductor").rglob("*.py"))  # compiled code went to the run, not $HOME
     plain = results["plain"]["losses"]
     assert plain[-1] < plain[0]
     # Recomputation repeats the same forward: the same numbers. Compiled kernels fuse and reorder float operations

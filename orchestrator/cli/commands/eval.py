@@ -194,6 +194,8 @@ def queue_eval(
     check_partition(resolved, path)
     job = EvalJob(run.dir, chosen, tuple(names), limit, resolved.launch.device, every)
     folder = run.dir / EVALS / "submitit"
+    if every is not None:
+        console.print(following_cost(run, resolved, name, names), highlight=False, soft_wrap=True)
     if dry_run:
         show_job(run, job, resolved, name, after, folder)
         return
@@ -207,6 +209,29 @@ def queue_eval(
     )
     if wait:
         follow_job(run, JobRecord(job_id=job_id, executor=resolved.executor, submitted=time.time()), job.every)
+
+
+def following_cost(run: Run, profile: Profile, name: str, names: list[str]) -> str:
+    """What a job that follows the run holds (its one GPU, or one process, for the rest of the training, waiting
+    between milestones), and the cheaper way: a short job per committed milestone."""
+    from orchestrator.core.plan import make_plan
+
+    summary = run.summary()
+    remaining_s = summary["eta_s"]
+    if remaining_s is None:  # not running now: the plan's estimate for the steps left
+        hours = make_plan(run.profile(), run.recipe(), run.info.steps).hours
+        remaining_s = hours * 3600 * (1 - (summary["step"] or 0) / run.info.steps) if hours else None
+    held = "1 GPU" if profile.node.gpus else "1 process"
+    cost = "for the rest of the training"
+    if remaining_s is not None:
+        cost += f", about {remaining_s / 3600:.1f} h"
+        if profile.node.gpus:
+            cost += f" ({remaining_s / 3600 / profile.node.gpus:.2f} node-hours at {profile.node.gpus} GPUs a node)"
+    return (
+        f"This job holds {held} {cost}, mostly waiting for checkpoints. Cheaper: one short job per milestone once it "
+        f"has committed, `orch eval {run.id} --tasks {','.join(names)} --step K --profile {name}` (at most "
+        f"{EVAL_TIME_LIMIT_MIN} min each)."
+    )
 
 
 def job_target(job: EvalJob, after: JobRecord | None) -> str:
