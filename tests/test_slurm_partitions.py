@@ -9,7 +9,7 @@ import pytest
 from orchestrator.core.config import load_profile, load_recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import make_plan
-from orchestrator.core.preflight import check_against_slurm
+from orchestrator.core.preflight import MANY_ALLOCATIONS, check_against_slurm, check_allocations
 from orchestrator.core.scheduler import PartitionFacts, partition_facts, slurm_minutes
 from tests.conftest import needs_slurm, orch
 
@@ -93,6 +93,17 @@ def test_a_grace_time_shorter_than_a_save_says_what_a_preemption_loses():
     assert "5 s (GraceTime)" in note and f"up to {plan.recipe.checkpoint.every_steps} steps" in note
     roomy = PREEMPT.replace("GraceTime=5", "GraceTime=600")
     assert check_against_slurm(profile, PATH, plan, partitions(roomy)) == []
+
+
+def test_two_hundred_thousand_steps_on_the_express_partition_are_refused_unless_confirmed():
+    profile, plan = karolina("karolina-exp")
+    assert plan.allocations > MANY_ALLOCATIONS
+    with pytest.raises(OrchError, match=r"allocations of 60 min on partition 'qgpu_exp'.*--many-allocations"):
+        check_allocations(profile, PATH, plan, confirmed=False)
+    check_allocations(profile, PATH, plan, confirmed=True)
+    production, seed_plan = karolina()
+    assert seed_plan.allocations <= MANY_ALLOCATIONS
+    check_allocations(production, PATH, seed_plan, confirmed=False)
 
 
 @needs_slurm

@@ -59,6 +59,9 @@ def submit(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan and the job script; submit nothing")] = False,
     wait: Annotated[bool, typer.Option(help="follow the job to its end; the exit code tells success")] = False,
+    many_allocations: Annotated[
+        bool, typer.Option(help="submit even where the plan needs over 20 allocations of the time limit")
+    ] = False,
 ) -> None:
     """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
     from orchestrator.cli.submit import build_requests, site_checks, submit_sweep
@@ -75,7 +78,7 @@ def submit(
         else:
             show_plan(requests[0], console)
         return
-    for note in site_checks(requests):
+    for note in site_checks(requests, many_allocations):
         console.print(note, soft_wrap=True, highlight=False)
     sweep_id, runs = submit_sweep(requests) if sweep else (None, [submit_run(requests[0])])
     for run in runs:

@@ -28,7 +28,7 @@ from orchestrator.core.config import (
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
-from orchestrator.core.preflight import check_against_slurm, checked_plan
+from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
 from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, committed_step, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
@@ -101,13 +101,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def site_checks(requests: list[Request]) -> list[str]:
-    """What a real submission needs beyond a plan, asked before any request is submitted: trainable data, the
-    profile's environment script, run here (`check_environment`), and its partition as Slurm reports it
-    (`check_against_slurm`; skipped where no Slurm answers: sbatch then says why). Returns the notes to show."""
+def site_checks(requests: list[Request], many_allocations: bool = False) -> list[str]:
+    """What a real submission needs beyond a plan, asked before any request is submitted: trainable data, a number
+    of allocations that is reasonable (`many_allocations`: confirmed), the profile's environment script, run here
+    (`check_environment`), and its partition as Slurm reports it (`check_against_slurm`; skipped where no Slurm
+    answers: sbatch then says why). Returns the notes to show."""
+    path = Path(requests[0].info["profile_file"])  # a sweep's points share a profile file, and so its script
     for request in requests:
         check_trainable_data(request)
-    path = Path(requests[0].info["profile_file"])  # a sweep's points share a profile file, and so its script
+        check_allocations(request.profile, path, request.plan, many_allocations)
     check_environment(requests[0].profile, path)
     partitions = slurm_partitions() if requests[0].profile.executor == "slurm" else None
     if partitions is None:

@@ -190,3 +190,20 @@ def check_against_slurm(profile: Profile, path: Path, plan: Plan, partitions: di
             f"work since the last checkpoint, {lost}. Checkpoint more often (checkpoint.every_steps) to lose less."
         )
     return notes
+
+
+MANY_ALLOCATIONS = 20  # more, and a run spends much of its time in the queue again (a short partition's limit)
+
+
+def check_allocations(profile: Profile, path: Path, plan: Plan, confirmed: bool) -> None:
+    """A run that would need more than MANY_ALLOCATIONS allocations of the profile's time limit (200,000 steps on an
+    express partition) is refused unless `confirmed`: each requeue waits in the queue again."""
+    if plan.allocations <= MANY_ALLOCATIONS or confirmed:
+        return
+    partition = f" on partition '{profile.slurm.partition}'" if profile.slurm else ""
+    raise OrchError(
+        f"{path}: {plan.steps} steps need an estimated {plan.allocations} allocations of {profile.time_limit_min:g} "
+        f"min{partition} (about {plan.hours:.0f} h of training), and every requeue waits in the queue again. "
+        f"Allowed: at most {MANY_ALLOCATIONS}; use a profile with longer allocations, fewer --steps, or pass "
+        "--many-allocations to submit anyway."
+    )
