@@ -87,6 +87,7 @@ def examine(request: DoctorRequest, rank: int, world: int, device: Any, job_id: 
         gpus=gpus(device),
         nofile_soft=soft,
         nofile_hard=hard,
+        cpu_affinity=sorted(os.sched_getaffinity(0)),
         storage=storage,
         tracking=tracking_probe(request.tracking_uri),
         network=network(),
@@ -137,7 +138,21 @@ def software() -> Software:
         cuda=torch.version.cuda,
         nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         modules=os.environ.get("LOADEDMODULES"),
+        driver=nvidia_driver() if cuda else None,
     )
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, which bounds the CUDA builds of torch the nodes can run; None where NVML is
+    missing (nvidia-ml-py is installed by the GPU environments)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - no NVML library or module: the report says "unknown"
+        return None
+    return version.decode() if isinstance(version, bytes) else version
 
 
 def gpus(device: Any) -> Gpus:

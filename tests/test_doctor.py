@@ -39,7 +39,8 @@ def gpu_rank(rank: int, host: str) -> RankReport:
         rank=rank,
         local_rank=rank % 2,
         host=host,
-        software=Software(python="3.11.5", torch="2.5.1", cuda="12.4", nccl="2.21.5", modules="CUDA/12.4.0:GCC/13.2"),
+        software=Software(python="3.11.5", torch="2.5.1", cuda="12.4", nccl="2.21.5", modules="Python/3.11.5",
+                          driver="550.54.15"),  # fmt: skip
         gpus=Gpus(
             device=f"cuda:{rank % 2}",
             visible=["A100-SXM4-40GB"] * 2,
@@ -48,6 +49,7 @@ def gpu_rank(rank: int, host: str) -> RankReport:
         ),
         nofile_soft=65536,
         nofile_hard=65536,
+        cpu_affinity=list(range(16 * (rank % 2), 16 * (rank % 2) + 16)),  # 16 cores of its own, as srun binds them
         storage=Storage(
             path="/scratch/runs",
             fstype="lustre",
@@ -107,6 +109,8 @@ def test_a_healthy_gpu_report_has_no_warning_and_reads_back_the_same(tmp_path: P
     report = gpu_report()
     assert "warn" not in statuses(report).values(), report.checks
     assert statuses(report)["GPUs"] == "ok" and "one GPU per rank" in finding(report, "GPUs")
+    assert "NVIDIA driver 550.54.15" in finding(report, "software")
+    assert finding(report, "CPU affinity") == "every rank on cores of its own (16 each); rank 0: 0-15"
     path = tmp_path / "doctor.json"
     path.write_text(json.dumps(report.model_dump(mode="json")))
     assert read_model(path, DoctorReport).checks == report.checks
@@ -128,6 +132,8 @@ def test_a_healthy_gpu_report_has_no_warning_and_reads_back_the_same(tmp_path: P
         ({"variables": {"NCCL_SOCKET_IFNAME": "eth"}}, "NCCL/Gloo variables", "NCCL_SOCKET_IFNAME=eth names nothing"),
         ({"variables": {"NCCL_IB_HCA": "=mlx5_1"}}, "NCCL/Gloo variables", "NCCL_IB_HCA==mlx5_1 names nothing"),
         ({"software": gpu_rank(0, "x").software.model_copy(update={"torch": "2.4.0"})}, "software", "ranks differ"),
+        ({"software": gpu_rank(0, "x").software.model_copy(update={"driver": "535.104.05"})}, "software", "535.104"),
+        ({"cpu_affinity": list(range(8, 24))}, "CPU affinity", "ranks 2 and 3 on acn02 share core 8"),
     ],
 )
 def test_each_problem_warns_and_names_the_rank(changes: dict, check: str, says: str):
@@ -256,6 +262,7 @@ def test_doctor_on_local_slurm_reports_both_ranks(orch_home: Path):
         assert rank["nofile_soft"] is None or rank["nofile_soft"] > 0
         assert rank["tracking"]["ok"], rank["tracking"]
         assert rank["gpus"]["device"].startswith("cpu") and rank["network"]["interfaces"]["lo"]
+        assert rank["cpu_affinity"] and rank["software"]["driver"] is None  # no GPU here: no NVIDIA driver
     assert {c["name"] for c in report["checks"]} >= {"open files", "file locks", "tracking store", "write speed"}
     assert report["slurm"]["version"] and report["slurm"]["partition"] == "debug"
     assert report["slurm"]["partition_preempt_mode"] == "OFF" and report["slurm"]["job_requeue"] is not None

@@ -59,6 +59,7 @@ class Software(RunFile):
     cuda: str | None  # torch.version.cuda: None in a CPU build
     nccl: str | None  # None without CUDA
     modules: str | None  # LOADEDMODULES: what Lmod (or Environment Modules) loaded, colon-separated
+    driver: str | None = None  # the NVIDIA driver's version (NVML); None without one
 
 
 class Gpus(RunFile):
@@ -115,6 +116,7 @@ class RankReport(RunFile):
     gpus: Gpus
     nofile_soft: int | None  # None: unlimited
     nofile_hard: int | None
+    cpu_affinity: list[int] = []  # the cores this rank may run on (sched_getaffinity)
     storage: Storage
     tracking: Probe
     network: Network
@@ -203,7 +205,8 @@ def check_ranks(report: DoctorReport) -> Check:
 def check_software(report: DoctorReport) -> Check:
     def versions(rank: RankReport) -> str:
         s = rank.software
-        return f"Python {s.python}, torch {s.torch}, CUDA {s.cuda or 'none'}, NCCL {s.nccl or 'none'}"
+        driver = f", NVIDIA driver {s.driver}" if s.driver else ""
+        return f"Python {s.python}, torch {s.torch}, CUDA {s.cuda or 'none'}, NCCL {s.nccl or 'none'}{driver}"
 
     return same_everywhere("software", report, versions, "ok")
 
@@ -230,6 +233,45 @@ def check_gpus(report: DoctorReport) -> Check:
     if problems:
         return Check(name="GPUs", status="warn", finding=f"{'; '.join(problems)}: {finding}")
     return Check(name="GPUs", status="ok", finding=f"one GPU per rank; {finding}")
+
+
+def check_cpu_affinity(report: DoctorReport) -> Check:
+    """Each rank of a node on cores of its own: ranks that share cores (no binding) slow each other's data loading
+    and kernel launches, and a rank far from its GPU's socket pays on every copy."""
+    reported = [r for r in report.ranks if r.cpu_affinity]
+    if not reported:
+        return Check(name="CPU affinity", status="info", finding="not reported")
+    for host, ranks in by_value(report, lambda r: r.host).items():
+        seen: dict[int, int] = {}
+        for rank in ranks:
+            for core in rank.cpu_affinity:
+                if core in seen:
+                    return Check(
+                        name="CPU affinity",
+                        status="warn",
+                        finding=f"ranks {seen[core]} and {rank.rank} on {host} share core {core}: bind each rank to "
+                        "its own cores (srun --cpu-bind=cores, with the profile's slurm.cpus_per_task)",
+                    )
+                seen[core] = rank.rank
+    counts = sorted({len(r.cpu_affinity) for r in reported})
+    first = reported[0]
+    return Check(
+        name="CPU affinity",
+        status="ok",
+        finding=f"every rank on cores of its own ({'/'.join(map(str, counts))} each); rank {first.rank}: "
+        f"{cores_text(first.cpu_affinity)}",
+    )
+
+
+def cores_text(cores: list[int]) -> str:
+    """'0-15' or '0-7, 64-71': a set of cores as ranges."""
+    ranges: list[list[int]] = []
+    for core in sorted(cores):
+        if ranges and core == ranges[-1][1] + 1:
+            ranges[-1][1] = core
+        else:
+            ranges.append([core, core])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
 
 
 def check_nofile(report: DoctorReport) -> Check:
@@ -422,6 +464,7 @@ RULES: tuple[Callable[[DoctorReport], Check], ...] = (
     check_software,
     check_modules,
     check_gpus,
+    check_cpu_affinity,
     check_nofile,
     check_filesystem,
     check_free_space,
