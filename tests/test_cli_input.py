@@ -164,3 +164,17 @@ class TestValuesMeanWhatTheySay:
         result = orch("submit", "--profile", str(profile), "--dry-run")
         assert_refused(result, str(profile), "anchors and aliases")
         assert len(result.stderr) < 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--set", "recipe.extends=cstinyllama-1.2b"), "'extends' is followed when a profile or recipe file is read"),
+        (("--set", "extends=karolina"), "'extends' is followed when a profile or recipe file is read"),
+        (("--nodes", "2"), "nodes is 2: the local executor runs on this one machine"),
+        (("--set", "recipe.spike_guard={window: 5, min_steps: 20}"), "window (5) is shorter than min_steps (20)"),
+    ],
+)
+def test_settings_that_would_silently_change_nothing_are_refused(orch_home: Path, args: tuple[str, ...], says: str):
+    assert_refused(orch("submit", "--steps", "5", "--dry-run", *args), says)
+    assert not (orch_home / "runs").exists()

@@ -101,7 +101,10 @@ def test_a_refused_resume_leaves_the_run_as_it_was(orch_home):
     run_dir = run_dir_of(orch_home, run_id)
     before = {name: (run_dir / name).read_bytes() for name in ("run.json", "profile.yaml", "jobs.json")}
     result = orch("resume", run_id, "--steps", "6", "--profile", "local-slurm", "--set", "slurm.partition=nowhere")
-    assert_refused(result, "refused the job", "nowhere")
+    assert_refused(result, "which this cluster does not have", "nowhere")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    fewer = orch("resume", run_id, "--steps", "3")  # the run has committed step 4: a resume only trains further
+    assert_refused(fewer, "has committed step 4; --steps 3 is not beyond it", "orch rollback")
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     assert orch("resume", run_id, "--steps", "6", "--wait").returncode == 0  # and it still resumes
 

@@ -84,7 +84,8 @@ REPLACED = "source: null\n  "  # the parent's one source gives way to the mixtur
 @pytest.mark.parametrize(
     ("data", "says"),
     [
-        (REPLACED + "sources: {cs: {path: p, weight: 0}, en: {path: q, weight: 0}}", "must sum to a positive number"),
+        (REPLACED + "sources: {cs: {path: p, weight: 0}, en: {path: q, weight: 0}}", "must sum to a positive, finite"),
+        (REPLACED + "sources: {cs: {path: p, weight: 1e308}, en: {path: q, weight: 1e308}}", "positive, finite"),
         (REPLACED + "sources: {cs: {path: p, weight: -1}}", "field 'data.sources.cs.weight'"),
         (REPLACED + "sources: {cs: {path: p, weight: 1, share: 2}}", "field 'data.sources.cs.share'"),
         (REPLACED + "sources: {'c s': {path: p, weight: 1}}", "'c s' is not a source name"),

@@ -1,12 +1,14 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.cli.submit import build_request
 from orchestrator.core.config import Profile, Recipe, load_profile, load_recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import measured, memory, peak_memory_gb
-from orchestrator.core.plan import Plan, gradient_accumulation, make_plan, with_train
+from orchestrator.core.plan import Plan, dividing_micro_batches, gradient_accumulation, make_plan, with_train
 from tests.conftest import orch
 
 
@@ -186,3 +188,14 @@ def test_dry_run_on_karolina_shows_the_choice(orch_home: Path, monkeypatch: pyte
     memory_row = next(line for line in result.stdout.splitlines() if "peak memory per GPU" in line)
     assert "35.9 GB of 40 GB (weights + momentum 1.2, gathered 2.5, accumulation 4.9, activations 21.6" in memory_row
     assert not (orch_home / "runs").exists()
+
+
+@given(global_batch=st.integers(1, 5000), world_size=st.integers(1, 64))
+def test_dividing_micro_batches_are_exactly_those_giving_a_whole_accumulation(global_batch: int, world_size: int):
+    expected = [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
+    assert dividing_micro_batches(global_batch, world_size) == expected
+
+
+def test_a_huge_global_batch_gets_its_dividing_micro_batches_from_its_divisors():
+    assert dividing_micro_batches(300_000_001, 2) == []  # odd: no micro batch divides at 2 ranks
+    assert dividing_micro_batches(2 * 10**8, 8)[-3:] == [6_250_000, 12_500_000, 25_000_000]

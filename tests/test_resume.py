@@ -193,7 +193,7 @@ def test_world_size_change_sees_the_same_samples(orch_home, uninterrupted):
     )
 
 
-def test_two_resumes_at_once_start_exactly_one_job(orch_home):
+def test_two_resumes_at_once_start_exactly_one_job_and_a_forced_resume_with_bad_input_stops_nothing(orch_home):
     run_id, run_dir = start()
     wait_for_step(run_dir, 5)
     kill_job_tree(status_json(run_id)["job_ids"][-1])
@@ -203,6 +203,15 @@ def test_two_resumes_at_once_start_exactly_one_job(orch_home):
     refused = next(r for r in results if r.returncode == 2)
     assert "already has a live job" in refused.stderr
     assert len(status_json(run_id)["job_ids"]) == 2
+    # --force with a typo or a bad value is refused before the live job is stopped: it trains on.
+    for bad, says in (
+        (("--profile", "lcoal"), "Unknown profile 'lcoal'"),
+        (("--set", "time_limit_min=-5"), "time_limit_min"),
+    ):
+        result = orch("resume", run_id, "--force", *bad)
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        summary = status_json(run_id)
+        assert summary["state"] in ("queued", "running") and len(summary["job_ids"]) == 2
     assert orch("cancel", run_id).returncode == 0
     wait_state(run_id, ("cancelled",), timeout=60)
 
@@ -217,4 +226,3 @@ def test_cancel_keeps_checkpoints_and_resume_continues(orch_home, uninterrupted)
     result = orch("resume", run_id, "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_training(run_dir, uninterrupted)
-

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from orchestrator.cli.executors import check_environment, excluding, executor_for, fill_path, from_frozen_code
 from orchestrator.core.config import (
     PROJECT_ROOT,
@@ -229,8 +231,23 @@ def resume(
         jobs, info = run.jobs, run.info
         recipe_path = run.dir / "recipe.yaml"
         stored = validate(recipe_path, Recipe, read_yaml(recipe_path))
+        steps = steps or info.steps
         start = committed_step(run.checkpoints_dir) or 0
-        recipe, choice = past_schedule(run, stored, steps or info.steps, start, beyond_schedule)  # before a --force
+        # Everything is checked before a live job is stopped (--force): a refusal after it would leave the run
+        # cancelled, its allocation and queue position lost.
+        check_steps(run, steps, start, from_scratch)
+        recipe, choice = past_schedule(run, stored, steps, start, beyond_schedule)
+        if profile_name:
+            profile_path, profile = load_profile(profile_name, profile_layers(overrides))
+        else:
+            profile_path = run.dir / "profile.yaml"
+            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), profile_layers(overrides)))
+        plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        if weights is not None:
+            mixture_changed(run, recipe, weights, start)
+        checked = Request(profile, recipe, plan, {"profile_file": str(profile_path), "recipe_file": str(recipe_path)})
+        for note in site_checks([checked], many_allocations=True):  # a resume continues what was confirmed
+            Console(stderr=True).print(note, soft_wrap=True, highlight=False)
         if jobs and job_alive(jobs[-1]):
             if not force:
                 raise OrchError(
@@ -239,18 +256,8 @@ def resume(
                     "cancel it and resume once the scheduler confirms it is gone."
                 )
             stop_and_confirm(run, jobs[-1])
-        steps = steps or info.steps
-        done = committed_step(run.checkpoints_dir) or 0  # where the next job starts (`orch rollback` may go back)
-        if run.state() == "completed" and steps <= done:
-            raise OrchError(
-                f"Run {run.id} already completed {done} steps; pass --steps N with N > {done} to train further."
-            )
-        if profile_name:
-            profile_path, profile = load_profile(profile_name, profile_layers(overrides))
-        else:
-            profile_path = run.dir / "profile.yaml"
-            profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), profile_layers(overrides)))
-        plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        done = committed_step(run.checkpoints_dir) or 0  # where the next job starts (the stopped job may have saved)
+        check_steps(run, steps, done, from_scratch)
         mixture = mixture_changed(run, recipe, weights, done) if weights is not None else None
         changed = info.model_copy(
             update={
@@ -317,6 +324,19 @@ def check_resume_input(run: Run, overrides: Sequence[Override | dict[str, Any]],
             f"({run.dir / 'recipe.yaml'}); `orch resume` changes its profile, its length (--steps) and, past the "
             "schedule's end, the schedule (--beyond-schedule). Submit a new run to train another recipe."
         )
+
+
+def check_steps(run: Run, steps: int, done: int, from_scratch: bool) -> None:
+    """A resumed run trains past its newest committed step (going back is `orch rollback`'s)."""
+    if steps > done or from_scratch:
+        return
+    if run.state() == "completed" and steps == done:
+        raise OrchError(f"Run {run.id} already completed {done} steps; pass --steps N with N > {done} to train on.")
+    raise OrchError(
+        f"Run {run.id} has committed step {done}; --steps {steps} is not beyond it, and a resume only trains "
+        f"further. Allowed: --steps N with N > {done}; to go back to an earlier checkpoint, `orch rollback {run.id} "
+        "--to-step K`."
+    )
 
 
 def past_schedule(run: Run, recipe: Recipe, steps: int, at: int, choice: str | None) -> tuple[Recipe, str | None]:

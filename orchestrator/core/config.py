@@ -203,6 +203,8 @@ class Profile(Strict):
     def _slurm_section(self) -> Profile:
         if self.executor == "slurm" and self.slurm is None:
             raise ValueError("executor 'slurm' needs a 'slurm' section (partition, max_walltime_min, max_nodes)")
+        if self.executor == "local" and self.nodes != 1:
+            raise ValueError(f"nodes is {self.nodes}: the local executor runs on this one machine; allowed: 1")
         if self.executor == "local" and self.env_script:
             raise ValueError("env_script is for Slurm profiles; a local job runs in this environment (use env_vars)")
         if self.env_script and not is_file(PROJECT_ROOT / self.env_script):
@@ -285,8 +287,8 @@ class DataSpec(Strict):
                 "give either 'source' (one corpus) or 'sources' (a weighted mixture), not both and not neither; a "
                 "recipe that extends one with a source replaces it by a mixture with 'source: null'"
             )
-        if self.sources is not None and not sum(s.weight for s in self.sources.values()) > 0:
-            raise ValueError("the weights of 'sources' must sum to a positive number")
+        if self.sources is not None and not 0 < sum(s.weight for s in self.sources.values()) < math.inf:
+            raise ValueError("the weights of 'sources' must sum to a positive, finite number (e.g. 0.9 and 0.1)")
         return self
 
     @property
@@ -418,6 +420,15 @@ class SpikeGuardSpec(Strict):
     window: int = Field(default=50, ge=1, description="losses the median is taken over")
     min_steps: int = Field(default=20, ge=1, description="losses known before the guard acts")
     max_rollbacks: int = Field(default=3, ge=1, description="rollbacks to one checkpoint before the job stops")
+
+    @model_validator(mode="after")
+    def _window_holds_min_steps(self) -> SpikeGuardSpec:
+        if self.window < self.min_steps:
+            raise ValueError(
+                f"window ({self.window}) is shorter than min_steps ({self.min_steps}): the window never holds "
+                f"min_steps losses, so the guard would never act; allowed: window >= min_steps"
+            )
+        return self
 
 
 class Recipe(Strict):
@@ -783,6 +794,12 @@ def override_target(key: str, text: str, option: str) -> tuple[Literal["profile"
     """Which file a dotted field addresses: `recipe.` and `profile.` say so; a bare field is a profile's (the older
     form of --set), unless only the recipe or both have that field."""
     head, _, rest = key.partition(".")
+    if "extends" in (head, rest.partition(".")[0] if head in TARGETS else None):
+        raise OrchError(
+            f"{option} {shown(text)}: 'extends' is followed when a profile or recipe file is read, before any "
+            "override, so setting it would change nothing. Allowed: name another profile or recipe (--profile, "
+            "--recipe, or a YAML file that extends the one you want)."
+        )
     if head in TARGETS and rest:
         return head, rest
     if head in Profile.model_fields and head not in Recipe.model_fields:

@@ -56,7 +56,13 @@ def working_node_counts(profile: Profile, recipe: Recipe) -> list[int]:
 
 
 def dividing_micro_batches(global_batch: int, world_size: int) -> list[int]:
-    return [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
+    """The micro batches m with global_batch = m × world_size × a whole accumulation: the divisors of
+    global_batch / world_size, found up to its square root (a batch of 10^8 is refused at once, not after a count)."""
+    if global_batch % world_size:
+        return []
+    per_rank = global_batch // world_size
+    small = [m for m in range(1, math.isqrt(per_rank) + 1) if per_rank % m == 0]
+    return sorted({*small, *(per_rank // m for m in small)})
 
 
 def batch_hint(profile: Profile, recipe: Recipe) -> str:
