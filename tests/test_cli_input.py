@@ -115,6 +115,25 @@ class TestDataAndModelChecks:
             "at least 70000",
         )
 
+    def test_the_demo_corpus_with_a_tokenizer_larger_than_the_model(self, tmp_path: Path):
+        """Refused before anything is queued, not in the job after a retry: ids 512 and up have no embedding row."""
+        import json
+
+        tokenizer = tmp_path / "big-tokenizer"
+        tokenizer.mkdir()
+        vocab = {f"t{i}": i for i in range(600)}
+        spec = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": [{"id": 600, "content": "<s>"}]}
+        (tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+        recipe = tmp_path / "r.yaml"
+        text = (ROOT / "recipes/tiny.yaml").read_text()
+        recipe.write_text(text.replace("tokenizer: demo", f"tokenizer: {tokenizer}"))
+        assert_refused(
+            orch("submit", "--recipe", str(recipe), "--steps", "5"),
+            "field 'model.vocab_size' is 512",
+            "gives ids up to 600",
+            "at least 601",
+        )
+
     def test_prepared_data_with_another_tokenizer(self, tmp_path: Path):
         assert_refused(
             orch("submit", "--recipe", str(recipe_on_prepared_data(tmp_path, 500, "a different tokenizer"))),

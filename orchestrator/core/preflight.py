@@ -74,6 +74,8 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
     for field, source in sources.items():
         if not (demo and source == "demo"):
             check_prepared_data(recipe, recipe_path, field, source, prepared_index(recipe_path, field, source))
+        elif data.tokenizer != "demo":  # the demo corpus is tokenized at submission with the recipe's tokenizer
+            check_tokenizer_fits(recipe, recipe_path)
     if model.init_from:
         check_init_from(recipe, recipe_path)
 
@@ -110,6 +112,31 @@ def check_prepared_data(recipe: Recipe, recipe_path: Path, field: str, source: s
             f"{recipe_path}: {source} ({field}) has {index.get('tokens', 0)} training tokens, fewer than one "
             f"block of data.max_seq_len {recipe.data.max_seq_len}. Allowed: a corpus of at least one block."
         )
+
+
+def check_tokenizer_fits(recipe: Recipe, recipe_path: Path) -> None:
+    """Every id the tokenizer can give must have a row in the model's embedding."""
+    size = tokenizer_vocab_size(Path(recipe.data.tokenizer) / "tokenizer.json")
+    if size is not None and size > recipe.model.vocab_size:
+        raise OrchError(
+            f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but the tokenizer "
+            f"{recipe.data.tokenizer} (data.tokenizer) gives ids up to {size - 1}. Allowed: at least {size}, or a "
+            "tokenizer of that size."
+        )
+
+
+def tokenizer_vocab_size(path: Path) -> int | None:
+    """The number of ids a Hugging Face tokenizer.json can give (its model's vocabulary and added tokens), read as
+    JSON: the core imports no tokenizers library. None where the file says nothing readable of it."""
+    spec = read_json(path)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        return None
+    vocab = spec["model"].get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []  # BPE, WordPiece: token -> id
+    ids += list(range(len(vocab))) if isinstance(vocab, list) else []  # Unigram: [token, score] in id order
+    ids += [t["id"] for t in spec.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    numbers = [i for i in ids if isinstance(i, int)]
+    return max(numbers) + 1 if numbers else None
 
 
 MODEL_FIELDS = {  # recipe field -> Hugging Face config key
