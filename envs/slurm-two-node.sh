@@ -2,7 +2,10 @@
 # slurm-two-node.sh - a two-node Slurm cluster on this one machine, beside the
 # one-node cluster of envs/slurm-local.sh: one slurmctld (host orch-ctl) and two
 # slurmd (hosts orch-n1, orch-n2), each in its own network and UTS namespace,
-# joined by a bridge this script creates. The filesystem is shared; inside the
+# joined by a bridge this script creates, and a login host (orch-login, no daemon)
+# that envs/karolina-sim.sh runs a simulated Karolina's login shells in. Besides
+# its own partition `two`, it has Karolina's (qgpu, qgpu_exp, qgpu_preempt,
+# qgpu_big), with their limits and preemption. The filesystem is shared; inside the
 # namespaces only /etc/hosts differs (/etc/netns/NAME/hosts is bound over it),
 # so node names resolve to the namespaces' addresses. munged is the one envs/slurm-local.sh starts (started here too
 # when it is missing). Needs root on Debian 12.
@@ -28,7 +31,8 @@ NET=${SLURM_TWO_NODE_NET:-10.77.0}
 BRIDGE=orch-br
 CTL=orch-ctl
 NODES=(orch-n1 orch-n2)
-declare -A ADDR=([$CTL]=$NET.10 [orch-n1]=$NET.11 [orch-n2]=$NET.12)
+LOGIN=orch-login
+declare -A ADDR=([$CTL]=$NET.10 [orch-n1]=$NET.11 [orch-n2]=$NET.12 [$LOGIN]=$NET.13)
 TAG=slurm-two-node
 LOGS=("$LOGDIR/slurmctld.log" "$LOGDIR/slurmd-orch-n1.log" "$LOGDIR/slurmd-orch-n2.log")
 export SLURM_CONF=$CONF
@@ -85,10 +89,10 @@ bridge_up() {
 # /etc/hosts inside every namespace: submitit's rendezvous address is the first node's name.
 hosts_files() {
   local ns
-  for ns in "$CTL" "${NODES[@]}"; do
+  for ns in "$CTL" "${NODES[@]}" "$LOGIN"; do
     install -d "/etc/netns/$ns"
-    printf '127.0.0.1 localhost\n%s %s\n%s %s\n%s %s\n' "${ADDR[$CTL]}" "$CTL" \
-      "${ADDR[orch-n1]}" orch-n1 "${ADDR[orch-n2]}" orch-n2 >"/etc/netns/$ns/hosts"
+    printf '127.0.0.1 localhost\n%s %s\n%s %s\n%s %s\n%s %s login1\n' "${ADDR[$CTL]}" "$CTL" \
+      "${ADDR[orch-n1]}" orch-n1 "${ADDR[orch-n2]}" orch-n2 "${ADDR[$LOGIN]}" "$LOGIN" >"/etc/netns/$ns/hosts"
   done
 }
 
@@ -104,7 +108,7 @@ start_in() {
 
 if [[ ${1:-start} == stop ]]; then
   stop_in "$CTL" "${NODES[@]}"
-  for ns in "$CTL" "${NODES[@]}"; do ns_down "$ns" && rm -rf "/etc/netns/$ns"; done
+  for ns in "$CTL" "${NODES[@]}" "$LOGIN"; do ns_down "$ns" && rm -rf "/etc/netns/$ns"; done
   ip link del "$BRIDGE" 2>/dev/null || true
   log "stopped slurmctld and both slurmd, removed their namespaces and bridge (munged keeps running)"
   exit 0
@@ -131,9 +135,18 @@ SlurmdPidFile=$RUNDIR/slurmd-%n.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
 SlurmdLogFile=$LOGDIR/slurmd-%n.log
 $(shared_settings)
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=orch-n1 NodeAddr=${ADDR[orch-n1]} $hw State=UNKNOWN
 NodeName=orch-n2 NodeAddr=${ADDR[orch-n2]} $hw State=UNKNOWN
-PartitionName=two Nodes=orch-n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=two Nodes=orch-n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4 PreemptMode=OFF
+# Karolina's GPU partitions, with its limits (MaxTime, MaxNodes, MinNodes) and preemption: a job of a higher
+# PriorityTier that needs the nodes requeues qgpu_preempt's jobs after GraceTime. Cores are not shared here, so
+# that a job asking for whole nodes (--exclusive) preempts.
+PartitionName=qgpu Nodes=orch-n[1-2] MaxTime=2-00:00:00 MaxNodes=16 PriorityTier=2 PreemptMode=OFF State=UP
+PartitionName=qgpu_exp Nodes=orch-n[1-2] MaxTime=01:00:00 MaxNodes=8 PriorityTier=2 PreemptMode=OFF State=UP
+PartitionName=qgpu_preempt Nodes=orch-n[1-2] MaxTime=2-00:00:00 PriorityTier=1 PreemptMode=REQUEUE GraceTime=60 State=UP
+PartitionName=qgpu_big Nodes=orch-n[1-2] MaxTime=2-00:00:00 MinNodes=2 PriorityTier=1 PreemptMode=OFF State=UP
 EOF
 )
 if [[ ! -f $CONF ]] || [[ $(cat "$CONF") != "$new" ]]; then
@@ -144,7 +157,7 @@ if [[ ! -f $CONF ]] || [[ $(cat "$CONF") != "$new" ]]; then
 fi
 
 bridge_up
-for ns in "$CTL" "${NODES[@]}"; do ns_up "$ns"; done
+for ns in "$CTL" "${NODES[@]}" "$LOGIN"; do ns_up "$ns"; done
 hosts_files
 for ns in "$CTL" "${NODES[@]}"; do pid_in "$ns" >/dev/null || start_in "$ns"; done
 wait_ready "$WAIT_S" "${NODES[@]}"
