@@ -29,7 +29,7 @@ from jobs.evaluate import Evaluator
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
-from jobs.preemption import StopFlag, process_started
+from jobs.preemption import StopFlag, process_started, requeue_preempted
 from jobs.shards import shard_damage
 from jobs.spikes import SpikeGuard
 from jobs.system_metrics import SystemMonitor
@@ -251,7 +251,7 @@ def loop(
         if stopping and state.step < plan.steps:
             checkpointer.close()
             if report and stopping == "preempted":
-                report.preempted(state.step)  # the scheduler requeues a preempted job itself
+                report.preempted(state.step)
             elif report:
                 report.requeued(state.step)
                 stop.requeue()  # exits this process through submitit
@@ -471,7 +471,11 @@ class JobReport:
         self.stopped_early("requeued", done)
 
     def preempted(self, done: int) -> None:
+        """Saved after the scheduler's SIGTERM. Under Slurm the job then queues itself again (`requeue_preempted`):
+        Slurm ends a preempted job that leaves within its GraceTime as completed."""
         self.stopped_early("preempted", done)
+        if self.run.profile().executor == "slurm":
+            requeue_preempted(self.job_id)
 
     def stopped_early(self, how: Literal["requeued", "preempted"], done: int) -> None:
         """Saved and stopping before the end: the attempt records how, which the requeue-loop guard reads."""
