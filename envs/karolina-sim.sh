@@ -11,9 +11,12 @@
 #
 #   bash envs/karolina-sim.sh                    # set up, return once the nodes are idle
 #   bash envs/karolina-sim.sh login 'COMMANDS'   # COMMANDS in a new login shell on the login host
+#   bash envs/karolina-sim.sh online 'COMMANDS'  # the same, but in this machine's network namespace
 #
-# A login shell starts from a clean environment, as SSH gives one; it keeps this machine's package settings (the
-# login node's internet: PIP_CONFIG_FILE, PIP_FIND_LINKS, UV_CACHE_DIR) and SLURM_CONF, the site's Slurm.
+# A login shell starts from a clean environment, as SSH gives one; it keeps this machine's package settings
+# (PIP_CONFIG_FILE, PIP_FIND_LINKS, UV_CACHE_DIR, the TLS certificates) and SLURM_CONF, the site's Slurm. Karolina's login nodes reach the
+# internet; the login host here reaches only the cluster's bridge, so what downloads packages (building the
+# environment) runs `online`: the same shell, files and home, in the network namespace that reaches the registry.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 SCRATCH=/scratch
@@ -22,28 +25,35 @@ SIM_HOME=/var/lib/karolina-sim/home
 LOGIN=orch-login
 CONF=/etc/slurm-two-node/slurm.conf
 
-login() {
+login() {  # $1: the commands; $2: the network namespace (the login host's, or none: this machine's)
   local pass=(HOME="$SIM_HOME" USER=root LOGNAME=root PATH=/usr/local/bin:/usr/bin:/bin SLURM_CONF="$CONF"
     TERM="${TERM:-dumb}" LANG=C.UTF-8)
   local name
-  for name in PIP_CONFIG_FILE PIP_FIND_LINKS PIP_CERT UV_CACHE_DIR; do
+  for name in PIP_CONFIG_FILE PIP_FIND_LINKS PIP_CERT UV_CACHE_DIR SSL_CERT_FILE SSL_CERT_DIR REQUESTS_CA_BUNDLE; do
     [[ -n ${!name:-} ]] && pass+=("$name=${!name}")
   done
   [[ -z ${PIP_CONFIG_FILE:-} && -f $HOME/.config/pip/pip.conf ]] && pass+=("PIP_CONFIG_FILE=$HOME/.config/pip/pip.conf")
   [[ -z ${UV_CACHE_DIR:-} && -d $HOME/.cache/uv ]] && pass+=("UV_CACHE_DIR=$HOME/.cache/uv")
+  local net=(nsenter --net="/run/netns/$LOGIN")
+  [[ -n ${2:-} ]] || net=()
   # shellcheck disable=SC2016 # expanded by the inner shell
-  exec nsenter --net="/run/netns/$LOGIN" unshare --mount --propagation slave --uts \
+  exec "${net[@]}" unshare --mount --propagation slave --uts \
     sh -c 'mount --bind "/etc/netns/$1/hosts" /etc/hosts && hostname login1 && cd "$2" && shift 2 && exec env -i "$@"' \
     sh "$LOGIN" "$SIM_HOME" "${pass[@]}" bash -l -c "$1"
 }
 
-if [[ ${1:-start} == login ]]; then
-  [[ $# == 2 ]] || { echo "usage: $0 login 'COMMANDS'" >&2; exit 2; }
-  login "$2"
+if [[ ${1:-start} == login || ${1:-start} == online ]]; then
+  [[ $# == 2 ]] || { echo "usage: $0 login|online 'COMMANDS'" >&2; exit 2; }
+  if [[ $1 == login ]]; then login "$2" "$LOGIN"; else login "$2" ""; fi
 fi
-[[ ${1:-start} == start ]] || { echo "usage: $0 [start | login 'COMMANDS']" >&2; exit 2; }
+[[ ${1:-start} == start ]] || { echo "usage: $0 [start | login|online 'COMMANDS']" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 1; }
 
+# tmux keeps `orch ui` running on the login host; socat stands in for the SSH tunnel to it.
+for tool in tmux socat; do
+  command -v "$tool" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$tool" >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$tool" >/dev/null; }
+done
 # Scratch first: the node daemons' mount namespaces copy the mounts that exist when they start.
 install -d "$SCRATCH"
 if ! mountpoint -q "$SCRATCH"; then

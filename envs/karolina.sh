@@ -33,17 +33,19 @@ fi
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   set -euo pipefail
-  [ -x "$ORCH_VENV/bin/python" ] || python3 -m venv "$ORCH_VENV"
-  "$ORCH_VENV/bin/python" -m pip install --upgrade pip
+  # envs/venv-install.sh makes the venv from the module's python and installs with uv: it resolves and downloads
+  # in parallel (measured on the simulated Karolina: 2 min 59 s with pip, see docs/karolina-sim.md).
+  install=(bash "$ORCH_REPO/envs/venv-install.sh" "$ORCH_VENV")
+  mkdir -p "$ORCH_VENV"
   # The tested versions of everything but torch (the lock's torch is the CPU build of envs/local.sh).
   grep -v '^torch==' "$ORCH_REPO/envs/requirements.lock" > "$ORCH_VENV/constraints.txt"
-  "$ORCH_VENV/bin/python" -m pip install "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
-  "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "${ORCH_REPO}[eval]"  # orch eval
-  "$ORCH_VENV/bin/python" -m pip install nvidia-ml-py  # GPU system metrics, whether or not flash-attn builds
+  "${install[@]}" "$ORCH_TORCH" ${ORCH_TORCH_INDEX:+--index-url "$ORCH_TORCH_INDEX"}
+  # orch with orch eval's harness, and NVML for the GPU system metrics whether or not flash-attn builds.
+  "${install[@]}" -c "$ORCH_VENV/constraints.txt" "$ORCH_TORCH" -e "${ORCH_REPO}[eval]" nvidia-ml-py
   # flash-attn 2 is optional (SDPA runs when it is missing); compiling it is the one step that needs the toolkit.
   # A subshell, so that the toolkit stays out of everything after it.
   (set +u && ml "${ORCH_BUILD_MODULES[@]}" &&
-    "$ORCH_VENV/bin/python" -m pip install -c "$ORCH_VENV/constraints.txt" -e "${ORCH_REPO}[gpu]" --no-build-isolation) ||
+    "${install[@]}" -c "$ORCH_VENV/constraints.txt" --no-build-isolation -e "${ORCH_REPO}[gpu]") ||
     echo "flash-attn not installed: jobs will use PyTorch SDPA attention"
   echo "Karolina environment ready in $ORCH_VENV. In each new shell: source envs/karolina.sh"
 elif [[ ! -f "$ORCH_VENV/bin/activate" ]]; then

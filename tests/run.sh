@@ -7,8 +7,8 @@ bash envs/local.sh
 # The end-to-end tests need a local Slurm and a browser (root installs them); CI never skips them.
 if [ "$(id -u)" -eq 0 ]; then
   bash envs/slurm-local.sh
-  bash envs/slurm-two-node.sh
-  bash envs/karolina-modules.sh  # Lmod and Karolina's module names, for tests/test_karolina_env.py
+  # The two-node cluster, with the simulated Karolina around it: scratch, a login host, Lmod (docs/karolina-sim.md).
+  bash envs/karolina-sim.sh
   if ! command -v chromium >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi

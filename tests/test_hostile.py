@@ -89,8 +89,11 @@ def test_a_data_shard_overwritten_with_noise_is_refused_before_training(orch_hom
 
 @needs_slurm
 def test_a_submission_the_scheduler_refuses_leaves_no_run_behind(orch_home):
-    result = orch("submit", "--profile", "local-slurm", "--steps", "2", "--set", "slurm.partition=nowhere")
-    assert_refused(result, "The slurm scheduler refused the job", "nowhere")
+    # A feature no node has: only sbatch knows (orch's own checks of the partition pass).
+    result = orch(
+        "submit", "--profile", "local-slurm", "--steps", "2", "--set", "slurm.extra_sbatch={constraint: nowhere}"
+    )
+    assert_refused(result, "The slurm scheduler refused the job", "Invalid feature specification")
     assert not any((orch_home / "runs").iterdir()) if (orch_home / "runs").is_dir() else True
     assert orch("ls").stdout.strip() == ""
 
