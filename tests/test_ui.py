@@ -64,6 +64,19 @@ def stop(server: subprocess.Popen) -> None:
             continue
 
 
+def start_ui(log: Path, *args: str) -> subprocess.Popen:
+    """`orch ui ARGS` as a user starts it, its output in `log`, in a process group of its own (`stop` ends it)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "ui", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One real tiny run in a fresh ORCH_HOME, and `orch ui` serving its store on a free port."""
@@ -76,15 +89,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             orch("submit", "--profile", "local", "--recipe", "tiny", "--steps", str(STEPS), "--wait")
         )
         port = free_port()
-        with log.open("w") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", "ui", "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-                cwd=ROOT,
-                start_new_session=True,
-            )
+        server = start_ui(log, "--port", str(port))
     try:
         wait_until_answering(port, server, log)
         printed = re.search(rf"Open: (http://127\.0\.0\.1:{port}/#/experiments/\d+)", log.read_text())
@@ -170,15 +175,7 @@ def test_ui_on_a_spooling_profile_creates_the_store_and_serves_an_empty_experime
     """Jobs of a spooling profile (Karolina's) never create the store: `orch ui` does, before its first metric."""
     port = free_port()
     log = orch_home.parent / "orch-ui.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "ui", "--profile", "local-gpu", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    server = start_ui(log, "--profile", "local-gpu", "--port", str(port))
     try:
         wait_until_answering(port, server, log)
         printed = log.read_text()
