@@ -107,7 +107,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(orch_home):
     assert_refused(result, "which this cluster does not have", "nowhere")
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     fewer = orch("resume", run_id, "--steps", "3")  # the run has committed step 4: a resume only trains further
-    assert_refused(fewer, "has committed step 4; --steps 3 is not beyond it", "orch rollback")
+    assert_refused(fewer, "has committed step 4; --steps 3 is below it", "orch rollback")
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     assert orch("resume", run_id, "--steps", "6", "--wait").returncode == 0  # and it still resumes
 

@@ -327,14 +327,15 @@ def check_resume_input(run: Run, overrides: Sequence[Override | dict[str, Any]],
 
 
 def check_steps(run: Run, steps: int, done: int, from_scratch: bool) -> None:
-    """A resumed run trains past its newest committed step (going back is `orch rollback`'s)."""
-    if steps > done or from_scratch:
+    """A resumed run trains up to or past its newest committed step (going back is `orch rollback`'s); one that has
+    completed them, past it."""
+    if steps > done or from_scratch or (steps == done and run.state() != "completed"):
         return
-    if run.state() == "completed" and steps == done:
+    if steps == done:
         raise OrchError(f"Run {run.id} already completed {done} steps; pass --steps N with N > {done} to train on.")
     raise OrchError(
-        f"Run {run.id} has committed step {done}; --steps {steps} is not beyond it, and a resume only trains "
-        f"further. Allowed: --steps N with N > {done}; to go back to an earlier checkpoint, `orch rollback {run.id} "
+        f"Run {run.id} has committed step {done}; --steps {steps} is below it, and a resume only trains further. "
+        f"Allowed: --steps N with N >= {done}; to go back to an earlier checkpoint, `orch rollback {run.id} "
         "--to-step K`."
     )
 

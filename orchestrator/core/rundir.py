@@ -336,7 +336,10 @@ def create_run(
         write_json_atomic(run.dir / "run.json", {"run_id": run_id, "created": time.time(), **info})
     except BaseException as err:
         for path in reversed(made):
-            path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         if isinstance(err, FileExistsError) and err.filename in (str(target), str(entry)):
             raise OrchError(f"A run {run_id} already exists ({err.filename}). Allowed: a new run id.") from None
         if isinstance(err, OSError):
