@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.checkpoint import Checkpointer, step_dir
+from jobs.checkpoint import Checkpointer
 from jobs.distributed import Ranks, launch
 from jobs.train import Trainer
+from orchestrator.core.checkpoints import step_dir
 from orchestrator.core.config import CheckpointSpec, Recipe, load_profile, load_recipe, merge_all, validate
 from orchestrator.core.estimate import parameter_count
 from orchestrator.tools.run_data import attach_data

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from jobs.tracking import MetricSpool
 from orchestrator.core import goodput
+from orchestrator.core.checkpoints import write_latest
 from orchestrator.core.config import Profile, Recipe, dump_yaml, load_profile, load_recipe
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import STARTUP_MIN, make_plan
@@ -119,7 +120,7 @@ def simulate(folder: Path, chain: Chain, profile: Profile, recipe: Recipe, every
     write_json_atomic(folder / "attempts.json", [a.model_dump() for a in attempts])
     final = max(step for _, step in commits)
     (folder / "checkpoints").mkdir()
-    write_json_atomic(folder / "checkpoints/latest.json", {"step": final, "dir": f"step_{final:08d}"})
+    write_latest(folder / "checkpoints", final)
     return Run(folder)
 
 

@@ -1,11 +1,10 @@
 """Sharded checkpoints that survive a kill at any moment.
 
-A checkpoint is `checkpoints/step_N/`: the model and LionW state as torch.distributed.checkpoint shards (one per
-rank, reshardable to any world size), each rank's RNG state, and `train_state.json` (`jobs.train.TrainState`: step,
-samples consumed, seed, world size, recipe hash, MLflow run id; and the learning-rate schedule's state). It is
-written into `.step_N.partial/` and counts only once rank 0 has written `COMMITTED.json` last - a manifest of every
-file with its size and SHA-256 - and renamed the folder; `latest.json` is then replaced atomically. Nothing older is
-deleted before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
+A checkpoint holds the model and LionW state as torch.distributed.checkpoint shards (one per rank, reshardable to
+any world size), each rank's RNG state, and the train state (`jobs.train.TrainState`: step, samples consumed, seed,
+world size, recipe hash, MLflow run id; and the learning-rate schedule's state). Its folder layout, commit marker and
+`latest.json` are `orchestrator.core.checkpoints`': nothing counts before its commit, and nothing older is deleted
+before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
 
 With `async_save`, training waits only while the state is copied off the accelerator; the write, the
 manifest and the commit go on in a background thread, on a gloo group of their own.
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import threading
@@ -29,44 +27,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from jobs.shards import file_sha256
+from orchestrator.core import checkpoints as layout
 from orchestrator.core.config import CheckpointSpec
-from orchestrator.core.files import write_json_atomic
-from orchestrator.core.runfiles import COMMIT_MARKER, DamagedFile, committed_steps, read_model
 
 log = logging.getLogger(__name__)
-
-
-PROTECTED = "protected.json"
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    return {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMMIT_MARKER
-    }
-
-
-def damage(folder: Path) -> str | None:
-    """What is wrong with a committed checkpoint, or None when every file matches its manifest."""
-    try:
-        expected = json.loads((folder / COMMIT_MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
-        return f"unreadable commit marker ({err})"
-    for name, entry in expected.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if file_sha256(path) != entry["sha256"]:
-            return f"{name} fails its SHA-256 checksum"
-    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,14 +46,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpointer:
@@ -116,9 +72,9 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""
         self.wait()
-        partial = self.root / f".step_{step:08d}.partial"
+        partial = layout.partial_dir(self.root, step)
         partial.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), layout.rng_file(partial, self.rank))
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         if self.async_save:
@@ -135,39 +91,28 @@ class Checkpointer:
             self._commit(step, partial, train_state)
 
     def _commit(self, step: int, partial: Path, train_state: dict) -> None:
-        (partial / "train_state.json").write_text(json.dumps({"step": step, **train_state}))
-        write_json_atomic(partial / COMMIT_MARKER, {"step": step, "files": manifest(partial)})
-        final = step_dir(self.root, step)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        fsync_dir(self.root)
-        write_json_atomic(self.root / "latest.json", {"step": step, "dir": final.name})
+        (partial / layout.TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))
+        layout.commit(self.root, partial, step)
         with self.lock:
             self.committed = step
         self._apply_retention()
 
     def _apply_retention(self) -> None:
         """Keep the newest `keep_last` checkpoints, every `keep_every`-th step (milestones) and the protected ones."""
-        protected = self.protected()
-        for step in committed_steps(self.root)[self.keep_last :]:
+        protected = layout.read_protected(self.root)
+        for step in layout.committed_steps(self.root)[self.keep_last :]:
             if not (self.keep_every and step % self.keep_every == 0) and str(step) not in protected:
-                shutil.rmtree(step_dir(self.root, step))
+                shutil.rmtree(layout.step_dir(self.root, step))
 
     def forget_latest(self) -> None:
         """Rank 0: no committed checkpoint is left to name (training starts over)."""
         if self.rank == 0:
-            (self.root / "latest.json").unlink(missing_ok=True)
+            layout.forget_latest(self.root)
 
     def protect(self, step: int, reason: str) -> None:
         """Rank 0: retention never deletes this checkpoint (`checkpoints/protected.json`: step -> reason)."""
         if self.rank == 0:
-            write_json_atomic(self.root / PROTECTED, {**self.protected(), str(step): reason})
-
-    def protected(self) -> dict[str, str]:
-        try:
-            return read_model(self.root / PROTECTED, dict[str, str], {})
-        except DamagedFile:
-            return {}  # rewritten whole by the next protect
+            layout.protect(self.root, step, reason)
 
     def wait(self) -> None:
         """Block until the save in flight is written everywhere and committed."""
@@ -189,37 +134,36 @@ class Checkpointer:
     def clean_incomplete(self) -> None:
         """Rank 0 removes what an interrupted save left behind; committed checkpoints are untouched."""
         if self.rank == 0:
-            for path in self.root.glob(".step_*.partial"):
+            for path in layout.incomplete_dirs(self.root):
                 shutil.rmtree(path)
-            for path in self.root.glob("step_*"):
-                if path.is_dir() and not (path / COMMIT_MARKER).is_file():
-                    shutil.rmtree(path)
         dist.barrier()
 
     def choose(self) -> tuple[int | None, list[str]]:
         """The newest committed checkpoint that passes its manifest, and what was wrong with newer ones."""
         choice: list[Any] = [None, []]
         if self.rank == 0:
-            for step in committed_steps(self.root):
-                problem = damage(step_dir(self.root, step))
+            for step in layout.committed_steps(self.root):
+                problem = layout.damage(layout.step_dir(self.root, step))
                 if problem is None:
                     choice[0] = step
                     break
                 choice[1].append(f"checkpoint at step {step} is damaged: {problem}")
-                step_dir(self.root, step).rename(self.root / f"damaged_step_{step:08d}")
+                layout.set_aside(self.root, step, "damaged")
+            if choice[0] is not None and choice[1]:
+                layout.write_latest(self.root, choice[0])  # no longer the set-aside folder; none left keeps it named
         dist.broadcast_object_list(choice, src=0)
         return choice[0], choice[1]
 
     def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore the shards in place (any world size) and this rank's RNG; returns the train state."""
-        path = step_dir(self.root, step)
+        path = layout.step_dir(self.root, step)
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        rng_file = path / f"rng_rank{self.rank}.pt"
+        rng_file = layout.rng_file(path, self.rank)
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         with self.lock:
             self.committed = step
-        return json.loads((path / "train_state.json").read_text())
+        return json.loads((path / layout.TRAIN_STATE).read_text())

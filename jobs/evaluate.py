@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import torch.distributed as dist
 from jobs.data import load_val_blocks
 from jobs.loss import causal_lm_loss
 from orchestrator.core.config import EvalSpec
+from orchestrator.core.corpus import cannot_validate
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(model: torch.nn.Module, blocks, max_blocks: int, micro_batch: int, device: torch.device) -> dict:
@@ -50,6 +54,12 @@ class Evaluator:
     ) -> None:
         self.spec, self.micro_batch, self.device, self.weights = spec, micro_batch, device, weights
         self.sources = load_val_blocks(data_dir) if spec else {}
+        if spec and dist.get_rank() == 0:
+            tokens = {name: blocks.tokens for name, blocks in self.sources.items()}
+            max_seq_len = next(iter(self.sources.values())).block_len
+            problem = cannot_validate(tokens, spec.blocks, dist.get_world_size(), micro_batch, max_seq_len)
+            if problem:
+                log.warning(problem)  # once per job: the evaluations that then find no whole pass stay silent
 
     def maybe_evaluate(self, step: int, last_step: int, model: torch.nn.Module) -> dict:
         if self.spec is None or (step % self.spec.every_steps and step != last_step):

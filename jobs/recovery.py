@@ -21,14 +21,15 @@ import logging
 import os
 import socket
 import subprocess
-import tempfile
 import time
+from pathlib import Path
 from typing import NoReturn
 
 from jobs import watchdog
 from jobs.preemption import process_started
 from orchestrator.core.config import Profile
 from orchestrator.core.errors import OrchError
+from orchestrator.core.files import create_unique
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import DamagedFile, Recovery, read_model
 
@@ -82,17 +83,18 @@ def judge(
 
 def claim(path: os.PathLike[str], decision: Recovery) -> bool:
     """Write the decision where none exists yet: a complete file appears at once, or not at all."""
-    folder = os.fspath(os.path.dirname(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".partial") as tmp:
-        tmp.write(decision.model_dump_json())
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_unique(folder, "tmp", ".partial")
     try:
-        os.link(tmp.name, path)
+        with os.fdopen(fd, "w") as f:
+            f.write(decision.model_dump_json())
+        os.link(tmp, path)
         return True
     except FileExistsError:
         return False
     finally:
-        os.unlink(tmp.name)
+        tmp.unlink()
 
 
 def recorded(path: os.PathLike[str]) -> Recovery | None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.files import file_sha256, write_atomic, write_json_atomic
 
 FORMAT = "orch-token-shards/1"
 INDEX = "index.json"
@@ -132,14 +132,6 @@ def read_index(split_dir: Path) -> dict[str, Any]:
     if index.get("format") != FORMAT:
         raise OrchError(f"{path}: field 'format' is {index.get('format')!r}. Allowed: {FORMAT!r}.")
     return index
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_damage(split_dir: Path) -> str | None:

@@ -20,10 +20,11 @@ import statistics
 
 from jobs.distributed import agree
 from jobs.tracking import MetricSpool
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import SpikeGuardSpec
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import Ranges, add_skip, committed_step, new_skip, read_skips, skipped_data
+from orchestrator.core.runfiles import Ranges, add_skip, new_skip, read_skips, skipped_data
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import psutil
 
+from orchestrator.core.files import append_plain
+
 log = logging.getLogger(__name__)
 SYSTEM_DIR = "system"
 ALWAYS = "cpu_percent"  # a field of every sample: how far MLflow has a node's samples is read from its history
@@ -211,8 +213,7 @@ class SystemMonitor:
     def record(self, sampler: Sampler) -> None:
         try:
             line = {"time_ms": int(time.time() * 1000), "step": self.step() or 0, "metrics": sampler.sample()}
-            with self.path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_plain(self.path, json.dumps(line) + "\n")
         except Exception as err:  # noqa: BLE001 - a full disk must not stop training; said once
             if not self.failed:
                 log.warning("system metrics not recorded in %s: %s", self.path, err)

@@ -10,6 +10,7 @@ server is down, training goes on and the spool waits; `orch sync RUN_ID` sends w
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -24,14 +25,18 @@ from typing import Any
 import yaml
 
 from jobs.system_metrics import ALWAYS, metric_key, offset_through, read_from, spool_files
-from orchestrator.core.files import write_atomic, write_json_atomic
-from orchestrator.core.plan import make_plan
+from orchestrator.core.config import Recipe
+from orchestrator.core.corpus import cannot_validate
+from orchestrator.core.errors import OrchError
+from orchestrator.core.files import append_plain, write_atomic, write_json_atomic
+from orchestrator.core.plan import Plan, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import ROLLED_BACK, SPOOL, DamagedFile, MlflowState, read_model, spool_entries
 from orchestrator.core.settings import EXPERIMENT
 
 log = logging.getLogger(__name__)
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+VAL_SKIPPED = "orch.val_skipped"  # the tag of a run that cannot validate, with the reason
 
 # A tracking server that is down must fail fast: training must not wait on it.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -51,13 +56,17 @@ def client_for(uri: str) -> Any:
 
 @functools.cache
 def sqlite_store_ready(uri: str) -> None:
-    """Once per process: the store's tables exist, made under the lock if this process is the first to use it."""
+    """Once per process: the store's tables exist, made under the lock if this process is the first to use it. A new
+    store starts as an empty file (an empty SQLite database) with the mode the umask gives it: SQLite would create it
+    0644 whatever the umask, and the project group's other members could not write their runs' metrics to it."""
     import mlflow
 
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # a new store's tables are made by its first use
 
 
@@ -68,8 +77,8 @@ class MetricSpool:
         self.path, self.rolled_back = run_dir / SPOOL, run_dir / ROLLED_BACK
 
     def append(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}) + "\n")
+        entry = {"step": step, "time_ms": int(time.time() * 1000), "metrics": metrics}
+        append_plain(self.path, json.dumps(entry) + "\n")
 
     def entries(self) -> list[dict[str, Any]]:
         """Every readable entry (the next rollback drops a torn line from the file)."""
@@ -81,8 +90,7 @@ class MetricSpool:
         entries = self.entries()
         dropped = "".join(json.dumps(e) + "\n" for e in entries if e["step"] > step)
         if dropped:
-            with self.rolled_back.open("a") as f:  # a crash before the rewrite repeats lines; readers skip repeats
-                f.write(dropped)
+            append_plain(self.rolled_back, dropped)  # a crash before the rewrite repeats lines; readers skip repeats
         write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in entries if e["step"] <= step))
 
 
@@ -232,7 +240,24 @@ def describe(run: Run) -> tuple[dict[str, Any], dict[str, str]]:
         tags["orch.sweep"] = info.sweep
     if info.beyond_schedule:
         tags["orch.beyond_schedule"] = f"{info.beyond_schedule} (schedule.total_steps {recipe.schedule.total_steps})"
+    if problem := validation_problem(run, recipe, plan):
+        tags[VAL_SKIPPED] = problem
     return params, tags
+
+
+def validation_problem(run: Run, recipe: Recipe, plan: Plan) -> str | None:
+    """Why the run gets no val_loss (`cannot_validate` of its val splits), for the MLflow run that would otherwise
+    just lack it; None where it validates, has no `eval`, or its data cannot be read here (the job's log says it)."""
+    if recipe.eval is None:
+        return None
+    from jobs.data import load_val_blocks  # torch: imported where a run is described, not by every `orch` command
+
+    try:
+        tokens = {name: blocks.tokens for name, blocks in load_val_blocks(run.data_dir).items()}
+    except (OrchError, OSError) as err:
+        log.warning("cannot tell whether run %s validates: %s", run.id, err)
+        return None
+    return cannot_validate(tokens, recipe.eval.blocks, plan.world_size, plan.micro_batch, recipe.data.max_seq_len)
 
 
 def artifacts(run: Run, job_id: str, logs: bool = False) -> list[Path]:

@@ -30,11 +30,13 @@ from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started, requeue_preempted
+from jobs.progress_log import ProgressLog
 from jobs.shards import shard_damage
 from jobs.spikes import SpikeGuard
 from jobs.system_metrics import SystemMonitor
 from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
 from orchestrator.core import goodput
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import flops_per_token
@@ -45,7 +47,6 @@ from orchestrator.core.runfiles import (
     MixPhases,
     Ranges,
     Recovery,
-    committed_step,
     mix_phases,
     read_mix_changes,
     read_skips,
@@ -437,7 +438,8 @@ class Throughput:
 
 
 class JobReport:
-    """Rank 0's account of the job: the heartbeat for `orch status` and the metrics for MLflow."""
+    """Rank 0's account of the job: the heartbeat for `orch status`, the metrics for MLflow and the job log's
+    progress lines."""
 
     def __init__(self, run: Run, job_id: str, plan: Plan, checkpointer: Checkpointer, start_step: int, attention: str):
         params, tags = describe(run)
@@ -450,6 +452,7 @@ class JobReport:
         self.tracker.flush(through=0)  # first contact (an embedded store creates its tables) before the steps
         self.heartbeat = Heartbeat(run, job_id, plan.steps, checkpointer.last_committed)
         self.heartbeat.beat("running", start_step)
+        self.log = ProgressLog(plan.recipe.log.every_steps, plan.steps, start_step, checkpointer.last_committed)
 
     def step(self, done: int, metrics: dict[str, float], last: bool = False) -> None:
         """`last`: the job's final step, whose metrics also carry the run's goodput (MLflow gets them once the final
@@ -458,6 +461,7 @@ class JobReport:
             metrics = {**metrics, **self.goodput_metrics(done, metrics)}
         self.tracker.log(done, metrics)
         self.heartbeat.beat("running", done, metrics)
+        self.log.step(done, metrics, last)
 
     def goodput_metrics(self, done: int, metrics: dict[str, float]) -> dict[str, float]:
         """goodput/percent and the parts' device-hours (docs/goodput.md); none when a run file cannot be read."""
@@ -479,6 +483,7 @@ class JobReport:
 
     def stopped_early(self, how: Literal["requeued", "preempted"], done: int) -> None:
         """Saved and stopping before the end: the attempt records how, which the requeue-loop guard reads."""
+        self.log.stopped(how, done)
         self.tracker.close("RUNNING", artifacts(self.run, self.job_id))
         end_attempt(self.run, self.job_id, how)
         self.heartbeat.beat(how, done)
@@ -496,6 +501,7 @@ class JobReport:
         self.heartbeat.beat("requeued" if decision.retried else "failed", self.heartbeat.step, error=error)
 
     def completed(self) -> None:
+        self.log.completed()
         self.tracker.close("FINISHED", artifacts(self.run, self.job_id, logs=True))
         end_attempt(self.run, self.job_id, None)
         self.heartbeat.beat("completed", self.steps)
@@ -550,10 +556,13 @@ class Heartbeat:
     def __init__(self, run: Run, job_id: str, steps: int, last_committed: Callable[[], int | None]) -> None:
         self.run, self.job_id, self.steps, self.last_committed = run, job_id, steps, last_committed
         self.step, self.metrics, self.written, self.mlflow_run_id = 0, {}, 0.0, None
+        self.validation: dict[str, float] = {}  # this job's newest val_loss and val_step, for the progress display
 
     def beat(self, state: str, step: int, metrics: dict[str, float] | None = None, error: str | None = None) -> None:
         """A running job beats at most every BEAT_INTERVAL_S (readers poll); any other state is written at once."""
         self.step, self.metrics = step, metrics or self.metrics
+        if metrics and "val_loss" in metrics:
+            self.validation = {"val_loss": metrics["val_loss"], "val_step": step}
         now = time.time()
         if state == "running" and now - self.written < BEAT_INTERVAL_S:
             return
@@ -572,5 +581,6 @@ class Heartbeat:
                 "mlflow_run_id": self.mlflow_run_id,
                 "error": error,
                 **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},
+                **self.validation,
             },
         )

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,6 +124,69 @@ def test_a_symbolic_link_in_place_of_a_run_file_is_damage_not_a_path_to_follow(t
     check_store(damaged, healthy, file)
 
 
+def fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def link_to_dev_zero(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+
+
+def link_outside_the_run(path: Path) -> None:
+    """The run's own file moved out of the run and linked back: valid content, but not a file of the run."""
+    outside = path.parent.parent / f"outside-{path.name}"
+    if path.exists():
+        path.rename(outside)
+    else:
+        outside.touch()
+    path.symlink_to(outside)
+
+
+@contextmanager
+def answers_within(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging the suite where a command waits forever (a FIFO opened for reading)."""
+
+    def hung(*_: object) -> None:
+        raise AssertionError(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("special", [fifo, link_to_dev_zero, link_outside_the_run])
+@pytest.mark.parametrize("file", [*RUN_FILES, ".orch.lock"])
+def test_a_special_file_in_place_of_a_run_file_is_damage_never_read_or_waited_on(
+    template, tmp_path, monkeypatch, file, special
+):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    damaged, healthy = store_with_two_runs(template, tmp_path / "home")
+    path = tmp_path / "home" / "runs" / damaged / file
+    special(path)
+    with answers_within(60):
+        check_store(damaged, healthy, file)
+        for command in (("cancel", damaged), ("repair", damaged, "--check")):
+            code, out = invoke(*command)
+            assert code in (0, 1, 2), out
+
+
+def test_a_metrics_line_with_a_string_for_a_number_is_left_out_and_found_by_repair(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    damaged, healthy = store_with_two_runs(template, tmp_path / "home")
+    spool = tmp_path / "home" / "runs" / damaged / "metrics.jsonl"
+    with spool.open("a") as f:
+        f.write(json.dumps({"step": 11, "time_ms": 1, "metrics": {"loss": "high"}}) + "\n")
+    check_store(damaged, healthy, "metrics.jsonl")
+    code, out = invoke("repair", damaged, "--check")
+    assert code == 2 and "1 unreadable lines" in out, out
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(file=st.sampled_from(RUN_FILES), payload=st.binary(max_size=300) | st.from_type(type(None)))
 def test_any_bytes_in_any_run_file_never_crash_orch(template, tmp_path_factory, file, payload):
@@ -191,3 +257,49 @@ def test_orch_repair_rebuilds_what_other_files_allow_and_the_run_resumes(templat
     resumed = orch("resume", damaged, "--steps", "12", "--wait")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert status_json(damaged)["step"] == 12
+
+
+@pytest.mark.slow
+def test_orch_repair_sets_aside_a_checkpoint_whose_commit_marker_is_damaged(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    damaged, _ = store_with_two_runs(template, tmp_path / "home")
+    checkpoints = tmp_path / "home" / "runs" / damaged / "checkpoints"
+    (checkpoints / "step_00000010/COMMITTED.json").write_text('"a string where a mapping belongs"')
+
+    check = orch("repair", damaged, "--check")
+    assert check.returncode == 2 and "step_00000010" in check.stdout, check.stdout
+    repaired = orch("repair", damaged)
+    assert (checkpoints / "damaged_step_00000010").is_dir(), repaired.stdout
+    # the template keeps one checkpoint: none is left, and latest.json keeps naming it so no job trains from step 0
+    assert repaired.returncode == 2 and "--from-scratch" in repaired.stdout, repaired.stdout
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 10
+
+
+def test_a_spool_planted_as_a_link_is_never_appended_through(tmp_path):
+    from jobs.tracking import MetricSpool
+    from orchestrator.core.files import NotAPlainFile
+
+    run_dir, outside = tmp_path / "run", tmp_path / "outside.jsonl"
+    run_dir.mkdir()
+    outside.write_text("kept\n")
+    spool = MetricSpool(run_dir)
+    for step in (1, 2, 3):
+        spool.append(step, {"loss": 1.0 / step})
+    spool.rolled_back.symlink_to(outside)
+    with pytest.raises(NotAPlainFile):
+        spool.rollback(1)
+    spool.path.unlink()
+    spool.path.symlink_to(outside)
+    with pytest.raises(NotAPlainFile):
+        spool.append(4, {"loss": 0.25})
+    assert outside.read_text() == "kept\n"
+
+
+def test_a_diverged_loss_of_nan_is_shown_not_taken_for_damage(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    diverged, healthy = store_with_two_runs(template, tmp_path / "home")
+    path = tmp_path / "home" / "runs" / diverged / "progress.json"
+    path.write_text(path.read_text().replace('"loss": ', '"loss": NaN, "was": '))
+    code, out = invoke("status", "--json")
+    assert code == 0, out
+    assert {s["run_id"]: s["state"] for s in json.loads(out)}[diverged] == "completed"

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from jobs.shards import TokenBlocks
 from orchestrator.cli.commands.data import data_app, tokenizer_app
 from orchestrator.core.errors import OrchError
+from orchestrator.tools.prepare import FileTally, InputFile, Report
 from tests.conftest import ROOT, orch
 
 runner = CliRunner()
@@ -119,6 +120,65 @@ def test_the_data_commands_import_nothing_heavy_at_startup():
     code = f"import sys, orchestrator.cli.commands.data; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- what prepare says of its input ---------------------------------------------------------------------------------
+
+
+def test_prepare_names_the_files_it_read_and_skipped_and_why_one_sentence_per_line_cannot_validate(
+    tmp_path: Path, trained
+):
+    """The Czech team's corpus: one sentence per line and no blank line is one document, so nothing is held out;
+    a LICENSE.txt beside it is read as documents. Run again, the finished prepare says the same."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "cs.txt").write_text("".join(f"Věta {i}: Petr čte knihu v Praze.\n" for i in range(300)))
+    (corpus / "LICENSE.txt").write_text("MIT License\n\nCopyright (c) 2024\n\nPermission is hereby granted.\n")
+    (corpus / "empty.txt").write_text("\n\n")
+    (corpus / "README.md").write_text("about the corpus")
+    args = ["--tokenizer", str(trained[0]), "--input", str(corpus), "--output", str(tmp_path / "out"), "--workers", "1"]
+    result = invoke(data_app, "prepare", *args)
+    assert result.exit_code == 0, result.output
+    files = f"{corpus / 'LICENSE.txt'} (3 records), {corpus / 'cs.txt'} (1 record), {corpus / 'empty.txt'} (empty file)"
+    assert f"Files read: 3: {files}\n" in result.stdout
+    assert f"Files ignored (not a supported format): 1: {corpus / 'README.md'}\n" in result.stdout
+    note = (
+        f"Note: 1 .txt file is one document, with no blank line between its lines: {corpus / 'cs.txt'} (300 lines). "
+        "Blank lines separate the documents of a .txt file; where every line is a document, put a blank line after "
+        'each (`sed G IN.txt > OUT.txt`), or write JSON Lines (one {"text": ...} per line).\n'
+    )
+    warning = (
+        "Warning: the val split is empty: none of the 4 documents fell into it at --val-fraction 0.001, so a run on "
+        "this data cannot validate: it logs no val_loss or val_perplexity; one evaluation pass needs ranks × "
+        "train.micro_batch_size blocks of data.max_seq_len tokens, 8 × 8 × 2,048 = 131,072 for the seed recipe on "
+        "one Karolina node. Fix: more documents (see the note on .txt files above), or a larger --val-fraction.\n"
+    )
+    assert result.stderr.endswith(note + warning) and "Note:" not in result.stdout
+
+    again = invoke(data_app, "prepare", *args)
+    assert again.exit_code == 0 and f"Files read: 3: {files}\n" in again.stdout
+    assert again.stderr.endswith(note + warning)
+
+
+def report_of(files: int, val_tokens: int, empty: tuple[int, ...] = ()) -> Report:
+    inputs = [InputFile(Path(f"corpus/part{n:02}.jsonl.gz"), f"part{n:02}", "jsonl", ".gz", 1) for n in range(files)]
+    tallies = {n: FileTally(records=0 if n in empty else 10) for n in range(files)}
+    indexes = {"train": {"documents": 10 * files, "tokens": 10**6}, "val": {"tokens": val_tokens}}
+    return Report(indexes, inputs, tallies, [])
+
+
+def test_many_files_read_are_counted_by_format_and_the_empty_ones_named():
+    assert report_of(10, 1).files_read().startswith("Files read: 10: corpus/part00.jsonl.gz (10 records), ")
+    many = report_of(25, 1, empty=tuple(range(3, 15)))
+    empty = ", ".join(f"corpus/part{n:02}.jsonl.gz" for n in range(3, 13))
+    assert many.files_read() == f"Files read: 25 (25 jsonl.gz); empty: 12: {empty} and 2 more"
+
+
+def test_a_val_split_below_one_pass_of_the_seed_recipe_gets_a_note_and_a_larger_one_none():
+    assert report_of(2, 8 * 8 * 2048).val_warning(0.01) is None
+    note = report_of(2, 5_000).val_warning(0.01)
+    assert note.startswith("Note: the val split holds 5,000 tokens; one evaluation pass needs ranks × ")
+    assert note.endswith("`orch submit --dry-run` says whether yours does); a larger --val-fraction holds out more.")
 
 
 # --- input without documents ----------------------------------------------------------------------------------------

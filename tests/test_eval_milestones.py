@@ -84,8 +84,8 @@ def test_every_is_accepted_on_multiples_of_keep_every():
 def test_a_follower_scores_the_due_milestones_in_step_order_leaves_a_deleted_one_and_ends_with_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    from orchestrator.core.checkpoints import COMMIT_MARKER
     from orchestrator.core.rundir import Run
-    from orchestrator.core.runfiles import COMMIT_MARKER
     from orchestrator.tools import evaluate_checkpoint
     from orchestrator.tools.export import CheckpointUnavailable
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import committed_step
 from tests.conftest import ROOT, free_port, spooled_losses, submitted_run_id, wait_until
 from tests.test_ui import browse, loss_chart
 

@@ -1,14 +1,19 @@
+import json
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.cli.submit import build_request
-from orchestrator.core.config import Profile, Recipe, load_profile, load_recipe
+from orchestrator.cli.show import plan_rows
+from orchestrator.cli.submit import build_request, plan_warnings
+from orchestrator.core.config import MixSource, Profile, Recipe, load_profile, load_recipe
+from orchestrator.core.corpus import SEED_EVAL_PASS, cannot_validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import measured, memory, peak_memory_gb
+from orchestrator.core.files import file_sha256
 from orchestrator.core.plan import Plan, dividing_micro_batches, gradient_accumulation, make_plan, with_train
+from orchestrator.core.preflight import data_warnings, source_uses
 from tests.conftest import orch
 
 
@@ -199,3 +204,87 @@ def test_dividing_micro_batches_are_exactly_those_giving_a_whole_accumulation(gl
 def test_a_huge_global_batch_gets_its_dividing_micro_batches_from_its_divisors():
     assert dividing_micro_batches(300_000_001, 2) == []  # odd: no micro batch divides at 2 ranks
     assert dividing_micro_batches(2 * 10**8, 8)[-3:] == [6_250_000, 12_500_000, 25_000_000]
+
+
+# --- what the plan says of the data ----------------------------------------------------------------------------------
+
+
+def tokenizer_of(folder: Path, size: int) -> Path:
+    """A tokenizer.json of `size` ids, as the plan reads it (as JSON)."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(size)}}}))
+    return folder
+
+
+def prepared_folder(folder: Path, tokenizer: Path, train_tokens: int, val_tokens: int) -> str:
+    """What the plan reads of a folder made by `orch data prepare`: each split's index.json."""
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        (folder / split).mkdir(parents=True)
+        tokenized = {"vocab_size": 300, "tokenizer": {"sha256": file_sha256(tokenizer / "tokenizer.json")}}
+        (folder / split / "index.json").write_text(json.dumps({**tokenized, "tokens": tokens}))
+    return str(folder)
+
+
+def test_the_plan_of_the_czech_teams_corpus_shows_its_epochs_and_warns_of_them_of_no_val_and_of_the_tokenizer(
+    tmp_path: Path,
+):
+    """200,000 steps of the seed recipe on a 17,793-token corpus (8 whole blocks of 2,048) with an empty val split
+    and a 17,436-token tokenizer under a 64,000-row model: allowed, with three warnings."""
+    tokenizer = tokenizer_of(tmp_path / "tok", 17_436)
+    source = prepared_folder(tmp_path / "cs", tokenizer, 17_793, 0)
+    recipe = tmp_path / "cs.yaml"
+    recipe.write_text(f"extends: cstinyllama-1.2b\ndata:\n  source: {source}\n  tokenizer: {tokenizer}\n")
+    request = build_request("karolina", str(recipe), 200_000, [{"slurm": {"account": "X"}}])
+    assert ("data read", "17,793 train tokens (0 val), 12,800,000 epochs") in plan_rows(request)
+    assert plan_warnings([request]) == [
+        f"Warning: {recipe}: the run reads data.source {source} 12,800,000 times over (209.7 B tokens from 17,793 "
+        "train tokens). Beyond about 4 epochs, repeated tokens add little and the model memorizes them: fewer "
+        "--steps, or more data.",
+        "Warning: cannot validate: the val split holds 0 tokens (0 whole blocks of 2,048), fewer than one evaluation "
+        "pass of 64 blocks (8 ranks × micro batch 8), 131,072 tokens: no val_loss or val_perplexity is logged. Fix: "
+        "prepare the data with a larger --val-fraction so that val holds at least 131,072 tokens (a .txt file "
+        "without blank lines is one document: docs/data.md), or fewer ranks or a smaller train.micro_batch_size.",
+        f"Warning: {recipe}: the tokenizer {tokenizer} (data.tokenizer) has 17,436 tokens, under 50% of "
+        "model.vocab_size 64,000: 46,564 rows of the embedding and the output layer are never used. A tokenizer "
+        "trained on too little text stops where nothing is left to merge; train it on more text (orch tokenizer "
+        "train --vocab-size 64000), or set model.vocab_size nearer 17,436.",
+    ]
+
+
+def test_a_mixture_reads_each_source_by_its_weight_and_only_the_small_ones_are_warned_of(tmp_path: Path):
+    """tiny on the local profile: 100 steps × 16 blocks of 64, three quarters from cs (600 blocks: 2 epochs), a
+    quarter from en (80 blocks: 5 epochs, over MANY_EPOCHS), whose val split is under one pass of 2 × 4 blocks."""
+    tokenizer = tokenizer_of(tmp_path / "tok", 300)  # above half of the model's 512 rows
+    sources = {
+        "cs": MixSource(path=prepared_folder(tmp_path / "cs", tokenizer, 600 * 64 + 63, 8 * 64), weight=3),
+        "en": MixSource(path=prepared_folder(tmp_path / "en", tokenizer, 80 * 64, 7 * 64), weight=1),
+    }
+    tiny = load_recipe("tiny")[1]
+    data = tiny.data.model_copy(update={"source": None, "sources": sources, "tokenizer": str(tokenizer)})
+    recipe = tiny.model_copy(update={"data": data})
+    plan = make_plan(load_profile("local")[1], recipe, 100)
+    assert [(u.name, u.read_tokens, u.epochs) for u in source_uses(recipe, plan)] == [
+        ("cs", 1200 * 64, 2.0),
+        ("en", 400 * 64, 5.0),
+    ]
+    [epochs, validation] = data_warnings(recipe, "mix.yaml", plan)
+    assert epochs.startswith(f"Warning: mix.yaml: the run reads source en ({sources['en'].path}) 5 times over (")
+    assert validation.startswith(
+        "Warning: cannot validate: source en's val split holds 448 tokens (7 whole blocks of 64), fewer than one "
+        "evaluation pass of 8 blocks (2 ranks × micro batch 4), 512 tokens: no val_loss/en, and val_loss is the "
+        "other sources' mean. Fix: "
+    )
+
+
+def test_an_eval_blocks_below_one_pass_is_named_as_what_keeps_a_run_from_validating():
+    problem = cannot_validate({"": 10**6}, 4, 2, 4, 64)
+    assert problem == (
+        "cannot validate: eval.blocks is 4, fewer than one evaluation pass of 8 blocks (2 ranks × micro batch 4): "
+        "no val_loss or val_perplexity is logged. Fix: eval.blocks of at least 8 in the recipe."
+    )
+    assert cannot_validate({"": 8 * 64}, 8, 2, 4, 64) is None
+
+
+def test_prepare_compares_a_val_split_with_one_evaluation_pass_of_the_seed_recipe_on_one_karolina_node():
+    plan = make_plan(load_profile("karolina")[1], seed_recipe(), 10)
+    assert (plan.world_size, plan.micro_batch, plan.recipe.data.max_seq_len) == SEED_EVAL_PASS

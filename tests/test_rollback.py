@@ -138,6 +138,18 @@ def test_orch_rollback_refuses_while_the_run_has_a_live_job(stopped_run: Path):
         controller.wait()
 
 
+def test_a_rollback_interrupted_before_its_resume_and_run_again_records_its_skip_once(stopped_run: Path):
+    from orchestrator.cli.rollback import roll_back
+    from orchestrator.core.rundir import Run
+
+    run = Run(stopped_run)
+    assert roll_back(run, 10, 12, 14, None) == [20]
+    assert roll_back(run, 10, 12, 14, None) == []  # the same rollback again, no job in between
+    assert [s.steps for s in read_skips(stopped_run)] == [(12, 14)]
+    assert (stopped_run / "checkpoints" / "rolled_back_step_00000020").is_dir()
+    assert json.loads((stopped_run / "checkpoints" / "latest.json").read_text())["step"] == 10
+
+
 # --- the guard and orch rollback, end to end --------------------------------------------------------
 
 STEPS = 20  # checkpoints every 10 steps (the tiny recipe); the spike comes at step 13, after the one at step 10

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from jobs import watchdog
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import SILENT_S, Hang, Recovery, committed_step, read_model
+from orchestrator.core.runfiles import SILENT_S, Hang, Recovery, read_model
 from orchestrator.core.scheduler import job_alive
 from tests.conftest import (
     module_home,

@@ -88,7 +88,7 @@ def submit(
     elif sweep_id:
         console.print(f"Sweep {sweep_id}: {len(runs)} runs. Follow them with: orch status")
     else:
-        console.print(f"Follow it with: orch status {runs[0].id}")
+        console.print(f"Follow it with: orch follow {runs[0].id}")
 
 
 def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
@@ -253,14 +253,15 @@ def finish_all(runs) -> None:
 
 
 def finish(run) -> None:
-    """Follow the run to its end (`--wait`); Ctrl-C stops the following, never the job."""
+    """Follow the run to its end (`--wait`, `orch follow`); Ctrl-C stops the following, never the job."""
     from orchestrator.cli.follow import follow
 
     try:
+        console.print(f"Following run {run.id} to its end; Ctrl-C stops the following, never the job.", highlight=False)
         state = follow(run, console)
     except KeyboardInterrupt:
         console.print(
-            f"\nStopped following run {run.id}; its job goes on. Follow it again with `orch status {run.id}` or "
+            f"\nStopped following run {run.id}; its job goes on. Follow it again with `orch follow {run.id}` or "
             f"`orch logs {run.id} -f`; stop it with `orch cancel {run.id}`.",
             highlight=False,
         )
@@ -288,6 +289,7 @@ def status(
 ) -> None:
     """Runs and their state, read from the run directories and the scheduler; with RUN also where its allocated
     hours went (goodput, docs/goodput.md)."""
+    from orchestrator.core.eta import clock
     from orchestrator.core.rundir import all_runs, get_run
 
     if suggest and not run_id:
@@ -308,7 +310,7 @@ def status(
             f"{s['step']}/{s['steps']}",
             number(s["loss"], ".4f"),
             number(s["tokens_per_s"], ",.0f"),
-            duration(s["eta_s"]),
+            clock(s["eta_s"]),
             str(s["last_checkpoint_step"] or "-"),
             str(s["allocations"]),
             number(s["node_hours"], ".2f"),
@@ -333,7 +335,7 @@ def status(
 
 def summarise(runs) -> list[dict]:
     """Summaries of many runs, with one scheduler query for all their live-looking jobs; a damaged run is
-    summarised as damaged and the others as usual."""
+    summarised as damaged and the others as usual (`orch status`, `orch ls`)."""
     from orchestrator.core.runfiles import DamagedFile
     from orchestrator.core.scheduler import alive_jobs
 
@@ -361,39 +363,51 @@ def number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
 @app.command("ls")
 def list_runs() -> None:
-    """Run ids, newest last (no scheduler queries)."""
+    """Runs, newest last, with their state and step (one scheduler query for all); a damaged run says why."""
     from orchestrator.core.rundir import all_runs
-    from orchestrator.core.runfiles import DamagedFile
 
-    for run in all_runs():
-        try:
-            info = run.info
-            console.print(f"{run.id}  {info.profile}  {info.recipe}  {info.steps} steps", highlight=False)
-        except DamagedFile as damage:
-            console.print(f"{run.id}  {damage}", highlight=False, markup=False)
+    summaries = summarise(all_runs())
+    if not summaries:
+        return
+    rows = [
+        [s["run_id"], s["state"], f"{s['step'] or 0}/{s['steps'] or '-'}", s["profile"] or "-", s["recipe"] or "-"]
+        for s in summaries
+    ]
+    print_columns(["run", "state", "step", "profile", "recipe"], rows)
+    for s in summaries:
+        if s["state"] == "damaged":
+            console.print(f"{s['run_id']}: {s['error']}", highlight=False, markup=False)
 
 
 @app.command()
 def logs(
     run_id: Annotated[str, typer.Argument(help="the run")],
     rank: Annotated[int, typer.Option(help="which rank's log")] = 0,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as the log grows")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing as the log grows, until the run ends")
+    ] = False,
     lines: Annotated[int, typer.Option(help="lines from the end to start with")] = 50,
 ) -> None:
-    """The newest job's log of one rank (stdout and stderr, interleaved by time of reading)."""
+    """The newest job's log of one rank (stdout and stderr, interleaved by time of reading); rank 0's has a progress
+    line every `log.every_steps` steps and one per validation, checkpoint and stop."""
     from orchestrator.cli.logs import show_logs
     from orchestrator.core.rundir import get_run
 
-    show_logs(get_run(run_id), rank, follow, lines)
+    try:
+        show_logs(get_run(run_id), rank, follow, lines)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+@app.command("follow")
+def follow_run(
+    run_id: Annotated[Optional[str], typer.Argument(help="the run; the newest run when left out")] = None,
+) -> None:
+    """The progress display of `submit --wait` on a run, until it ends (the exit code tells whether it completed);
+    Ctrl-C stops the following, never the job."""
+    finish(get_run_or_latest(run_id))
 
 
 @app.command()

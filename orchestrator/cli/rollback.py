@@ -8,13 +8,12 @@ step N), so `--skip-steps A:B` names the steps that took the run from step A to 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from orchestrator.core import checkpoints
 from orchestrator.core.config import shown
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_json_atomic
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import add_skip, committed_steps, new_skip, read_skips
+from orchestrator.core.runfiles import Skip, add_skip, new_skip, read_skips
 from orchestrator.core.scheduler import job_alive
 
 STEP_RANGE = re.compile(r"([0-9]{1,15}):([0-9]{1,15})")
@@ -62,7 +61,7 @@ def roll_back(run: Run, to_step: int, start: int, end: int, steps: int | None) -
                 f"and the data order it reads. Wait for it to end or stop it with `orch cancel {run.id}`, then roll "
                 "back."
             )
-        committed = committed_steps(run.checkpoints_dir)
+        committed = checkpoints.committed_steps(run.checkpoints_dir)
         if to_step not in committed:
             listed = ", ".join(map(str, sorted(committed))) or "none"
             raise OrchError(
@@ -79,19 +78,20 @@ def roll_back(run: Run, to_step: int, start: int, end: int, steps: int | None) -
                 f"Run {run.id} trains {steps or run.info.steps} steps, so nothing is left to train after step "
                 f"{to_step}; pass --steps N with N > {to_step}."
             )
-        add_skip(run.dir, new_skip(read_skips(run.dir), start, end, "hand", f"orch rollback --to-step {to_step}", None))
+        skip = new_skip(read_skips(run.dir), start, end, "hand", f"orch rollback --to-step {to_step}", None)
+        if not repeats_unfinished_rollback(run, skip):
+            add_skip(run.dir, skip)
         newer = sorted(step for step in committed if step > to_step)
         for step in newer:
-            folder = run.checkpoints_dir / f"step_{step:08d}"  # the layout of jobs.checkpoint.step_dir
-            folder.rename(unused(run.checkpoints_dir / f"rolled_back_{folder.name}"))
-        write_json_atomic(run.checkpoints_dir / "latest.json", {"step": to_step, "dir": f"step_{to_step:08d}"})
+            checkpoints.set_aside(run.checkpoints_dir, step, "rolled_back")
+        checkpoints.write_latest(run.checkpoints_dir, to_step)
         return newer
 
 
-def unused(path: Path) -> Path:
-    """`path`, or `path.2`, `path.3`... where an earlier rollback set aside a checkpoint of the same step."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate
+def repeats_unfinished_rollback(run: Run, skip: Skip) -> bool:
+    """Whether the newest skip is this same rollback and no job has started since: one interrupted before it resumed
+    and run again, whose skip is recorded once, not twice (twice the data skipped)."""
+    skips = read_skips(run.dir)
+    if not skips or (skips[-1].steps, skips[-1].reason, skips[-1].by) != (skip.steps, skip.reason, skip.by):
+        return False
+    return all(attempt.started < skips[-1].time for attempt in run.attempts)

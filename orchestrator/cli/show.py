@@ -9,11 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
-from orchestrator.cli.submit import Request
+from orchestrator.cli.submit import Request, plan_warnings
 from orchestrator.core import goodput
 from orchestrator.core.config import Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import Plan
+from orchestrator.core.preflight import source_uses
 from orchestrator.core.rundir import Run, new_run_id
 from orchestrator.core.schedule import describe as describe_schedule
 from orchestrator.core.settings import orch_home, runs_root
@@ -35,6 +36,7 @@ def plan_rows(request: Request) -> list[tuple[str, str]]:
         ("learning rate", describe_schedule(plan.recipe.schedule, plan.recipe.optimizer.lr, plan.steps)),
         ("model", f"{plan.parameters / 1e9:.3f} B parameters, {plan.flops_per_token / 1e9:.2f} GFLOP per token"),
         ("data", data_row(request)),
+        *([("data read", read_row(request))] if request.recipe.data.source != "demo" else []),
     ]
     if plan.tokens_per_s:
         node_hours = profile.gpus * plan.hours / profile.node.gpus
@@ -85,11 +87,23 @@ def data_row(request: Request) -> str:
     return "DEMO CORPUS: a real submission on this profile is refused; prepare your data (docs/data.md)"
 
 
+def read_row(request: Request) -> str:
+    """Each prepared source's size and the epochs the run makes over it (a mixture's by its weight)."""
+    uses = source_uses(request.recipe, request.plan)
+    return "; ".join(f"{use.name}: {use.describe()}" if use.name else use.describe() for use in uses)
+
+
+def show_warnings(requests: list[Request], console: Console) -> None:
+    for warning in plan_warnings(requests):
+        console.print(warning, soft_wrap=True, highlight=False, markup=False)
+
+
 def show_plan(request: Request, console: Console) -> None:
     table = Table(title="Plan (dry run: nothing submitted)", show_header=False)
     for name, value in plan_rows(request):
         table.add_row(name, value)
     console.print(table)
+    show_warnings([request], console)
     curve = draw_schedules({request.info["recipe"]: request.recipe}, request.plan.steps, request.info["recipe"])
     console.print(f"learning-rate curve: {curve}", highlight=False, soft_wrap=True)
     profile = request.profile
@@ -121,6 +135,7 @@ def show_sweep(requests: list[Request], console: Console) -> None:
         )
         curves[f"{number}: {varying}"] = request.recipe
     console.print(table)
+    show_warnings(requests, console)
     common = [o for o in requests[0].info["overrides"] if all(o in r.info["overrides"] for r in requests)]
     if common:
         console.print(f"every point also: {', '.join(common)}", highlight=False, soft_wrap=True)

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.cli.executors import check_environment, excluding, executor_for, fill_path, from_frozen_code
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import (
     PROJECT_ROOT,
     Override,
@@ -30,9 +31,9 @@ from orchestrator.core.config import (
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic
 from orchestrator.core.plan import Plan
-from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan
+from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan, data_warnings
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
-from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, committed_step, mix_phases, read_mix_changes
+from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
 from orchestrator.core.scheduler import cancel_job, job_alive, slurm_partitions, wait_until_gone
 from orchestrator.core.settings import named_tracking_uri
@@ -107,7 +108,7 @@ def site_checks(requests: list[Request], many_allocations: bool = False) -> list
     """What a real submission needs beyond a plan, asked before any request is submitted: trainable data, a number
     of allocations that is reasonable (`many_allocations`: confirmed), the profile's environment script, run here
     (`check_environment`), and its partition as Slurm reports it (`check_against_slurm`; skipped where no Slurm
-    answers: sbatch then says why). Returns the notes to show."""
+    answers: sbatch then says why). Returns the warnings (`plan_warnings`) and notes to show."""
     path = Path(requests[0].info["profile_file"])  # a sweep's points share a profile file, and so its script
     for request in requests:
         check_trainable_data(request)
@@ -115,9 +116,14 @@ def site_checks(requests: list[Request], many_allocations: bool = False) -> list
     check_environment(requests[0].profile, path)
     partitions = slurm_partitions() if requests[0].profile.executor == "slurm" else None
     if partitions is None:
-        return []
+        return plan_warnings(requests)
     notes = [note for r in requests for note in check_against_slurm(r.profile, path, r.plan, partitions)]
-    return list(dict.fromkeys(notes))  # the points' notes, each once
+    return plan_warnings(requests) + list(dict.fromkeys(notes))  # the points' notes, each once
+
+
+def plan_warnings(requests: list[Request]) -> list[str]:
+    """What the requests' plans allow but is rarely wanted (`data_warnings`), each once for a sweep's points."""
+    return list(dict.fromkeys(w for r in requests for w in data_warnings(r.recipe, r.info["recipe_file"], r.plan)))
 
 
 def check_trainable_data(request: Request) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
 import itertools
 import math
 import re
@@ -31,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from orchestrator.core.errors import OrchError
+from orchestrator.core.files import NotAPlainFile, read_plain
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROFILES_DIR = PROJECT_ROOT / "cluster_profiles"
@@ -410,6 +412,12 @@ class EvalSpec(Strict):
     blocks: int = Field(ge=1, description="validation blocks per evaluation (rounded to ranks × micro batch)")
 
 
+class LogSpec(Strict):
+    """What rank 0 writes into the job log besides validations, saves and stops (`orch logs RUN -f`, README)."""
+
+    every_steps: int = Field(default=10, ge=1, description="steps between two progress lines")
+
+
 class SpikeGuardSpec(Strict):
     """A step whose loss is above `factor` × the median of the last `window` losses (once `min_steps` are known) is
     undone: the run goes back to its last committed checkpoint and skips the data of the steps from there through
@@ -444,6 +452,7 @@ class Recipe(Strict):
     checkpoint: CheckpointSpec
     eval: EvalSpec | None = None
     spike_guard: SpikeGuardSpec | None = Field(default=None, description="off unless given")
+    log: LogSpec = Field(default_factory=LogSpec, description="the job log's progress lines")
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -613,12 +622,13 @@ def resolve_file(kind: str, name: str, directory: Path, near: Path | None = None
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)
+        raw = read_plain(path, MAX_FILE_BYTES, follow_links=True)
+    except NotAPlainFile as err:
+        if err.errno == errno.EFBIG:
+            err.strerror = f"larger than {MAX_FILE_BYTES >> 10} KiB"
+        raise OrchError(f"{path}: {err.strerror}; profiles and recipes are plain YAML files of a few lines.") from None
     except OSError as err:
         raise OrchError(f"{path}: cannot be read: {err.strerror or err}.") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise OrchError(f"{path}: larger than {MAX_FILE_BYTES >> 10} KiB; profiles and recipes are a few lines.")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

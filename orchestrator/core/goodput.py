@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
-from orchestrator.core.runfiles import ROLLED_BACK, SPOOL, Attempt, committed_step, spool_entries
+from orchestrator.core.runfiles import ROLLED_BACK, SPOOL, Attempt, spool_entries
 
 PARTS = (
     "startup",

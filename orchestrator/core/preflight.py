@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
-import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.config import Profile, Recipe
+from orchestrator.core.corpus import cannot_validate
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import read_json
+from orchestrator.core.files import file_sha256, read_json
 from orchestrator.core.plan import Plan, check_time_limit, make_plan
 from orchestrator.core.scheduler import PartitionFacts
 
@@ -23,6 +24,76 @@ def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_pa
     check_memory(profile, profile_path, plan)
     check_data(recipe, recipe_path)
     return plan
+
+
+MANY_EPOCHS = 4  # passes over the same tokens beyond which repeating them adds little (Muennighoff et al., 2023)
+SMALL_VOCABULARY = 0.5  # share of model.vocab_size below which a tokenizer leaves most embedding rows unused
+
+
+@dataclass(frozen=True)
+class SourceUse:
+    """How much of one prepared source a run reads."""
+
+    name: str  # "" for the run's one source
+    path: str
+    train_tokens: int
+    val_tokens: int
+    read_tokens: float  # what the run reads from it: its share of every step's blocks
+    epochs: float  # read_tokens over the tokens of its whole blocks (the final partial block is never read)
+
+    def describe(self) -> str:
+        return f"{self.train_tokens:,} train tokens ({self.val_tokens:,} val), {epochs_text(self.epochs)} epochs"
+
+
+def epochs_text(epochs: float) -> str:
+    return f"{epochs:,.0f}" if epochs >= 100 else f"{epochs:.3g}"
+
+
+def tokens_text(tokens: float) -> str:
+    return f"{tokens / 1e9:,.1f} B" if tokens >= 1e8 else f"{tokens:,.0f}"
+
+
+def source_uses(recipe: Recipe, plan: Plan) -> list[SourceUse]:
+    """Each prepared source's size and the epochs the run makes over it, a mixture's sources by their weights (the
+    demo corpus is prepared at submission: none). Reads the splits' index.json; the data passed `check_data`."""
+    data = recipe.data
+    if data.sources is not None:
+        total = sum(data.weights.values())
+        shares = {name: (source.path, source.weight / total) for name, source in data.sources.items()}
+    else:
+        shares = {} if data.source == "demo" else {"": (data.source, 1.0)}
+    uses = []
+    for name, (path, share) in shares.items():
+        train, val = (split_tokens(Path(path), split) for split in ("train", "val"))
+        read = plan.total_tokens * share
+        uses.append(SourceUse(name, path, train, val, read, read / (train // data.max_seq_len * data.max_seq_len)))
+    return uses
+
+
+def split_tokens(folder: Path, split: str) -> int:
+    """The tokens of a prepared split, as its index.json counts them."""
+    return (read_json(folder / split / "index.json") or {}).get("tokens", 0)
+
+
+def data_warnings(recipe: Recipe, recipe_path: Path | str, plan: Plan) -> list[str]:
+    """What the run would do that is allowed but rarely wanted, each said before it spends anything: many epochs over
+    a source, a val split smaller than one evaluation pass (no val_loss), a tokenizer far below model.vocab_size."""
+    uses = source_uses(recipe, plan)
+    found = [many_epochs(recipe_path, use) for use in uses if use.epochs > MANY_EPOCHS]
+    if recipe.eval and uses:
+        val, data = {use.name: use.val_tokens for use in uses}, recipe.data
+        found.append(cannot_validate(val, recipe.eval.blocks, plan.world_size, plan.micro_batch, data.max_seq_len))
+    found.append(small_vocabulary(recipe, recipe_path))
+    return [f"Warning: {warning}" for warning in found if warning]
+
+
+def many_epochs(recipe_path: Path | str, use: SourceUse) -> str:
+    source = f"source {use.name} ({use.path})" if use.name else f"data.source {use.path}"
+    return (
+        f"{recipe_path}: the run reads {source} {epochs_text(use.epochs)} times over ({tokens_text(use.read_tokens)} "
+        f"tokens from {use.train_tokens:,} train tokens). Beyond about {MANY_EPOCHS} epochs, repeated tokens add "
+        "little and the model memorizes them: fewer --steps, or more data."
+    )
 
 
 def check_partition(profile: Profile, path: Path) -> None:
@@ -101,7 +172,7 @@ def check_prepared_data(recipe: Recipe, recipe_path: Path, field: str, source: s
             f"tokenized with {index['vocab_size']} token ids. Allowed: at least {index['vocab_size']}."
         )
     tokenizer = Path(recipe.data.tokenizer) / "tokenizer.json"
-    if not tokenizer.is_file() or hashlib.sha256(tokenizer.read_bytes()).hexdigest() != index["tokenizer"]["sha256"]:
+    if not tokenizer.is_file() or file_sha256(tokenizer) != index["tokenizer"]["sha256"]:
         raise OrchError(
             f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer {source} "
             f"({field}) was prepared with. Allowed: that tokenizer, e.g. {source}/tokenizer; the sources of a "
@@ -123,6 +194,23 @@ def check_tokenizer_fits(recipe: Recipe, recipe_path: Path) -> None:
             f"{recipe.data.tokenizer} (data.tokenizer) gives ids up to {size - 1}. Allowed: at least {size}, or a "
             "tokenizer of that size."
         )
+
+
+def small_vocabulary(recipe: Recipe, recipe_path: Path | str) -> str | None:
+    """A tokenizer far smaller than `model.vocab_size` is allowed, but the rows above its ids are never trained and
+    still cost memory and time in the embedding and the output layer: a tokenizer trained on a small corpus stops
+    where nothing is left to merge (17,436 tokens asked for 64,000), which nothing else would show."""
+    if recipe.data.tokenizer == "demo":  # trained at submission, to the model's size where the corpus allows
+        return None
+    size, rows = tokenizer_vocab_size(Path(recipe.data.tokenizer) / "tokenizer.json"), recipe.model.vocab_size
+    if size is None or size >= SMALL_VOCABULARY * rows:
+        return None
+    return (
+        f"{recipe_path}: the tokenizer {recipe.data.tokenizer} (data.tokenizer) has {size:,} tokens, under "
+        f"{SMALL_VOCABULARY:.0%} of model.vocab_size {rows:,}: {rows - size:,} rows of the embedding and the output "
+        "layer are never used. A tokenizer trained on too little text stops where nothing is left to merge; train "
+        f"it on more text (orch tokenizer train --vocab-size {rows}), or set model.vocab_size nearer {size:,}."
+    )
 
 
 def tokenizer_vocab_size(path: Path) -> int | None:

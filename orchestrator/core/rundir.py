@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -20,6 +21,7 @@ from typing import Any
 
 from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec, read_yaml, validate
 from orchestrator.core.errors import OrchError
+from orchestrator.core.eta import eta_s
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.runfiles import (
     Attempt,
@@ -38,6 +40,16 @@ from orchestrator.core.scheduler import job_alive
 from orchestrator.core.settings import embedded_store, runs_root
 
 TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged")
+# What rank 0's beat phase (jobs/watchdog.py) means to someone following the run; other phases are its start-up.
+BEAT_PHASES = {
+    "load": "loading checkpoint",
+    "data": "training",
+    "forward_backward": "training",
+    "optimizer": "training",
+    "sync": "training",
+    "eval": "validating",
+    "save": "saving checkpoint",
+}
 RUN_FILES = ("run.json", "profile.yaml", "recipe.yaml")  # what every run directory holds from its creation
 CODE_FOLDERS = ("orchestrator", "jobs", "envs")  # what a job imports or sources
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
@@ -125,6 +137,10 @@ class Run:
     @property
     def submitit_dir(self) -> Path:
         return self.dir / "submitit"
+
+    def log_files(self, job_id: str, rank: int) -> list[Path]:
+        """A rank's stdout and stderr of a job, as submitit names them (appended to across the job's requeues)."""
+        return [self.submitit_dir / job_id / f"{job_id}_{rank}_log.{kind}" for kind in ("out", "err")]
 
     @property
     def errors_dir(self) -> Path:
@@ -223,6 +239,34 @@ class Run:
             return None
         return now - report.updated, bound
 
+    def phase(self, state: str) -> str:
+        """What a queued or running run is doing, for the progress display: queued, requeued (its job waits to start
+        again), starting, loading checkpoint, compiling (the first step of a start, where the recipe compiles),
+        training, validating or saving checkpoint. Read from the newest job's log files and attempts, rank 0's beat
+        and the heartbeat; any other state is its own phase."""
+        jobs = self.jobs
+        if state not in ("queued", "running") or not jobs:
+            return state
+        job_id = jobs[-1].job_id
+        attempt = next((a for a in reversed(self.attempts) if a.job_id == job_id), None)
+        if attempt is None:  # the scheduler creates the log when the job starts; the job records its start later
+            return "starting" if any(path.exists() for path in self.log_files(job_id, 0)) else "queued"
+        if attempt.ended is not None:
+            return "requeued"
+        try:
+            beat = self.rank_beat(job_id, 0)
+        except DamagedFile:
+            beat = None
+        report, beat_step = self.progress, beat.step if beat else 0
+        if report and report.updated >= attempt.started and report.step > max(attempt.start_step, beat_step):
+            return "training"  # a step finished since rank 0's beat was written (a node beats every few seconds)
+        if beat is None or beat.phase not in BEAT_PHASES or (beat.phase == "load" and not attempt.start_step):
+            return "starting"  # joining the process group, building the model; or no checkpoint to load
+        phase = BEAT_PHASES[beat.phase]
+        if phase == "training" and beat.step == attempt.start_step and self.recipe().train.compile is True:
+            return "compiling"  # torch.compile runs in the first step
+        return phase
+
     def watchdog(self) -> WatchdogSpec:
         """The run's watchdog bounds; the defaults where profile.yaml cannot be read (its own error is reported
         where the profile is used)."""
@@ -234,13 +278,20 @@ class Run:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Serialises the orchestrator's decisions about one run (two `orch resume` at once start one job).
-        The lock file is opened without following a symbolic link planted in its place."""
+        The lock file is opened without following a symbolic link planted in its place, and created with the mode
+        the umask gives it: the project group's other members lock it too."""
         path = self.dir / ".orch.lock"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:  # O_NONBLOCK: a FIFO planted in its place fails here instead of waiting for a writer
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         except OSError as err:
-            raise OrchError(f"{path}: cannot be opened as the run's lock ({err.strerror}); remove it.") from None
+            raise OrchError(
+                f"{path}: cannot be opened as the run's lock ({err.strerror}). It must be a plain file that your user "
+                "can write: check the folder's permissions and free space; where it is a link or another kind of "
+                "file, move it aside (orch creates it again)."
+            ) from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OrchError(f"{path}: not a plain file, so it cannot be the run's lock; move it aside.")
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -272,8 +323,10 @@ class Run:
             "step": step,
             "steps": info.steps,
             "loss": progress.loss if progress else None,
+            "val_loss": progress.val_loss if progress else None,
+            "val_step": progress.val_step if progress else None,
             "tokens_per_s": progress.tokens_per_s if progress else None,
-            "eta_s": (info.steps - step) * step_time if state == "running" and step_time else None,
+            "eta_s": eta_s(step, info.steps, step_time) if state == "running" else None,
             "last_checkpoint_step": progress.last_checkpoint_step if progress else None,
             "mlflow_run_id": (mlflow.run_id if mlflow else None) or (progress.mlflow_run_id if progress else None),
             "job_ids": [job.job_id for job in jobs],
@@ -288,7 +341,10 @@ class Run:
 
 
 def empty_summary(run: Run) -> dict[str, Any]:
-    keys = ("step", "steps", "loss", "tokens_per_s", "eta_s", "last_checkpoint_step", "mlflow_run_id", "profile")
+    keys = (
+        "step", "steps", "loss", "val_loss", "val_step", "tokens_per_s", "eta_s", "last_checkpoint_step",
+        "mlflow_run_id", "profile",
+    )  # fmt: skip
     return {
         "run_id": run.id,
         "state": "queued",

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_json_atomic
+from orchestrator.core.files import NotAPlainFile, read_plain, write_json_atomic
 
 SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 MAX_RUN_FILE_BYTES = 64 << 20  # no run file is near this; a larger one is damage, not something to parse
@@ -75,6 +75,8 @@ class JobRecord(RunFile):
 class Progress(RunFile):
     """progress.json: the job's heartbeat."""
 
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=True)  # a diverged loss is NaN: still a readable run
+
     state: Literal["running", "requeued", "preempted", "failed", "completed"]
     step: int = Field(ge=0)
     steps: int = Field(ge=1)
@@ -87,6 +89,8 @@ class Progress(RunFile):
     tokens_per_s: float | None = None
     lr: float | None = None
     step_time_s: float | None = None
+    val_loss: float | None = None  # this job's newest validation, at step val_step
+    val_step: int | None = None
 
 
 class Attempt(RunFile):
@@ -116,13 +120,6 @@ class MlflowState(RunFile):
     # bytes of each system/ file (per-node system metrics) MLflow has; None: not known (an older file, or a run found
     # again by its tag), then read from the MLflow run's histories
     system_sent: dict[str, int] | None = None
-
-
-class Latest(RunFile):
-    """checkpoints/latest.json: the newest committed checkpoint."""
-
-    step: int = Field(ge=0)
-    dir: str
 
 
 class Failure(RunFile):
@@ -231,13 +228,11 @@ Model = TypeVar("Model")
 def read_model(path: Path, model: type[Model] | Any, default: Any = None) -> Any:
     """The file parsed as `model` (a model class or a type such as list[JobRecord]); `default` when it is absent."""
     try:
-        if path.is_symlink() and not path.exists():
-            raise DamagedFile(path, "a dangling symbolic link")
-        if path.stat().st_size > MAX_RUN_FILE_BYTES:
-            raise DamagedFile(path, f"{path.stat().st_size} bytes, far more than any run file holds")
-        text = path.read_text()
+        text = read_plain(path, MAX_RUN_FILE_BYTES).decode()
     except FileNotFoundError:
         return default
+    except NotAPlainFile as err:
+        raise DamagedFile(path, err.strerror) from None
     except (OSError, UnicodeDecodeError) as err:
         raise DamagedFile(path, f"cannot be read ({err})") from None
     if not text.strip():
@@ -272,33 +267,11 @@ def spool_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def spool_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"step": int(entry["step"]), "time_ms": int(entry["time_ms"]), "metrics": dict(entry["metrics"])}
-
-
-COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
-
-
-def committed_steps(checkpoints: Path) -> list[int]:
-    """Steps of the checkpoint folders that carry a commit marker, newest first."""
-    steps = []
-    for folder in checkpoints.glob("step_*"):
-        number = folder.name.removeprefix("step_")
-        if number.isdigit() and (folder / COMMIT_MARKER).is_file():
-            steps.append(int(number))
-    return sorted(steps, reverse=True)
-
-
-def committed_step(checkpoints: Path) -> int | None:
-    """The newest committed checkpoint's step: what latest.json names, or, where latest.json is damaged or gone,
-    the newest folder with a commit marker."""
-    try:
-        latest = read_model(checkpoints / "latest.json", Latest)
-    except DamagedFile:
-        latest = None
-    if latest is not None:
-        return latest.step
-    steps = committed_steps(checkpoints)
-    return steps[0] if steps else None
+    """One spool line, typed: a line whose step, time or metric values are not numbers is damage (TypeError)."""
+    metrics = dict(entry["metrics"])
+    if any(isinstance(value, bool) or not isinstance(value, int | float) for value in metrics.values()):
+        raise TypeError("a metric value that is not a number")
+    return {"step": int(entry["step"]), "time_ms": int(entry["time_ms"]), "metrics": metrics}
 
 
 SKIPS = "skips.json"

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.tracking import BATCH
+from orchestrator.core.checkpoints import committed_steps
 from orchestrator.core.errors import OrchError
 from orchestrator.core.evals import (
     EVALS,
@@ -37,9 +37,9 @@ from orchestrator.core.evals import (
     scored_steps,
     sent_file,
 )
-from orchestrator.core.files import write_json_atomic
+from orchestrator.core.files import temporary_folder, write_json_atomic
 from orchestrator.core.rundir import TERMINAL_STATES, Run
-from orchestrator.core.runfiles import DamagedFile, MlflowState, committed_steps, read_model
+from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
 from orchestrator.tools.export import CheckpointUnavailable, choose_step, export_run
 
 if TYPE_CHECKING:
@@ -109,11 +109,11 @@ def evaluate(
 
     folder = run.dir / EVALS
     folder.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".step_{chosen}.model-") as model_dir:
-        export_run(run, chosen, Path(model_dir))
+    with temporary_folder(folder, f".step_{chosen}.model-") as model_dir:
+        export_run(run, chosen, model_dir)
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": model_dir, "device": device, "dtype": DTYPE[device]},
+            model_args={"pretrained": str(model_dir), "device": device, "dtype": DTYPE[device]},
             tasks=tasks,
             limit=limit,
             batch_size=BATCH_SIZE[device],

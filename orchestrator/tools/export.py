@@ -6,15 +6,14 @@ torch.distributed.checkpoint reads every rank's shard into full tensors in one p
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.core import checkpoints
 from orchestrator.core.config import Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run, get_run
-from orchestrator.core.runfiles import COMMIT_MARKER, committed_step, committed_steps
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -32,11 +31,11 @@ def tokenizer_dir(run: Run) -> Path:
 def choose_step(run: Run, step: int | None, purpose: str = "export") -> int:
     """The asked step if it has a committed checkpoint; by default the one `latest.json` names, else the newest.
     `purpose` is what the refusals say the step was for (export, evaluate)."""
-    steps = sorted(committed_steps(run.checkpoints_dir))
+    steps = sorted(checkpoints.committed_steps(run.checkpoints_dir))
     if not steps:
         raise OrchError(f"Run {run.id} has no checkpoint yet (none in {run.checkpoints_dir}); nothing to {purpose}.")
     if step is None:
-        latest = committed_step(run.checkpoints_dir)
+        latest = checkpoints.committed_step(run.checkpoints_dir)
         return latest if latest in steps else steps[-1]
     if step not in steps:
         raise OrchError(
@@ -50,7 +49,6 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
     """The full model of one checkpoint whose files match their manifest, on the CPU, in float32 as trained."""
     import torch.distributed.checkpoint as dcp
 
-    from jobs import checkpoint
     from jobs.model import build_empty_model, model_config
 
     recipe_path = run.dir / "recipe.yaml"
@@ -60,9 +58,9 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
             f"{recipe_path}: field 'model.init_from' names {spec.init_from!r}, which has no config.json; the "
             "export takes the architecture from it. Make that model directory readable here."
         )
-    folder = checkpoint.step_dir(run.checkpoints_dir, step)
+    folder = checkpoints.step_dir(run.checkpoints_dir, step)
     try:
-        problem = checkpoint.damage(folder)
+        problem = checkpoints.damage(folder)
         if problem is None:
             model = build_empty_model(model_config(spec, "sdpa"), "cpu")
             with warnings.catch_warnings():
@@ -70,10 +68,10 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
                 dcp.load({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
             return model
     except (Exception, dcp.CheckpointException):  # torch's is a BaseException
-        if not lost_files(folder):
+        if not checkpoints.lost_files(folder):
             raise
     else:
-        if (folder / COMMIT_MARKER).is_file():
+        if (folder / checkpoints.COMMIT_MARKER).is_file():
             raise CheckpointUnavailable(
                 f"The checkpoint of run {run.id} at step {step} is damaged ({problem}); export another step."
             )
@@ -84,18 +82,6 @@ def load_checkpoint(run: Run, step: int) -> LlamaForCausalLM:
         f"(checkpoint.keep_last) and the multiples of checkpoint.keep_every ({keep.keep_every or 'not set'}) while the "
         "run trains. Export another step, e.g. the latest."
     ) from None
-
-
-def lost_files(folder: Path) -> bool:
-    """Whether a checkpoint folder has lost its commit marker or a file the marker lists. Asked after reading it failed:
-    files that were there when the checkpoint was chosen and read are gone, which is what retention's deletion does."""
-    try:
-        listed = json.loads((folder / COMMIT_MARKER).read_text())["files"]
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError, KeyError):
-        return False  # an unreadable marker that is there: damage
-    return any(not (folder / name).is_file() for name in listed)
 
 
 def export(run_id: str, step: int | None, output: Path) -> int:

@@ -15,9 +15,10 @@ prepare added to its output folder is removed. Long documents are tokenized in s
 `cuts_at_spaces`), so memory grows with the document's text, not with a list of its token ids.
 
 Resuming: `manifest.json` records the settings and, after every shard written, each split's shards, the input
-position the split has consumed up to (file number, record number, tokens of that record written) and its skip
-counts. Run again on the same output, a prepare keeps the committed shards, reads again from that position and
-rewrites only the partial shard, so the result is byte-identical to an uninterrupted prepare.
+position the split has consumed up to (file number, record number, tokens of that record written), its skip
+counts, and what reading each file found (for the report). Run again on the same output, a prepare keeps the
+committed shards, reads again from that position and rewrites only the partial shard, so the result is
+byte-identical to an uninterrupted prepare.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import pyarrow.parquet as pq
 import zstandard
 from tokenizers import Tokenizer
 
-from jobs.shards import DTYPES, Shard, ShardWriter, file_sha256, read_index, token_dtype
-from orchestrator.core.corpus import FORMATS_HELP
+from jobs.shards import DTYPES, Shard, ShardWriter, read_index, token_dtype
+from orchestrator.core.corpus import FORMATS_HELP, SEED_EVAL_PASS
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.files import file_sha256, read_json, write_json_atomic
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
@@ -150,12 +151,30 @@ class Chunk:
     empty_file: bool = False
 
 
-def read_chunks(file: InputFile, file_no: int, start: int, chunk_bytes: int) -> Iterator[Chunk]:
-    """The file's records from record number `start` on, in chunks of about `chunk_bytes`."""
+@dataclass
+class FileTally:
+    """What reading one input file found, for the report: its records, and the lines of its first (a .txt block),
+    which tell a file of one document per line that has no blank line between them."""
+
+    records: int = 0
+    first_lines: int = 0
+
+    @property
+    def one_multiline_document(self) -> bool:
+        return self.records == 1 and self.first_lines > 1
+
+
+def read_chunks(
+    file: InputFile, file_no: int, start: int, chunk_bytes: int, tally: FileTally | None = None
+) -> Iterator[Chunk]:
+    """The file's records from record number `start` on, in chunks of about `chunk_bytes`; `tally`, if given, gets
+    every record of the file counted, those before `start` too."""
     try:
         with open_records(file) as (records, position):
             batch, size, first, reported, number = [], 0, start, position(), -1
             for number, (record, length) in enumerate(records):
+                if number == 0 and tally is not None and file.kind == "txt":
+                    tally.first_lines = record.count(b"\n") + 1
                 if number < start:
                     continue
                 batch.append(record)
@@ -164,6 +183,8 @@ def read_chunks(file: InputFile, file_no: int, start: int, chunk_bytes: int) -> 
                     now = position()
                     yield Chunk(file_no, file.key, file.kind, first, batch, now - reported)
                     batch, size, first, reported = [], 0, number + 1, now
+            if tally is not None:
+                tally.records = number + 1
             if batch or number < 0:
                 yield Chunk(file_no, file.key, file.kind, first, batch, position() - reported, number < 0)
     except READ_ERRORS as err:
@@ -625,11 +646,14 @@ class Manifest:
     """manifest.json: the settings and each split's state, rewritten atomically after every shard.
 
     Settings must match the recorded ones. Of the inputs, only the files that committed shards have read from must
-    be the same (names and sizes): later ones may change, e.g. a corrupt file that stopped the prepare, fixed."""
+    be the same (names and sizes): later ones may change, e.g. a corrupt file that stopped the prepare, fixed. It also
+    keeps each file's `FileTally` for the report, since a resumed prepare does not read the files before its
+    resume position again."""
 
     def __init__(self, output: Path, settings: dict[str, Any]) -> None:
         self.path, self.settings = output / MANIFEST, settings
         saved = read_json(self.path, {"settings": settings, "splits": {s: asdict(SplitState()) for s in SPLITS}})
+        self.files = {int(number): FileTally(**tally) for number, tally in saved.get("files", {}).items()}
         self.splits = {
             split: SplitState(
                 [Shard(**shard) for shard in state["shards"]],
@@ -655,14 +679,19 @@ class Manifest:
 
     def save(self) -> None:
         splits = {split: asdict(state) for split, state in self.splits.items()}
-        write_json_atomic(self.path, {"settings": self.settings, "splits": splits})
+        files = {number: asdict(tally) for number, tally in self.files.items()}
+        write_json_atomic(self.path, {"settings": self.settings, "splits": splits, "files": files})
 
 
 @dataclass(frozen=True)
 class Report:
-    """What a prepare wrote: each split's index (documents, tokens, shards, skipped by reason) and ignored files."""
+    """What a prepare wrote: each split's index (documents, tokens, shards, skipped by reason), the files it read
+    with what reading each found (by file number; a file read by a prepare before this version has none), and the
+    files it ignored."""
 
     indexes: dict[str, dict[str, Any]]
+    files: list[InputFile]
+    tallies: dict[int, FileTally]
     ignored: list[Path]
 
     def skipped(self) -> Counter[str]:
@@ -670,6 +699,77 @@ class Report:
 
     def documents_read(self) -> int:
         return sum(index["documents"] for index in self.indexes.values()) + self.skipped().total()
+
+    def files_read(self) -> str:
+        """Every file read: named with its records when a handful (a LICENSE.txt read as a document shows), else
+        counted by format with the empty ones named."""
+        if len(self.files) <= FILES_LISTED:
+            described = (f"{file.path} ({records_found(self.tallies.get(n))})" for n, file in enumerate(self.files))
+            return f"Files read: {len(self.files)}: {', '.join(described)}"
+        formats = Counter(f"{file.kind}{file.compression}" for file in self.files)
+        empty = [str(f.path) for n, f in enumerate(self.files) if n in self.tallies and not self.tallies[n].records]
+        return (
+            f"Files read: {len(self.files):,} ({', '.join(f'{count:,} {kind}' for kind, count in formats.items())})"
+            + (f"; empty: {len(empty):,}: {listed(empty)}" if empty else "")
+        )
+
+    def single_document_note(self) -> str | None:
+        """The .txt files read as one document of several lines: blank lines separate a .txt file's documents, so
+        a corpus of one sentence per line would train, and hold out for validation, whole files."""
+        found = [
+            f"{file.path} ({self.tallies[n].first_lines:,} lines)"
+            for n, file in enumerate(self.files)
+            if self.tallies.get(n, FileTally()).one_multiline_document
+        ]
+        if not found:
+            return None
+        each = "is one document" if len(found) == 1 else "are each one document"
+        return (
+            f"Note: {counted(len(found), '.txt file')} {each}, with no blank line between its lines: {listed(found)}. "
+            "Blank lines separate the documents of a .txt file; where every line is a document, put a blank line "
+            'after each (`sed G IN.txt > OUT.txt`), or write JSON Lines (one {"text": ...} per line).'
+        )
+
+    def val_warning(self, val_fraction: float) -> str | None:
+        """A val split too small for the run to validate (`jobs.evaluate` needs one pass of ranks × micro batch
+        blocks; without one a run logs no val_loss, silently): a warning when empty, else a note below one pass of the
+        seed recipe, which prepare, knowing no recipe, compares with."""
+        ranks, micro_batch, block = SEED_EVAL_PASS
+        one_pass = (
+            "one evaluation pass needs ranks × train.micro_batch_size blocks of data.max_seq_len tokens, "
+            f"{ranks} × {micro_batch} × {block:,} = {ranks * micro_batch * block:,} for the seed recipe on one "
+            "Karolina node"
+        )
+        tokens = self.indexes["val"]["tokens"]
+        if not tokens:
+            documents = self.indexes["train"]["documents"]
+            see_note = " (see the note on .txt files above)" if self.single_document_note() else ""
+            return (
+                f"Warning: the val split is empty: none of the {counted(documents, 'document')} fell into it at "
+                f"--val-fraction {val_fraction:g}, so a run on this data cannot validate: it logs no val_loss or "
+                f"val_perplexity; {one_pass}. Fix: more documents{see_note}, or a larger --val-fraction."
+            )
+        if tokens < ranks * micro_batch * block:
+            return (
+                f"Note: the val split holds {tokens:,} tokens; {one_pass}. A run whose val split holds less cannot "
+                "validate (`orch submit --dry-run` says whether yours does); a larger --val-fraction holds out more."
+            )
+        return None
+
+
+FILES_LISTED = 10  # files read named one by one; more are counted by format
+
+
+def records_found(tally: FileTally | None) -> str:
+    if tally is None:
+        return "records not counted: read by an older version of orch"
+    return counted(tally.records, "record") if tally.records else "empty file"
+
+
+def listed(names: list[str]) -> str:
+    """The first FILES_LISTED names, and how many more."""
+    more = len(names) - FILES_LISTED
+    return ", ".join(names[:FILES_LISTED]) + (f" and {more:,} more" if more > 0 else "")
 
 
 def pending(part: Part, file_no: int, cursor: tuple[int, int, int]) -> tuple[Part, int]:
@@ -688,10 +788,15 @@ def pending(part: Part, file_no: int, cursor: tuple[int, int, int]) -> tuple[Par
     return Part(records, np.concatenate([[lengths[0] - written], lengths[1:]]), tokens[written:], skipped), written
 
 
-def chunks_from(files: list[InputFile], start: tuple[int, int], chunk_bytes: int) -> Iterator[Chunk]:
-    """Chunks of all files from (file number, record number) `start` on."""
+def chunks_from(
+    files: list[InputFile], start: tuple[int, int], chunk_bytes: int, tallies: dict[int, FileTally]
+) -> Iterator[Chunk]:
+    """Chunks of all files from (file number, record number) `start` on, each file read tallied into `tallies` (the
+    manifest keeps those of the files before `start`, which a resumed prepare does not read again)."""
     for file_no in range(start[0], len(files)):
-        yield from read_chunks(files[file_no], file_no, start[1] if file_no == start[0] else 0, chunk_bytes)
+        tallies[file_no] = FileTally()
+        first = start[1] if file_no == start[0] else 0
+        yield from read_chunks(files[file_no], file_no, first, chunk_bytes, tallies[file_no])
 
 
 def copy_tokenizer(source: Path, output: Path) -> None:
@@ -738,7 +843,7 @@ def prepare(
         worker_args = (tokenizer.json, tokenizer.eos_id, dtype, settings.seed, settings.val_fraction)
         reporter.start(sum(f.size for f in files), sum(f.size for f in files[: start[0]]))
         try:
-            chunks = tokenized(chunks_from(files, start, chunk_bytes), worker_args, workers)
+            chunks = tokenized(chunks_from(files, start, chunk_bytes, manifest.files), worker_args, workers)
             skipped = consume(chunks, manifest, writers, reporter)
         finally:
             reporter.stop()
@@ -749,7 +854,7 @@ def prepare(
             writer.finish({**header, "split": split, "skipped": skipped[split]})
             manifest.splits[split] = SplitState(writer.shards, manifest.splits[split].cursor, skipped[split], True)
             manifest.save()
-    return Report({split: read_index(output / split) for split in SPLITS}, ignored)
+    return Report({split: read_index(output / split) for split in SPLITS}, files, manifest.files, ignored)
 
 
 def counted(number: int, noun: str) -> str:

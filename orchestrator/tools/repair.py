@@ -1,6 +1,7 @@
 """`orch repair RUN`: what is wrong with a run directory, and the repairs that other files make possible.
 
 Each run file is checked through its model. What can be rebuilt is rebuilt from what the run still has:
+- a checkpoint whose commit marker is unreadable or whose files do not match it is set aside (`damaged_step_N`);
 - checkpoints/latest.json from the checkpoint folders that carry a commit marker;
 - jobs.json from the job folders submitit keeps (`submitit/<job id>/`), with the profile's executor;
 - metrics.jsonl: unreadable lines are dropped; when it is gone, it is rebuilt from the run's MLflow run;
@@ -17,20 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.tracking import MetricSpool, find_or_create_run
+from orchestrator.core import checkpoints
 from orchestrator.core.config import Profile, Recipe, read_yaml, validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic, write_json_atomic
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
+    MIXTURE,
+    SKIPS,
     SLURM_JOB_ID,
     Attempt,
     DamagedFile,
     JobRecord,
-    Latest,
+    MixChange,
     MlflowState,
     Progress,
     RunInfo,
-    committed_steps,
+    Skip,
     read_model,
 )
 
@@ -47,11 +51,14 @@ def repair(run: Run, fix: bool) -> list[Finding]:
     findings = [check_yaml(run.dir / "profile.yaml", Profile), check_yaml(run.dir / "recipe.yaml", Recipe)]
     findings.append(check(run.dir / "run.json", RunInfo, None, "what was asked: restore it from a backup"))
     findings.append(repair_jobs(run, fix))
+    findings.extend(repair_checkpoints(run, fix))
     findings.append(repair_latest(run, fix))
     findings.append(repair_metrics(run, fix))
     findings.append(repair_mlflow(run, fix))
     for name, model in (("progress.json", Progress), ("attempts.json", list[Attempt])):
         findings.append(set_aside(run.dir / name, model, fix))
+    for name, model in ((SKIPS, list[Skip]), (MIXTURE, list[MixChange])):
+        findings.append(check(run.dir / name, model, None, "what was asked (rollbacks, --weights): fix it by hand"))
     return findings
 
 
@@ -86,23 +93,48 @@ def repair_jobs(run: Run, fix: bool) -> Finding:
     return Finding("jobs.json", "repaired", f"{len(jobs)} jobs from submitit/ ({executor})")
 
 
+def repair_checkpoints(run: Run, fix: bool) -> list[Finding]:
+    """Every committed checkpoint whose commit marker is unreadable, or whose files are missing or of other sizes
+    than it lists (checksums are the job's to check: gigabytes each), is set aside as `damaged_step_N`."""
+    findings = []
+    for step in checkpoints.committed_steps(run.checkpoints_dir):
+        folder = checkpoints.step_dir(run.checkpoints_dir, step)
+        problem = checkpoints.damage(folder, checksums=False)
+        if problem is None:
+            continue
+        name = f"checkpoints/{folder.name}"
+        if not fix:
+            findings.append(Finding(name, "damaged", f"{problem}; it would be set aside"))
+            continue
+        aside = checkpoints.set_aside(run.checkpoints_dir, step, "damaged")
+        findings.append(Finding(name, "set aside", f"{problem}; renamed {aside.name}"))
+    return findings
+
+
 def repair_latest(run: Run, fix: bool) -> Finding:
-    path = run.checkpoints_dir / "latest.json"
-    steps = committed_steps(run.checkpoints_dir)
-    found = check(path, Latest, "rebuilt from the committed checkpoint folders", "")
+    path = run.checkpoints_dir / checkpoints.LATEST
+    steps = checkpoints.committed_steps(run.checkpoints_dir)
+    found = check(path, checkpoints.Latest, "rebuilt from the committed checkpoint folders", "")
     try:
-        named = read_model(path, Latest)
+        named = checkpoints.read_latest(run.checkpoints_dir)
     except DamagedFile:
         named = None
     stale = named is not None and named.step not in steps
     if found.state == "ok" and not stale:
         return found
+    if not steps and stale:
+        return Finding(
+            path.name,
+            "damaged",
+            f"names step {named.step}, set aside, and no committed checkpoint is left: the next job stops rather than "
+            f"train from step 0; `orch resume {run.id} --from-scratch` trains from step 0",
+        )
     if not steps:
         return Finding(path.name, found.state, "no committed checkpoint folder to name")
     detail = f"names step {steps[0]}, the newest committed folder"
     if not fix:
         return Finding(path.name, "damaged" if stale else found.state, f"would be rebuilt: {detail}")
-    write_json_atomic(path, {"step": steps[0], "dir": f"step_{steps[0]:08d}"})
+    checkpoints.write_latest(run.checkpoints_dir, steps[0])
     return Finding(path.name, "repaired", detail)
 
 

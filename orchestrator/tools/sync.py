@@ -9,8 +9,9 @@ import time
 
 from jobs.system_metrics import unsent
 from jobs.tracking import artifacts, describe, finish_run, send
+from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run, all_runs
-from orchestrator.core.runfiles import DamagedFile, MlflowState, committed_step, read_model
+from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
 from orchestrator.tools.evaluate_checkpoint import send_evals
 
 log = logging.getLogger(__name__)

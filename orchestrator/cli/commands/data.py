@@ -43,6 +43,7 @@ data_app = typer.Typer(
 )
 tokenizer_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
+notes = Console(stderr=True)  # notes and warnings; stdout carries the report
 
 
 @tokenizer_app.callback()
@@ -85,11 +86,14 @@ def prepare(
             split, f"{index['documents']:,}", f"{index['tokens']:,}", str(len(index["shards"])), f"{skipped:,}"
         )
     console.print(table)
+    console.print(report.files_read(), soft_wrap=True, highlight=False, markup=False)
     show_skipped(report.documents_read(), report.skipped(), report.ignored)
     console.print(
         f"Prepared {output} ({report.indexes['train']['dtype']} tokens). To train on it, set the recipe's "
         f"data.source: {output} and data.tokenizer: {output / 'tokenizer'}"
     )
+    for message in filter(None, (report.single_document_note(), report.val_warning(val_fraction))):
+        notes.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 @data_app.command()
@@ -140,5 +144,7 @@ def show_skipped(read: int, skipped: Counter[str], ignored: list[Path]) -> None:
     reasons = ", ".join(f"{reason}: {count:,}" for reason, count in skipped.most_common()) or "none"
     console.print(f"Documents read: {read:,}; skipped: {skipped.total():,} ({reasons}).")
     if ignored:
-        shown = ", ".join(str(path) for path in ignored[:5]) + (", ..." if len(ignored) > 5 else "")
-        console.print(f"Files ignored (not a supported format): {len(ignored)}: {shown}")
+        from orchestrator.tools.prepare import listed
+
+        shown = listed([str(path) for path in ignored])
+        console.print(f"Files ignored (not a supported format): {len(ignored)}: {shown}", soft_wrap=True, markup=False)

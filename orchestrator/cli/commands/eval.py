@@ -114,8 +114,8 @@ def evaluate_here(run: Run, step: int | None, names: list[str], limit: int | Non
 def follow_here(run: Run, every: int, names: list[str], limit: int | None, dry_run: bool) -> None:
     """`--every` in this process: each milestone is scored as it commits, until the run has ended. Ctrl-C stops
     between two writes of evals/ (a score is written whole or not at all), and the same command continues."""
+    from orchestrator.core.checkpoints import committed_steps
     from orchestrator.core.evals import due_milestones, scored_steps
-    from orchestrator.core.runfiles import committed_steps
     from orchestrator.tools.evaluate_checkpoint import follow_milestones, report, task_manager
 
     task_manager(names)

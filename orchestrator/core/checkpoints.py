@@ -1,0 +1,192 @@
+"""The layout of a run's `checkpoints/` folder, read and written here only: folder names, `latest.json`, the commit
+marker and its manifest, the protected list, and the folders set aside. Light (stdlib and pydantic), so the login
+side (status, resume, rollback, repair, export) and the training job share one definition.
+
+A checkpoint is `step_N/` (N zero-padded to 8 digits). It is written into `.step_N.partial/` and counts only once
+`COMMITTED.json` is in it: written last, it lists every file of the folder with its size and SHA-256. `latest.json`
+names the newest committed checkpoint; a folder that fails its manifest, or that a rollback takes back, is renamed
+aside (`damaged_step_N`, `rolled_back_step_N`, with `.2`, `.3`... where that name is taken) and never read again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from orchestrator.core.files import file_sha256, write_json_atomic
+from orchestrator.core.runfiles import DamagedFile, RunFile, read_model
+
+LATEST = "latest.json"
+COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
+PROTECTED = "protected.json"  # step -> why retention keeps that checkpoint
+TRAIN_STATE = "train_state.json"  # in each checkpoint: the job's train state (jobs.train.TrainState)
+STEP_PREFIX = "step_"
+
+
+class Latest(RunFile):
+    """checkpoints/latest.json: the newest committed checkpoint."""
+
+    step: int = Field(ge=0)
+    dir: str
+
+
+class ManifestEntry(RunFile):
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class CommitMarker(RunFile):
+    """COMMITTED.json: the checkpoint's step and every other file of its folder."""
+
+    step: int = Field(ge=0)
+    files: dict[str, ManifestEntry]
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{STEP_PREFIX}{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    """Where a save of `step` is written before it is committed."""
+    return root / f".{STEP_PREFIX}{step:08d}.partial"
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank}.pt"
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps of the checkpoint folders that carry a commit marker, newest first."""
+    steps = []
+    for folder in root.glob(f"{STEP_PREFIX}*"):
+        number = folder.name.removeprefix(STEP_PREFIX)
+        if number.isdigit() and (folder / COMMIT_MARKER).is_file():
+            steps.append(int(number))
+    return sorted(steps, reverse=True)
+
+
+def read_latest(root: Path) -> Latest | None:
+    """What latest.json names (None where it is absent); raises DamagedFile."""
+    return read_model(root / LATEST, Latest)
+
+
+def committed_step(root: Path) -> int | None:
+    """The newest committed checkpoint's step: what latest.json names, or, where latest.json is damaged or gone,
+    the newest folder with a commit marker."""
+    try:
+        latest = read_latest(root)
+    except DamagedFile:
+        latest = None
+    if latest is not None:
+        return latest.step
+    steps = committed_steps(root)
+    return steps[0] if steps else None
+
+
+def write_latest(root: Path, step: int) -> None:
+    write_json_atomic(root / LATEST, Latest(step=step, dir=step_dir(root, step).name).model_dump())
+
+
+def forget_latest(root: Path) -> None:
+    """No committed checkpoint is left to name (training starts over)."""
+    (root / LATEST).unlink(missing_ok=True)
+
+
+def manifest(folder: Path) -> dict[str, ManifestEntry]:
+    return {
+        str(p.relative_to(folder)): ManifestEntry(bytes=p.stat().st_size, sha256=file_sha256(p))
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != COMMIT_MARKER
+    }
+
+
+def read_commit_marker(folder: Path) -> CommitMarker | None:
+    """The folder's commit marker (None where it has none); raises DamagedFile."""
+    return read_model(folder / COMMIT_MARKER, CommitMarker)
+
+
+def commit(root: Path, partial: Path, step: int) -> Path:
+    """Write the commit marker into a finished save, put the folder in place of any older one of the same step, and
+    name it in latest.json. Returns the committed folder."""
+    write_json_atomic(partial / COMMIT_MARKER, CommitMarker(step=step, files=manifest(partial)).model_dump())
+    final = step_dir(root, step)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    fsync_dir(root)
+    write_latest(root, step)
+    return final
+
+
+def damage(folder: Path, checksums: bool = True) -> str | None:
+    """What is wrong with a committed checkpoint, or None when every file matches its manifest (sizes only, without
+    `checksums`)."""
+    try:
+        marker = read_commit_marker(folder)
+    except DamagedFile as err:
+        return f"unreadable commit marker ({err.why})"
+    if marker is None:
+        return "no commit marker"
+    for name, entry in marker.files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry.bytes:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+        if checksums and file_sha256(path) != entry.sha256:
+            return f"{name} fails its SHA-256 checksum"
+    return None
+
+
+def lost_files(folder: Path) -> bool:
+    """Whether a checkpoint folder has lost its commit marker or a file the marker lists: what retention's deletion
+    does to a folder being read (a marker that is there but unreadable is damage, not loss)."""
+    try:
+        marker = read_commit_marker(folder)
+    except DamagedFile:
+        return False
+    return marker is None or any(not (folder / name).is_file() for name in marker.files)
+
+
+def set_aside(root: Path, step: int, why: Literal["damaged", "rolled_back"]) -> Path:
+    """Rename a checkpoint folder out of the committed ones, to a name no earlier set-aside holds; returns it."""
+    folder = step_dir(root, step)
+    target = root / f"{why}_{folder.name}"
+    candidate, n = target, 1
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.name}.{n}")
+    folder.rename(candidate)
+    return candidate
+
+
+def incomplete_dirs(root: Path) -> list[Path]:
+    """What interrupted saves left behind: partial folders, and step folders without a commit marker."""
+    partial = list(root.glob(f".{STEP_PREFIX}*.partial"))
+    uncommitted = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not (p / COMMIT_MARKER).is_file()]
+    return partial + uncommitted
+
+
+def read_protected(root: Path) -> dict[str, str]:
+    """The checkpoints retention keeps whatever their age: step -> reason (a damaged list protects nothing; the
+    next `protect` rewrites it whole)."""
+    try:
+        return read_model(root / PROTECTED, dict[str, str], {})
+    except DamagedFile:
+        return {}
+
+
+def protect(root: Path, step: int, reason: str) -> None:
+    write_json_atomic(root / PROTECTED, {**read_protected(root), str(step): reason})
+
+
+def fsync_dir(path: Path) -> None:
+    """Force a folder's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,129 @@
+"""The checkpoint folder's layout (orchestrator.core.checkpoints), and the Checkpointer's retention and fallback on a
+one-process group: what the end-to-end resume tests rely on, checked in isolation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.core import checkpoints
+
+
+def committed(root: Path, step: int, payload: bytes = b"weights") -> Path:
+    """A committed checkpoint of one file, made through the layout's own commit."""
+    partial = checkpoints.partial_dir(root, step)
+    partial.mkdir(parents=True)
+    (partial / "shard.distcp").write_bytes(payload)
+    return checkpoints.commit(root, partial, step)
+
+
+def test_a_commit_names_the_folder_in_latest_and_its_manifest_matches(tmp_path: Path) -> None:
+    folder = committed(tmp_path, 20)
+    assert folder == tmp_path / "step_00000020"
+    assert checkpoints.committed_steps(tmp_path) == [20]
+    assert checkpoints.read_latest(tmp_path) == checkpoints.Latest(step=20, dir="step_00000020")
+    assert checkpoints.damage(folder) is None
+    assert not checkpoints.partial_dir(tmp_path, 20).exists()
+
+
+@pytest.mark.parametrize(
+    ("harm", "said"),
+    [
+        (lambda f: (f / "COMMITTED.json").write_text('"a string"'), "unreadable commit marker"),
+        (lambda f: (f / "COMMITTED.json").write_text('{"step": 1, "files": {"x": 5}}'), "unreadable commit marker"),
+        (lambda f: (f / "shard.distcp").unlink(), "shard.distcp is missing"),
+        (lambda f: (f / "shard.distcp").write_bytes(b"weight"), "manifest says 7"),
+        (lambda f: (f / "shard.distcp").write_bytes(b"WEIGHTS"), "SHA-256"),
+    ],
+)
+def test_damage_names_what_is_wrong_with_a_committed_checkpoint(tmp_path: Path, harm, said: str) -> None:
+    folder = committed(tmp_path, 10)
+    harm(folder)
+    assert said in checkpoints.damage(folder)
+
+
+def test_a_checksum_change_of_the_same_size_passes_without_checksums(tmp_path: Path) -> None:
+    folder = committed(tmp_path, 10)
+    (folder / "shard.distcp").write_bytes(b"WEIGHTS")
+    assert checkpoints.damage(folder, checksums=False) is None
+
+
+def test_setting_aside_the_same_step_twice_keeps_both_folders(tmp_path: Path) -> None:
+    committed(tmp_path, 30)
+    first = checkpoints.set_aside(tmp_path, 30, "damaged")
+    committed(tmp_path, 30)
+    second = checkpoints.set_aside(tmp_path, 30, "damaged")
+    assert (first.name, second.name) == ("damaged_step_00000030", "damaged_step_00000030.2")
+    assert checkpoints.committed_steps(tmp_path) == []
+
+
+def test_lost_files_tells_a_deleted_checkpoint_from_a_damaged_one(tmp_path: Path) -> None:
+    folder = committed(tmp_path, 10)
+    assert not checkpoints.lost_files(folder)
+    (folder / "COMMITTED.json").write_text("[]")
+    assert not checkpoints.lost_files(folder)  # a marker that is there but unreadable: damage
+    (folder / "COMMITTED.json").unlink()
+    assert checkpoints.lost_files(folder)
+
+
+def test_committed_step_falls_back_to_the_newest_folder_when_latest_is_damaged(tmp_path: Path) -> None:
+    committed(tmp_path, 10)
+    committed(tmp_path, 20)
+    (tmp_path / "latest.json").write_text("{not json")
+    assert checkpoints.committed_step(tmp_path) == 20
+    checkpoints.forget_latest(tmp_path)
+    assert checkpoints.committed_step(tmp_path) == 20
+
+
+def test_incomplete_dirs_are_partial_saves_and_step_folders_without_a_marker(tmp_path: Path) -> None:
+    committed(tmp_path, 10)
+    checkpoints.partial_dir(tmp_path, 20).mkdir()
+    (tmp_path / "step_00000030").mkdir()
+    assert sorted(p.name for p in checkpoints.incomplete_dirs(tmp_path)) == [".step_00000020.partial", "step_00000030"]
+
+
+def test_a_damaged_protected_list_protects_nothing_and_is_rewritten_whole(tmp_path: Path) -> None:
+    (tmp_path / "protected.json").write_text('"nonsense"')
+    assert checkpoints.read_protected(tmp_path) == {}
+    checkpoints.protect(tmp_path, 40, "the last good checkpoint")
+    assert json.loads((tmp_path / "protected.json").read_text()) == {"40": "the last good checkpoint"}
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(__import__("tests.conftest").conftest.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_checkpointer_keeps_the_newest_milestones_and_protected_and_falls_back_past_damage(
+    tmp_path: Path, one_process_group: None
+) -> None:
+    import torch
+
+    from jobs.checkpoint import Checkpointer
+    from orchestrator.core.config import CheckpointSpec
+
+    spec = CheckpointSpec(every_steps=1, keep_last=2, keep_every=4, async_save=False)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = Checkpointer(tmp_path, spec)
+    for step in range(1, 7):
+        if step == 2:
+            saver.protect(2, "kept by hand")
+        saver.save(step, model, optimizer, {"weights_at": step})
+    assert checkpoints.committed_steps(tmp_path) == [6, 5, 4, 2]
+
+    shard = next(checkpoints.step_dir(tmp_path, 6).glob("*.distcp"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    step, problems = saver.choose()
+    assert step == 5 and "step 6 is damaged" in problems[0]
+    assert checkpoints.read_latest(tmp_path).step == 5  # no longer the folder set aside
+    assert saver.load(5, model, optimizer)["weights_at"] == 5
+    saver.close()
