@@ -30,8 +30,9 @@ from jobs.checkpoint import Checkpointer
 from jobs.distributed import Ranks, launch
 from jobs.train import Trainer
 from orchestrator.core.checkpoints import step_dir
-from orchestrator.core.config import CheckpointSpec, Recipe, load_profile, load_recipe, merge_all, validate
+from orchestrator.core.config import CheckpointSpec, Recipe
 from orchestrator.core.estimate import parameter_count
+from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
 from orchestrator.tools.run_data import attach_data
 
 LARGER_MODEL = {

@@ -39,11 +39,13 @@ from pathlib import Path
 from jobs.tracking import MetricSpool
 from orchestrator.core import goodput
 from orchestrator.core.checkpoints import write_latest
-from orchestrator.core.config import Profile, Recipe, dump_yaml, load_profile, load_recipe
+from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.files import write_json_atomic
+from orchestrator.core.loading import load_profile, load_recipe
 from orchestrator.core.plan import STARTUP_MIN, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import Attempt
+from orchestrator.core.yamlio import dump_yaml
 
 ASYNC_STALL_RATIO = 1099.1 / 79.8  # docs/performance.md, "Checkpoint stall": sync against async stall, 56M model
 HASH_BYTES_PER_S = 1.4e9  # docs/performance.md: SHA-256 on this CPU

@@ -57,7 +57,7 @@ done
 JOB=$(orch status "$KILLED" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["job_ids"][-1])')
 "$PYTHON" - "$JOB" <<'PY'
 import os, signal, sys
-from orchestrator.core.scheduler import descendants
+from orchestrator.core.schedulers.local import descendants
 job = int(sys.argv[1])
 for pid in [job, *descendants(job)]:
     try:

@@ -14,8 +14,8 @@ They alternate (orch, [candidate,] minimal, orch, ...) so that load from elsewhe
 after the warm-up each gives: the median step time (orch's `step_time_s` from metrics.jsonl, which ends before the
 step's logging, heartbeat, stop flag and checkpoint), the median time from one step's end to the next one's over
 steps without an evaluation or checkpoint (all per-step work), the wall time of the steps (evaluations and
-checkpoints included), the CPU time per step of the ranks' main threads and of their other threads (sampled from
-/proc: steadier than wall time on a shared machine), and the whole process's wall time (start-up included).
+checkpoints included), the CPU time per step of the ranks' main threads and of their other threads (sampled through
+psutil: steadier than wall time on a shared machine), and the whole process's wall time (start-up included).
 Ratios are to the minimal loop, over all rounds.
 """
 
@@ -32,54 +32,39 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from jobs.distributed import Ranks, launch
 from jobs.train import Trainer
 from orchestrator.cli.submit import dump
-from orchestrator.core.config import (
-    PROJECT_ROOT,
-    Recipe,
-    load_profile,
-    load_recipe,
-    merge_all,
-    parse_assignment,
-    validate,
-)
+from orchestrator.core.compat import SUBMITIT_TASK_MODULE
+from orchestrator.core.config import PROJECT_ROOT, Recipe
+from orchestrator.core.loading import load_profile, load_recipe, merge_all, parse_assignment, validate
+from orchestrator.core.schedulers.local import children
 from orchestrator.tools.run_data import attach_data
 
-TICKS = os.sysconf("SC_CLK_TCK")
-RANK_COMMANDS = (b"submitit.core._submit", b"multiprocessing.spawn")  # how orch's and the minimal loop's ranks start
+RANK_COMMANDS = (SUBMITIT_TASK_MODULE, "multiprocessing.spawn")  # how orch's and the minimal loop's ranks start
 
 
-def children(pid: int) -> list[int]:
-    """Every process below `pid`."""
-    below: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            below.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        below_one = below.get(todo.pop(), [])
-        found += below_one
-        todo += below_one
-    return found
-
-
-def thread_cpu(pid: int) -> tuple[float, float]:
+def thread_cpu(process: psutil.Process) -> tuple[float, float]:
     """CPU seconds of a process's main thread and of its other threads."""
     main = other = 0.0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / TICKS
-        main, other = (main + seconds, other) if int(task.name) == pid else (main, other + seconds)
+    for thread in process.threads():
+        seconds = thread.user_time + thread.system_time
+        main, other = (main + seconds, other) if thread.id == process.pid else (main, other + seconds)
     return main, other
+
+
+def is_rank(process: psutil.Process) -> bool:
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return any(rank_command in command for rank_command in RANK_COMMANDS)
 
 
 class RankCpu(threading.Thread):
@@ -91,14 +76,14 @@ class RankCpu(threading.Thread):
         self.samples: list[tuple[float, tuple[float, float]]] = []
 
     def run(self) -> None:
-        pids: list[int] = []
+        root, ranks = psutil.Process(self.root), []
         last: dict[int, tuple[float, float]] = {}
         while not self.stopping.wait(0.1):
-            if len(pids) < self.ranks:
-                pids = [pid for pid in children(self.root) if any(c in cmdline(pid) for c in RANK_COMMANDS)]
-            for pid in pids:
-                if Path(f"/proc/{pid}").is_dir():
-                    last[pid] = thread_cpu(pid)
+            if len(ranks) < self.ranks:
+                ranks = [process for process in children(root) if is_rank(process)]
+            for rank in ranks:
+                with suppress(psutil.Error):  # an ended rank keeps its last sample
+                    last[rank.pid] = thread_cpu(rank)
             total = tuple(sum(cpu[i] for cpu in last.values()) for i in (0, 1))
             self.samples.append((time.time(), total))
 
@@ -106,13 +91,6 @@ class RankCpu(threading.Thread):
         self.stopping.set()
         self.join()
         return self.samples
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def prepare_recipe(workdir: Path, assignments: list[str] = ()) -> tuple[Path, Recipe]:
@@ -198,8 +176,8 @@ def summary(run: dict[str, Any], warmup: int, recipe: Recipe) -> dict[str, Any]:
     records = run["records"]
 
     def plain(step: int) -> bool:
-        evaluated = recipe.eval is not None and step % recipe.eval.every_steps == 0
-        return not evaluated and (step - 1) % recipe.checkpoint.every_steps != 0
+        evaluated = recipe.eval is not None and recipe.eval.due(step)
+        return not evaluated and not recipe.checkpoint.due(step - 1)
 
     times = [t for t, _ in run["cpu"]]
     first = bisect.bisect_left(times, records[warmup - 1]["end"])

@@ -2,7 +2,8 @@
 
 Creates N run directories shaped like real ones (half completed, half running under a Slurm job id that the
 scheduler no longer knows, so `squeue` is asked once for all of them), then times the real command.
-Usage: python bench/status_latency.py [--runs 200] [--repeat 7]
+Each row is compared with `python -c "import submitit"` timed in the same invocation (machines are noisy).
+Usage: python bench/status_latency.py [--runs 1000] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -26,12 +27,27 @@ def make_runs(home: Path, count: int) -> None:
         run_dir.mkdir(parents=True)
         running = i % 2 == 1
         files = {
-            "run.json": {"run_id": run_dir.name, "created": time.time() + i, "profile": "karolina", "recipe": "tiny",
-                         "steps": 200000, "tracking_uri": "sqlite:///x.db", "stop_before_end_s": 330},
+            "run.json": {
+                "run_id": run_dir.name,
+                "created": time.time() + i,
+                "profile": "karolina",
+                "recipe": "tiny",
+                "steps": 200000,
+                "tracking_uri": "sqlite:///x.db",
+                "stop_before_end_s": 330,
+            },
             "jobs.json": [{"job_id": str(900000 + i), "executor": "slurm" if running else "local", "submitted": 0}],
-            "progress.json": {"state": "running" if running else "completed", "step": 1234, "steps": 200000,
-                              "job_id": str(900000 + i), "loss": 2.5, "tokens_per_s": 290000.0, "step_time_s": 3.6,
-                              "last_checkpoint_step": 1000, "updated": time.time()},
+            "progress.json": {
+                "state": "running" if running else "completed",
+                "step": 1234,
+                "steps": 200000,
+                "job_id": str(900000 + i),
+                "loss": 2.5,
+                "tokens_per_s": 290000.0,
+                "step_time_s": 3.6,
+                "last_checkpoint_step": 1000,
+                "updated": time.time(),
+            },
             "attempts.json": [{"job_id": str(900000 + i), "start_step": 0, "started": time.time() - 3600, "nodes": 2}],
             "mlflow.json": {"run_id": "0" * 32, "sent_through": 1000},
         }
@@ -43,24 +59,37 @@ def time_command(args: list[str], env: dict[str, str], repeat: int) -> list[floa
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, *args], env=env, cwd=ROOT, check=True, capture_output=True)
         times.append(time.perf_counter() - started)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=7)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         make_runs(Path(home), options.runs)
         env = {**os.environ, "ORCH_HOME": home}
+        baseline = time_command(["-c", "import submitit"], env, options.repeat)
+        show("python -c 'import submitit'", baseline, baseline, options)
         for args in (["--help"], ["status"], ["status", "--json"], ["ls"]):
-            times = time_command(args, env, options.repeat)
-            print(f"orch {' '.join(args):14s} {options.runs} runs: median {statistics.median(times):.3f} s "
-                  f"(min {min(times):.3f}, max {max(times):.3f}, {options.repeat} runs, {os.cpu_count()} cores)")
+            show(
+                f"orch {' '.join(args)}",
+                time_command(["-m", "orchestrator", *args], env, options.repeat),
+                baseline,
+                options,
+            )
+
+
+def show(name: str, times: list[float], baseline: list[float], options: argparse.Namespace) -> None:
+    """One row: the median, its spread, and its ratio to importing submitit measured in the same invocation."""
+    median = statistics.median(times)
+    print(
+        f"{name:28s} {options.runs} runs: median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f}; "
+        f"{median / statistics.median(baseline):.2f}x import submitit; {options.repeat} runs, {os.cpu_count()} cores)"
+    )
 
 
 if __name__ == "__main__":

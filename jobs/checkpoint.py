@@ -12,12 +12,15 @@ manifest and the commit go on in a background thread, on a gloo group of their o
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
 import shutil
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from orchestrator.core import checkpoints as layout
 from orchestrator.core.config import CheckpointSpec
+from orchestrator.core.errors import machine_fault
+from orchestrator.core.files import fault_behind, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +53,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def unwrapped(err: BaseException, rank: int) -> Exception:
+    """The error itself, or the one a CheckpointException wraps (every rank gets the same): a machine fault of any
+    rank first, so that the ranks agree on it, else this rank's own, else the first."""
+    if not isinstance(err, dcp.CheckpointException):
+        return err if isinstance(err, Exception) else RuntimeError(str(err))
+    wrapped = [error for error, _ in err.failures.values()]
+    own = err.failures[rank][0] if rank in err.failures else None
+    chosen = next((e for e in wrapped if machine_fault(e)), own or (wrapped[0] if wrapped else None))
+    return chosen if isinstance(chosen, Exception) else RuntimeError(str(err))
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints; every method is called by every rank at the same point."""
 
     def __init__(self, root: Path, spec: CheckpointSpec) -> None:
-        self.root, self.every_steps, self.async_save = root, spec.every_steps, spec.async_save
+        self.root, self.spec, self.async_save = root, spec, spec.async_save
         self.keep_last, self.keep_every = spec.keep_last, spec.keep_every
         self.rank = dist.get_rank()
         self.group = dist.new_group(backend="gloo")  # background collectives never share the training group
@@ -66,29 +82,50 @@ class Checkpointer:
 
     def maybe_save(self, step: int, last_step: int, stopping: bool, trainer: Any, train_state: dict) -> None:
         """Save at the recipe's cadence, at the last step, and when the job is about to stop."""
-        if step % self.every_steps == 0 or step == last_step or stopping:
+        if self.spec.due(step) or step == last_step or stopping:
             self.save(step, trainer.model, trainer.optimizer, train_state)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""
         self.wait()
         partial = layout.partial_dir(self.root, step)
-        partial.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), layout.rng_file(partial, self.rank))
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        if self.async_save:
-            written = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
-            self.pending = self.background.submit(self._finish, step, partial, written, train_state)
-        else:
-            dcp.save(state, checkpoint_id=partial, process_group=self.group)
-            self._finish(step, partial, None, train_state)
+        with self.failed_save(partial):
+            partial.mkdir(parents=True, exist_ok=True)
+            rng = io.BytesIO()
+            torch.save(rng_state(), rng)
+            write_atomic(layout.rng_file(partial, self.rank), rng.getbuffer(), durable=False)
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            if self.async_save:
+                written = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
+                self.pending = self.background.submit(self._finish, step, partial, written, train_state)
+            else:
+                dcp.save(state, checkpoint_id=partial, process_group=self.group)
+                self._finish(step, partial, None, train_state)
 
     def _finish(self, step: int, partial: Path, written: Future | None, train_state: dict) -> None:
-        if written is not None:
-            written.result()  # on rank 0 this returns once every rank's shards and the metadata are written
-        if self.rank == 0:
-            self._commit(step, partial, train_state)
+        with self.failed_save(partial):
+            if written is not None:
+                written.result()  # on rank 0 this returns once every rank's shards and the metadata are written
+            if self.rank == 0:
+                self._commit(step, partial, train_state)
+
+    @contextmanager
+    def failed_save(self, partial: Path) -> Iterator[None]:
+        """A save that fails raises the error itself, naming the folder where the system named no file, and a full
+        disk or quota as such (`fault_behind`): torch wraps every rank's error in a CheckpointException, a
+        BaseException that the job's failure handling would never see. Its partial folder stays until the job records
+        why it failed (`Run.record_failure` frees it where the disk is full) or the next start cleans it up."""
+        try:
+            yield
+        except (Exception, dcp.CheckpointException) as err:
+            cause = unwrapped(err, self.rank)
+            if isinstance(cause, OSError) and cause.filename is None:
+                cause.filename = str(partial)
+            cause = fault_behind(cause, self.root) or cause  # torch's writer: a full disk as "unexpected pos"
+            if cause is err:
+                raise
+            raise cause from err
 
     def _commit(self, step: int, partial: Path, train_state: dict) -> None:
         (partial / layout.TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))

@@ -29,13 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.shards import TokenBlocks
+from jobs.shards import TokenBlocks, read_pointer, source_folders
 from orchestrator.core.config import TrainSpec
-from orchestrator.core.errors import OrchError
-from orchestrator.core.files import read_json
 from orchestrator.core.runfiles import MixPhases, Ranges, data_step
-
-POINTER = "tokens.json"
 
 
 def pack(documents: Iterable[list[int]], eos_id: int, block_len: int) -> tuple[np.ndarray, int]:
@@ -253,16 +249,9 @@ class JoinedBlocks:
 def source_splits(data_dir: Path, split: str) -> dict[str, TokenBlocks]:
     """A split of each source the run's `data/tokens.json` names: {"": blocks} for one source, by name for a
     mixture. A source is a folder elsewhere or (relative, ".") the run's own data folder, which moves with the run."""
-    pointer = read_json(data_dir / POINTER)
-    if pointer is None:
-        raise OrchError(f"{data_dir / POINTER} is missing: the run has no data attached (`orch submit` attaches it).")
+    pointer = read_pointer(data_dir)
     folders = source_folders(pointer)
     return {name: TokenBlocks(data_dir / folder / split, pointer["max_seq_len"]) for name, folder in folders.items()}
-
-
-def source_folders(pointer: dict) -> dict[str, str]:
-    """The prepared folder of each source a tokens.json names: {"": folder} for one source."""
-    return pointer.get("sources") or {"": pointer["tokens"]}
 
 
 def load_blocks(data_dir: Path) -> TokenBlocks | JoinedBlocks:

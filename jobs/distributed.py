@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate import PartialState
 
+from jobs.compat import reset_accelerate_state
 from orchestrator.core.config import COLLECTIVE_TIMEOUT_S
 
 
@@ -91,4 +92,4 @@ def rank_main(rank: int, world: int, device: str, backend: str, fn: Callable[...
         fn(ranks, *args)
     finally:
         dist.destroy_process_group()
-        PartialState._reset_state()
+        reset_accelerate_state()

@@ -11,11 +11,9 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
-import re
 import resource
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -41,6 +39,8 @@ from orchestrator.core.doctor import (
     Storage,
 )
 from orchestrator.core.files import write_json_atomic
+from orchestrator.core.schedulers import rank_started
+from orchestrator.core.schedulers.slurm import site_settings
 
 ALLREDUCE_MIB = {"cpu": (1, 4, 16), "cuda": (16, 64, 256)}  # tensor sizes, from latency-bound to bandwidth-bound
 ALLREDUCE_ITERATIONS = {"cpu": 5, "cuda": 20}
@@ -60,6 +60,7 @@ class DoctorJob:
 
         from jobs.distributed import start_process_group
 
+        rank_started()
         # the ranks see the node as a training job's ranks do (jobs/train.py)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         ranks = start_process_group(self.request.device, self.request.backend)
@@ -102,30 +103,19 @@ def examine(request: DoctorRequest, rank: int, world: int, device: Any, job_id: 
 
 def slurm() -> SlurmSettings | None:
     """The site's settings as `scontrol` tells them inside the job (None outside Slurm)."""
-    partition = os.environ.get("SLURM_JOB_PARTITION")
-    if "SLURM_JOB_ID" not in os.environ or shutil.which("scontrol") is None:
+    if (settings := site_settings()) is None:
         return None
-    config = scontrol_pairs(["show", "config"], r"^(\S+)\s+=\s+(.*)$")
-    part = scontrol_pairs(["show", "partition", partition], r"(\w+)=(\S*)") if partition else {}
+    config, part = settings
     return SlurmSettings(
         version=config.get("SLURM_VERSION"),
         job_requeue=config.get("JobRequeue"),
         enforce=config.get("AccountingStorageEnforce"),
         preempt_type=config.get("PreemptType"),
         preempt_parameters=config.get("PreemptParameters"),
-        partition=partition,
+        partition=os.environ.get("SLURM_JOB_PARTITION"),
         partition_preempt_mode=part.get("PreemptMode"),
         grace_time=part.get("GraceTime"),
     )
-
-
-def scontrol_pairs(arguments: list[str], pattern: str) -> dict[str, str]:
-    """`key = value` lines or `Key=Value` words of an scontrol command; empty when it fails."""
-    try:
-        out = subprocess.run(["scontrol", *arguments], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return {key: value.strip() for key, value in re.findall(pattern, out, flags=re.MULTILINE)}
 
 
 def software() -> Software:

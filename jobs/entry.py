@@ -7,6 +7,7 @@ import resource
 import sys
 from pathlib import Path
 
+from submitit import JobEnvironment
 from submitit.helpers import Checkpointable
 
 
@@ -21,6 +22,10 @@ class TrainJob(Checkpointable):
         self.run_dir = Path(run_dir)
 
     def __call__(self) -> int | None:
+        from orchestrator.core.schedulers import rank_started
+
+        rank_started()  # first: a rank never outlives its job
+        check_frozen_code(self.run_dir)
         from jobs.preemption import StopFlag
 
         offline_and_unlimited()
@@ -36,6 +41,22 @@ class TrainJob(Checkpointable):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(requeued.code if isinstance(requeued.code, int) else 1)
+
+
+def check_frozen_code(run_dir: Path) -> None:
+    """The run's code/ is what was frozen at submission, before anything else is imported from it: the job's Python
+    would take a module missing there from another checkout, without a word. Damage stops the job with the reason
+    recorded where `orch status` finds it."""
+    from orchestrator.core.errors import OrchError
+    from orchestrator.core.rundir import Run
+
+    run = Run(run_dir)
+    problem = run.code_damage()
+    if problem:
+        job = JobEnvironment()
+        err = OrchError(problem)
+        run.record_failure(str(job.job_id), job.global_rank, None, err)
+        raise err
 
 
 def offline_and_unlimited() -> None:

@@ -62,7 +62,7 @@ class Evaluator:
                 log.warning(problem)  # once per job: the evaluations that then find no whole pass stay silent
 
     def maybe_evaluate(self, step: int, last_step: int, model: torch.nn.Module) -> dict:
-        if self.spec is None or (step % self.spec.every_steps and step != last_step):
+        if self.spec is None or not (self.spec.due(step) or step == last_step):
             return {}
         if "" in self.sources:
             return evaluate(model, self.sources[""], self.spec.blocks, self.micro_batch, self.device)

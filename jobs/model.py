@@ -10,9 +10,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from jobs.compat import enable_activation_checkpointing, materialise_rotary
 from orchestrator.core.config import ModelSpec
+from orchestrator.core.files import library_writes
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +65,6 @@ def build_empty_model(config: LlamaConfig, device: torch.device | str) -> LlamaF
     model.to_empty(device=device)
     materialise_rotary(model, device)
     return model
-
-
-def materialise_rotary(model: torch.nn.Module, device: torch.device | str) -> None:
-    """Rotary frequencies are non-persistent buffers, in no checkpoint: compute them for a model built on meta."""
-    for module in model.modules():
-        if isinstance(module, LlamaRotaryEmbedding):
-            with torch.device(device):
-                fresh = LlamaRotaryEmbedding(module.config)
-            module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
-
-
-def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
-    """Non-reentrant checkpointing of each block; transformers before 5.23 names it gradient checkpointing."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def shard(
@@ -146,14 +129,14 @@ def build_sharded_model(
 
 
 def save_hf_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, output: Path) -> None:
-    """A Hugging Face model directory whose config and generation config name the tokenizer's special tokens."""
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    """A Hugging Face model directory whose config and generation config name the tokenizer's special tokens. A
+    tokenizer without a pad token (orch's own have none) pads with its eos, as `generate` would on its own after a
+    warning; without the id, generation_config.json would name no pad token at all."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
     for key, value in ids.items():
         setattr(model.config, key, value)
     model.generation_config = GenerationConfig(**ids)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with library_writes(output):
+        model.save_pretrained(output)
+        tokenizer.save_pretrained(output)

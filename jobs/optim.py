@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from lion_pytorch import Lion
 
+from jobs.compat import set_last_lr
 from orchestrator.core.config import OptimizerSpec, ScheduleSpec
 from orchestrator.core.schedule import lr_factor
-
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
 
 def build_optimizer(params, spec: OptimizerSpec) -> Lion:
@@ -29,7 +28,7 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
         rates = [base * factor(self.last_epoch) for factor, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
         for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = lr
-        self._last_lr = rates
+        set_last_lr(self, rates)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec) -> StepSchedule:

@@ -10,16 +10,14 @@ signal came.
 A partition that preempts sends SIGTERM, then SIGKILL after its grace time (submitit ignores SIGTERM). Where the
 profile says `preemptible`, SIGTERM is a stop of its own kind: the ranks save at the next step boundary and leave.
 Slurm requeues a preempted job (PreemptMode=REQUEUE) only when its grace time runs out: one that saved and left
-within it ends as completed, so rank 0 queues the job again itself (`requeue_preempted`; found by the simulated
-Karolina's rehearsal, docs/karolina-sim.md).
+within it ends as completed, so rank 0 queues the job again itself (the scheduler's `requeue_preempted`; found by
+the simulated Karolina's rehearsal, docs/karolina-sim.md).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
@@ -31,13 +29,10 @@ STOPS = (None, "time", "preempted")  # what agreed() returns, by the code the ra
 
 
 def process_started() -> float:
-    """When this process started (the scheduler's clock for the job starts about then), from /proc."""
-    try:
-        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, IndexError, ValueError):
-        return time.time()
+    """When this process started (the scheduler's clock for the job starts about then)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 class StopFlag:
@@ -77,20 +72,3 @@ class StopFlag:
         signal.signal(signal.SIGUSR2, self.submitit_handler)
         signal.raise_signal(signal.SIGUSR2)
 
-
-def requeue_preempted(job_id: str) -> None:
-    """Rank 0, once a Slurm job stopped by SIGTERM has committed its checkpoint: queue it again where it was
-    preempted. scancel sends SIGTERM too, but marks the job CANCELLED first: a job that is no longer RUNNING in
-    Slurm's eyes was cancelled (or already requeued), and stays so."""
-    try:
-        shown = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
-                               timeout=60)  # fmt: skip
-        state = next((f.split("=", 1)[1] for f in shown.stdout.split() if f.startswith("JobState=")), "unknown")
-        if state != "RUNNING":
-            log.info("SIGTERM, and job %s is %s: not requeued", job_id, state)
-            return
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as err:
-        log.error("scontrol requeue %s failed (%s): `orch resume` continues the run", job_id, err)
-        return
-    log.info("preempted: requeued job %s (%s)", job_id, done.stderr.strip() or "accepted")

@@ -5,7 +5,8 @@ decision to `errors/<job>.attempt<N>.recovery.json` (created by a hard link, so 
 
 - retried: the job is requeued from its last committed checkpoint (jobs.watchdog.requeue: the LocalExecutor's
   requeue code after the other ranks are ended, or `scontrol requeue`), up to the profile's `recovery.retries` per job;
-- not retried, with the reason: a user error (OrchError: a bad recipe, damaged data), the same error at the same
+- not retried, with the reason: a user error (OrchError: a bad recipe, damaged data), a full disk or quota or a
+  read-only or forbidden folder (`orchestrator.core.errors.machine_fault`), the same error at the same
   step as an earlier attempt of the job (deterministic: a requeue would fail again), or the budget spent.
 
 A failure after the watchdog requeued the job for a hang (jobs.watchdog) decides nothing: it is the hang's aftermath.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -28,10 +28,11 @@ from typing import NoReturn
 from jobs import watchdog
 from jobs.preemption import process_started
 from orchestrator.core.config import Profile
-from orchestrator.core.errors import OrchError
-from orchestrator.core.files import create_unique
+from orchestrator.core.errors import OrchError, machine_fault
+from orchestrator.core.files import create_unique, naming
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import DamagedFile, Recovery, read_model
+from orchestrator.core.schedulers import scheduler_of
 
 log = logging.getLogger("orch.recovery")
 DECIDED_WAIT_S = 5.0  # how long a rank that failed second waits for the first one's decision to appear
@@ -56,12 +57,19 @@ def decide(run: Run, profile: Profile, job_id: str, rank: int, step: int | None,
     earlier = [r for r in job_recoveries(run, job_id) if r.attempt < attempt]
     host = socket.gethostname()
     retried, reason = judge(profile, step, signature(err), earlier, err)
-    excluded = run.suspect_hosts(profile.recovery.exclude_after, also_failed=(host,))
+    keeps_off = scheduler_of(profile.executor).excludes_hosts
+    excluded = run.suspect_hosts(profile.recovery.exclude_after, also_failed=(host,)) if keeps_off else []
     decision = Recovery(
         job_id=job_id, attempt=attempt, rank=rank, host=host, step=step, error=signature(err), retried=retried,
-        reason=reason, excluded_hosts=excluded if profile.executor == "slurm" else [], time=time.time(),
+        reason=reason, excluded_hosts=excluded, time=time.time(),
     )  # fmt: skip
-    if claim(path, decision):
+    try:
+        claimed = claim(path, decision)
+    except OSError as full:  # a full disk: no retry that the other ranks cannot learn of
+        log.error("could not record the decision in %s: %s", path, full)
+        unrecorded = f"not retried: the decision could not be recorded ({full.strerror})"
+        return decision.model_copy(update={"retried": False, "reason": reason if not retried else unrecorded})
+    if claimed:
         log.error("attempt %d of job %s failed at step %s (%s): %s", attempt, job_id, step, decision.error, reason)
         return decision
     return recorded(path) or decision.model_copy(update={"retried": False, "reason": "decided by another rank"})
@@ -74,6 +82,8 @@ def judge(
         return False, "not retried: automatic recovery is off (recovery.retries: 0)"
     if isinstance(err, OrchError):
         return False, "not retried: the run's input is at fault, and a requeue would fail the same way"
+    if machine_fault(err):
+        return False, "not retried: the filesystem refused the write, and a requeue would fail the same way"
     if any(r.step == step and r.error == error for r in earlier):
         return False, f"not retried: the same error at step {step} as an earlier attempt (deterministic)"
     if len(earlier) >= profile.recovery.retries:
@@ -87,7 +97,7 @@ def claim(path: os.PathLike[str], decision: Recovery) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_unique(folder, "tmp", ".partial")
     try:
-        with os.fdopen(fd, "w") as f:
+        with naming(Path(path)), os.fdopen(fd, "w") as f:
             f.write(decision.model_dump_json())
         os.link(tmp, path)
         return True
@@ -120,11 +130,8 @@ def job_recoveries(run: Run, job_id: str) -> list[Recovery]:
 
 def requeue(run: Run, profile: Profile, job_id: str, rank: int, decision: Recovery) -> NoReturn:
     """End this job and queue it again (module docstring)."""
-    if decision.excluded_hosts and profile.executor == "slurm":
-        excluded = ",".join(decision.excluded_hosts)
-        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={excluded}"],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
-        log.warning("excluding %s from the next try: %s", excluded, done.stderr.strip() or "accepted")
+    if decision.excluded_hosts:
+        scheduler_of(profile.executor).keep_off(job_id, decision.excluded_hosts)
     peers = []
     for other in range(profile.world_size):
         if other != rank:

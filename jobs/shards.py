@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import file_sha256, write_atomic, write_json_atomic
+from orchestrator.core.files import file_sha256, read_json, write_atomic, write_json_atomic
+from orchestrator.core.runfiles import FINGERPRINT, DataFingerprint, SourceData, read_model
 
 FORMAT = "orch-token-shards/1"
 INDEX = "index.json"
@@ -118,6 +120,64 @@ class ShardWriter:
         self.shards.append(shard)
         self.filled = self.documents = 0
         return shard
+
+
+POINTER = "tokens.json"  # in a run's data/ folder: the prepared folder of each source, and the block length
+
+
+def read_pointer(data_dir: Path) -> dict[str, Any]:
+    """A run's tokens.json, which `orch submit` writes when it attaches the data."""
+    pointer = read_json(data_dir / POINTER)
+    if pointer is None:
+        raise OrchError(f"{data_dir / POINTER} is missing: the run has no data attached (`orch submit` attaches it).")
+    return pointer
+
+
+def source_folders(pointer: dict) -> dict[str, str]:
+    """The prepared folder of each source a tokens.json names: {"": folder} for one source."""
+    return pointer.get("sources") or {"": pointer["tokens"]}
+
+
+def source_data(data_dir: Path, folder: str) -> SourceData:
+    """A prepared folder's content as one SHA-256: each split's token width and its shards' checksums and token
+    counts, in the order its index lists them. The same corpus prepared again, or moved, gives the same fingerprint;
+    another corpus, even of the same tokenizer, another. Reads the indexes only, not the shards."""
+    digest, train_tokens = hashlib.sha256(), 0
+    for split in ("train", "val"):
+        split_dir = data_dir / folder / split
+        if split == "val" and not (split_dir / INDEX).is_file():
+            continue  # prepared before the val split existed
+        index = read_index(split_dir)
+        shards = [[shard["sha256"], shard["tokens"]] for shard in index["shards"]]
+        digest.update(json.dumps([split, index["dtype"], shards]).encode())
+        train_tokens = train_tokens or index["tokens"]
+    return SourceData(folder=folder, fingerprint=digest.hexdigest(), train_tokens=train_tokens)
+
+
+def check_fingerprint(data_dir: Path) -> None:
+    """The run's data is what it was when recorded (`DataFingerprint`); where nothing is recorded yet (a new run, or
+    one from before fingerprints), it is recorded now. A change of content is refused, naming both fingerprints."""
+    now = {name: source_data(data_dir, folder) for name, folder in source_folders(read_pointer(data_dir)).items()}
+    path = data_dir / FINGERPRINT
+    recorded = read_model(path, DataFingerprint)
+    if recorded is None:
+        write_json_atomic(path, DataFingerprint(sources=now, recorded=time.time()).model_dump())
+        return
+    for name, was in recorded.sources.items():
+        found = now.get(name)
+        if found is not None and found.fingerprint == was.fingerprint:
+            continue
+        where = (data_dir / was.folder).resolve()
+        has = f"{found.fingerprint[:16]} ({found.train_tokens:,} train tokens)" if found else "no such source"
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(recorded.recorded))
+        raise OrchError(
+            f"the run's training data changed: {f'source {name}' if name else 'the data'} in {where} had fingerprint "
+            f"{was.fingerprint[:16]} ({was.train_tokens:,} train tokens) when it was recorded in {path} ({when}), and "
+            f"now has {has}. A run never trains on changed data: its checkpoints and data order belong to the "
+            f"recorded corpus. Put that corpus back in {where}, or train the new one in a new run (`orch submit`); to "
+            f"go on with this run on the new data on purpose, delete {path} and resume (the next start records the "
+            "data as it is then)."
+        )
 
 
 def read_index(split_dir: Path) -> dict[str, Any]:

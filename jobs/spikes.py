@@ -38,11 +38,13 @@ class SpikeGuard:
         self.spike: tuple[int, float] | None = None  # the training step that spiked last, and its loss
 
     def spiked(self, step: int, loss: float) -> bool:
-        """Whether training step `step` spiked; a step that did not joins the window."""
+        """Whether training step `step` spiked; a finite loss that did not joins the window (a NaN or inf before
+        `min_steps` would spoil the median; a resume seeds the window with finite losses alike)."""
         if len(self.losses) >= self.spec.min_steps and not loss <= self.spec.factor * self.median():
             self.spike = (step, loss)
             return True
-        self.losses = [*self.losses, (step + 1, loss)][-self.spec.window :]
+        if math.isfinite(loss):
+            self.losses = [*self.losses, (step + 1, loss)][-self.spec.window :]
         return False
 
     def median(self) -> float:

@@ -3,9 +3,10 @@
 Policy: metrics are held back until their checkpoint commits. Rank 0 appends every step's metrics to
 `RUN_DIR/metrics.jsonl` at once (so `orch status` and the run directory are live), and a background thread
 sends to MLflow the steps up to the newest committed checkpoint. A resume from step k drops the spooled
-steps after k, so MLflow shows each step exactly once and never a step that was rolled back. When the
-server is down, training goes on and the spool waits; `orch sync RUN_ID` sends what is left.
-`RUN_DIR/mlflow.json` holds the MLflow run id and how far MLflow has the metrics.
+steps after k, so MLflow shows each step exactly once and never a step that was rolled back. A rollback to a
+checkpoint older than what MLflow has (`orch rollback`) sets the MLflow run aside and sends the surviving steps to a
+new one: MLflow cannot delete a metric's points. When the server is down, training goes on and the spool waits;
+`orch sync RUN_ID` sends what is left. `RUN_DIR/mlflow.json` holds the MLflow run id and how far MLflow has the metrics.
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ from orchestrator.core.settings import EXPERIMENT
 log = logging.getLogger(__name__)
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 VAL_SKIPPED = "orch.val_skipped"  # the tag of a run that cannot validate, with the reason
+SET_ASIDE = "orch.rolled_back_to"  # the tag of an MLflow run set aside by a rollback: the step the run went back to
+# MLflow 3's kind of a classic model-training experiment: without it, UIs that read the tag open the GenAI views
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow's run page lays out charts by metric name: the sections (a name's text before its last "/") first, then the
+# unsectioned "Model metrics", each alphabetically. So its Model metrics tab gets the training curves, loss first
+# (loss, lr, mfu, tokens_per_s, val_loss, val_perplexity), and the figures of how the job ran go to its System
+# metrics tab as system/NAME; each job's goodput, one value at its last step, becomes the run's tags
+# (docs/tracking.md). metrics.jsonl keeps every name as it is.
+JOB_FIGURES = frozenset(
+    {
+        "grad_norm", "step_time_s", "data_wait_fraction", "checkpoint_stall_s", "eval_s", "tokens_per_s_per_rank",
+        "peak_memory_gb", "skipped_steps",
+    }
+)  # fmt: skip
+SUMMARY = "goodput/"
 
 # A tracking server that is down must fail fast: training must not wait on it.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -94,9 +110,23 @@ class MetricSpool:
         write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in entries if e["step"] <= step))
 
 
+def mlflow_key(key: str) -> str:
+    """A spooled metric's name in MLflow (see JOB_FIGURES)."""
+    return f"system/{key}" if key in JOB_FIGURES else key
+
+
+def spooled_key(key: str) -> str | None:
+    """A metric of the MLflow run by its name in metrics.jsonl; None for the nodes' own (system/NODE/FIELD)."""
+    if key.startswith("system/"):
+        name = key.removeprefix("system/")
+        return name if name in JOB_FIGURES else None
+    return key
+
+
 def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tags: dict[str, str]) -> int:
     """Send spooled metrics up to `through_step` and the nodes' new system samples to MLflow, creating the MLflow run
-    on first contact. Returns the step MLflow now has everything through. Raises when the server cannot be reached."""
+    on first contact, and again where a rollback dropped steps it has (`went_back`). Returns the step MLflow now has
+    everything through. Raises when the server cannot be reached."""
     import mlflow
 
     client = client_for(uri)
@@ -109,19 +139,35 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
     if known is not None and known.tracking_uri not in (None, uri):
         log.info("the run now reports to %s (it reported to %s)", uri, known.tracking_uri)
         known = None
+    checked, back = went_back(run_dir, known)
+    if known is not None and back is not None:
+        log.info(
+            "the run went back to step %d and MLflow run %s has its steps through %d: it is set aside (deleted in "
+            "MLflow, where `mlflow runs restore` brings it back) and a new MLflow run gets the steps that stand",
+            back, known.run_id, known.sent_through,
+        )  # fmt: skip
+        set_aside(client, known.run_id, back)
+        tags = {**tags, "orch.replaces": known.run_id}
+        known = None
     state = (
         known.model_dump() if known else {**find_or_create_run(client, uri, run_dir.name, params), "tracking_uri": uri}
     )
-    if known is None:
+    recorded = known is not None and known.experiment_id is not None and known.rolled_back_checked == checked
+    if state.get("experiment_id") is None:  # a file of an older version
+        state["experiment_id"] = client.get_run(state["run_id"]).info.experiment_id
+    state["rolled_back_checked"] = checked
+    if not recorded:
         write_json_atomic(state_path, state)
-    if tags:
-        client.log_batch(state["run_id"], tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
     spooled = MetricSpool(run_dir).entries() if through_step > state["sent_through"] else []  # read only when due
     entries = [e for e in spooled if state["sent_through"] < e["step"] <= through_step]
+    summaries = {k: f"{v:.6g}" for e in entries for k, v in e["metrics"].items() if k.startswith(SUMMARY)}  # newest
+    if tags or summaries:
+        client.log_batch(state["run_id"], tags=[mlflow.entities.RunTag(k, v) for k, v in {**tags, **summaries}.items()])
     metrics = [
-        mlflow.entities.Metric(key, float(value), e["time_ms"], e["step"])
+        mlflow.entities.Metric(mlflow_key(key), float(value), e["time_ms"], e["step"])
         for e in entries
         for key, value in e["metrics"].items()
+        if not key.startswith(SUMMARY)
     ]
     for i in range(0, len(metrics), BATCH):
         client.log_batch(state["run_id"], metrics=metrics[i : i + BATCH])
@@ -130,6 +176,29 @@ def send(run_dir: Path, uri: str, through_step: int, params: dict[str, Any], tag
         write_json_atomic(state_path, state)
     send_system(client, run_dir, state, state_path)
     return state["sent_through"]
+
+
+def went_back(run_dir: Path, known: MlflowState | None) -> tuple[int, int | None]:
+    """How many bytes of rolled_back.jsonl the sender has now looked through, and the step the run went back to where
+    the steps a rollback dropped since (`MetricSpool.rollback`) include some MLflow has (None where they do not). Only
+    a rollback to a checkpoint older than the newest one does that: MLflow is sent the committed steps only. Where
+    `known` has not recorded how far it looked, the file's earlier rollbacks are taken as looked through."""
+    path = run_dir / ROLLED_BACK
+    size = path.stat().st_size if path.is_file() else 0
+    if known is None or known.rolled_back_checked is None:
+        return size, None
+    dropped, checked = read_from(path, known.rolled_back_checked) if size > known.rolled_back_checked else ([], size)
+    sent = [entry["step"] for entry in dropped if entry["step"] <= known.sent_through]
+    return checked, min(sent) - 1 if sent else None
+
+
+def set_aside(client: Any, mlflow_run_id: str, step: int) -> None:
+    """An MLflow run holding steps that a rollback undid (their points cannot be deleted) leaves the runs MLflow
+    shows: tagged with the step the run went back to, then deleted, which MLflow's `runs restore` undoes. Done once,
+    also where a crash interrupted it."""
+    if client.get_run(mlflow_run_id).info.lifecycle_stage == "active":
+        client.set_tag(mlflow_run_id, SET_ASIDE, str(step))
+        client.delete_run(mlflow_run_id)
 
 
 def send_system(client: Any, run_dir: Path, state: dict[str, Any], state_path: Path) -> None:
@@ -167,18 +236,29 @@ def find_or_create_run(client: Any, uri: str, name: str, params: dict[str, Any])
     with the run's parameters."""
     import mlflow
 
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else create_experiment(client, uri)
+    experiment_id = training_experiment(client, uri)
     found = client.search_runs([experiment_id], filter_string=f"tags.`orch.run_id` = '{name}'", max_results=1)
     if found:
         history = client.get_metric_history(found[0].info.run_id, "loss")
-        return {"run_id": found[0].info.run_id, "sent_through": max((m.step for m in history), default=0)}
+        sent_through = max((m.step for m in history), default=0)
+        return {"run_id": found[0].info.run_id, "sent_through": sent_through, "experiment_id": experiment_id}
     run = client.create_run(experiment_id, run_name=name, tags={"orch.run_id": name})
     flat = {k: v for section, value in params.items() for k, v in flatten(section, value).items()}
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
-    return {"run_id": run.info.run_id, "sent_through": 0, "system_sent": {}}
+    return {"run_id": run.info.run_id, "sent_through": 0, "system_sent": {}, "experiment_id": experiment_id}
+
+
+def training_experiment(client: Any, uri: str) -> str:
+    """The id of the experiment runs report to, created where it is new. It is of MLflow 3's classic model-training
+    kind, which an experiment that an older orch created is given here."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return create_experiment(client, uri)
+    if EXPERIMENT_KIND[0] not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def create_experiment(client: Any, uri: str) -> str:
@@ -186,7 +266,7 @@ def create_experiment(client: Any, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    return client.create_experiment(EXPERIMENT, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def upload_artifacts(run_dir: Path, uri: str, files: list[Path]) -> None:

@@ -29,9 +29,9 @@ from jobs.evaluate import Evaluator
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
-from jobs.preemption import StopFlag, process_started, requeue_preempted
+from jobs.preemption import StopFlag, process_started
 from jobs.progress_log import ProgressLog
-from jobs.shards import shard_damage
+from jobs.shards import check_fingerprint, shard_damage
 from jobs.spikes import SpikeGuard
 from jobs.system_metrics import SystemMonitor
 from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
@@ -39,9 +39,8 @@ from orchestrator.core import goodput
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
-from orchestrator.core.estimate import flops_per_token
 from orchestrator.core.files import write_json_atomic
-from orchestrator.core.plan import Plan, gradient_accumulation, make_plan
+from orchestrator.core.plan import Plan, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
     MixPhases,
@@ -52,6 +51,7 @@ from orchestrator.core.runfiles import (
     read_skips,
     skipped_data,
 )
+from orchestrator.core.schedulers import scheduler_of
 
 log = logging.getLogger("orch.train")
 BEAT_INTERVAL_S = 0.5
@@ -79,34 +79,17 @@ def run_training(run_dir: Path, stop: StopFlag) -> int | None:
         finally:
             dist.destroy_process_group()
     except Exception as err:
-        record_failure(run, str(job.job_id), job.global_rank, position.step, err, position.decided)
+        if not position.recorded:
+            run.record_failure(str(job.job_id), job.global_rank, position.step, err)
         raise
 
 
 @dataclass
 class Position:
-    """The step this rank is training, and what recovery decided after it failed, for its failure report."""
+    """The step this rank is training, and whether its failure is recorded (with what recovery decided)."""
 
     step: int | None = None
-    decided: str | None = None
-
-
-def record_failure(
-    run: Run, job_id: str, rank: int, step: int | None, err: BaseException, decided: str | None = None
-) -> None:
-    failure = {
-        "job_id": job_id,
-        "rank": rank,
-        "host": socket.gethostname(),
-        "step": step,
-        "type": type(err).__name__,
-        "message": (str(err) + (f"; {decided}" if decided else ""))[:2000],
-        "time": time.time(),
-    }
-    try:
-        write_json_atomic(run.errors_dir / f"{job_id}.rank{rank}.json", failure)
-    except OSError as write_error:  # a full disk: the log still has it
-        log.error("could not record the failure in %s: %s", run.errors_dir, write_error)
+    recorded: bool = False
 
 
 def train(
@@ -134,15 +117,17 @@ def train(
         run.dir, job_id, profile.system_metrics_interval_s, ranks.device.type == "cuda", lambda: position.step
     )
     try:
-        throughput = Throughput(profile, recipe, plan)
+        throughput = Throughput(plan)
         finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position, guard)
     except Exception as err:
         decision = recovery.decide(run, profile, job_id, ranks.rank, position.step, err)
-        position.decided = decision.reason
+        # recorded first: before a peer's exit can end this process, and before the reports below, which a full disk
+        # fails too
+        run.record_failure(job_id, ranks.rank, position.step, err, decision.reason)
+        position.recorded = True
         if report:
             report.failed(err, decision)
-        if decision.retried and decision.rank == ranks.rank:  # before a peer's exit can end this process
-            record_failure(run, job_id, ranks.rank, position.step, err, decision.reason)
+        if decision.retried and decision.rank == ranks.rank:
             recovery.requeue(run, profile, job_id, ranks.rank, decision)
         raise
     finally:
@@ -165,10 +150,12 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
 
 
 def check_data(data_dir: Path, rank: int) -> None:
-    """The run's token shards are what `orch data prepare` wrote, before any GPU time is spent on them."""
+    """The run's data is what it was recorded as (`check_fingerprint`), and its token shards are what `orch data
+    prepare` wrote, before any GPU time is spent on them."""
     def damage() -> str | None:
         return next(filter(None, (shard_damage(s.dir) for s in source_splits(data_dir, "train").values())), None)
 
+    agree(rank, lambda: check_fingerprint(data_dir))
     problem = agree(rank, damage)
     if problem:
         raise OrchError(f"the training data is damaged: {problem}. Prepare it again (`orch data prepare`).")
@@ -363,11 +350,11 @@ class Trainer:
         spec = recipe.train
         self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
         self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
-        self.grad_accum = gradient_accumulation(spec.global_batch_size, spec.micro_batch_size, ranks.world)
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
         order = make_order(blocks, spec, ranks.world, skipped, phases or mix_phases(recipe.data.weights, []))
         self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
+        self.grad_accum = self.loader.accumulation  # the plan checked that it divides
         self.attention = attention_implementation(spec.attention, ranks.device)
         self.model = build_sharded_model(
             recipe.model,
@@ -417,10 +404,9 @@ class Trainer:
 class Throughput:
     """Tokens/s, MFU, step time, data-wait fraction and (on GPUs) peak memory of one step."""
 
-    def __init__(self, profile: Profile, recipe: Recipe, plan: Plan) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.tokens_per_step, self.world = plan.tokens_per_step, plan.world_size
-        self.peak_flops = plan.world_size * (profile.node.peak_bf16_tflops or 0) * 1e12
-        self.model_flops = flops_per_token(recipe.model, recipe.data.max_seq_len)
+        self.peak_flops, self.model_flops = plan.peak_flops, plan.flops_per_token
 
     def metrics(self, elapsed: float, data_wait: float) -> dict[str, float]:
         tokens_per_s = self.tokens_per_step / elapsed
@@ -478,8 +464,7 @@ class JobReport:
         """Saved after the scheduler's SIGTERM. Under Slurm the job then queues itself again (`requeue_preempted`):
         Slurm ends a preempted job that leaves within its GraceTime as completed."""
         self.stopped_early("preempted", done)
-        if self.run.profile().executor == "slurm":
-            requeue_preempted(self.job_id)
+        scheduler_of(self.run.profile().executor).requeue_preempted(self.job_id)
 
     def stopped_early(self, how: Literal["requeued", "preempted"], done: int) -> None:
         """Saved and stopping before the end: the attempt records how, which the requeue-loop guard reads."""

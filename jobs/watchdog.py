@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -43,12 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
-
 from orchestrator.core.config import WatchdogSpec
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.runfiles import SILENT_S, DamagedFile, Hang, RankBeat, read_model
-from orchestrator.core.scheduler import descendants
+from orchestrator.core.schedulers import scheduler_of
 
 log = logging.getLogger("orch.watchdog")
 BEAT_S = 1.0  # how often a watchdog looks at its own rank (and, past its bound, at the others)
@@ -256,31 +252,7 @@ def stuck(beats: dict[int, RankBeat], world: int, now: float) -> list[int]:
 
 def requeue(executor: str, job_id: str, peers: list[RankBeat]) -> NoReturn:
     """End this job so that its scheduler starts it again (module docstring)."""
-    if executor == "local":
-        for peer in peers:
-            kill_sibling(peer.pid)
-        exit_now(LOCAL_REQUEUE_RETURN_CODE)
-    try:
-        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as err:
-        log.error("scontrol requeue %s failed (%s): the job ends without a requeue", job_id, err)
-    exit_now(1)
-
-
-def kill_sibling(pid: int) -> None:
-    """SIGKILL (which also ends a stopped process) to another task of this job on this machine and what it
-    started; only where `pid` is still a child of this process's parent, never a process that took its number."""
-    try:
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return
-    if parent != os.getppid():
-        return
-    for target in [pid, *descendants(pid)]:
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    exit_now(scheduler_of(executor).requeue(job_id, [peer.pid for peer in peers]))
 
 
 def exit_now(code: int) -> NoReturn:

@@ -5,16 +5,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from orchestrator.core.rundir import TERMINAL_STATES, Run
-from orchestrator.core.scheduler import descendants
+from orchestrator.core.schedulers.local import descendants
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +84,39 @@ needs_slurm = pytest.mark.skipif(
     "not __import__('tests.conftest').conftest.slurm_available()",
     reason="no local Slurm (run: bash envs/slurm-local.sh)",
 )
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts filesystems: root only (CI runs as root)")
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (as mount takes it: 600k, 16m) mounted at `folder` for the block: a full disk for real."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a job's process may still hold a file
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """`folder` bind-mounted read-only onto itself for the block."""
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Take all but `leave` bytes of the free space of the filesystem that holds `folder` (in a new file there)."""
+    free = os.statvfs(folder)
+    fd, _ = tempfile.mkstemp(dir=folder, prefix="filler-")
+    with os.fdopen(fd, "wb") as filler:
+        filler.write(bytes(max(0, free.f_bavail * free.f_frsize - leave)))
 
 
 def kill_job_tree(job_id: str) -> None:
@@ -188,3 +226,17 @@ def steps_for_allocations(pace: Pace, allocations: float, limit_s: float, stop_b
     trains_s = limit_s - stop_before_end_s - pace.startup_s
     assert trains_s > 5 * pace.step_s, f"an allocation of {limit_s} s leaves no time to train at {pace}"
     return max(20, round(allocations * trains_s / pace.step_s))
+
+
+def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    """A randomly initialised Llama that runs forward and backward in milliseconds on a CPU, built here (no
+    download), in fp32 and in training mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tie_word_embeddings, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()

@@ -2,6 +2,7 @@
 which way imports run; these tests check what a contract cannot: no circle of imports, and a CLI that starts
 without the training stack."""
 
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,30 @@ def test_the_cli_answers_without_importing_the_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_orch_help_builds_no_schema():
+    """`orch --help` answers at once: the commands import the schemas (pydantic models) when they run, not before."""
+    schemas = ("pydantic", "orchestrator.core.config")
+    code = f"import sys, orchestrator.cli.app; print([m for m in {schemas!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+SLURM_COMMAND = re.compile(r"""["'](squeue|scontrol|scancel|sbatch|sinfo|srun)["']""")  # a command run, not named
+EXECUTOR_BUILT = re.compile(r"\b(Local|Slurm|Auto|Debug)Executor\(")
+
+
+def test_only_the_scheduler_modules_run_slurm_commands_and_build_submitits_executors():
+    """What a contract cannot say (lint-imports says that only they queue jobs through submitit): every other
+    module asks the scheduler protocol (orchestrator/core/schedulers/)."""
+    schedulers = ROOT / "orchestrator" / "core" / "schedulers"
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if not path.is_relative_to(schedulers)
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if SLURM_COMMAND.search(line) or EXECUTOR_BUILT.search(line)
+    ]
+    assert found == []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli.commands.bench import default_variants, variant_recipe
-from orchestrator.core.config import load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_recipe
 from tests.conftest import ROOT
 
 
@@ -70,7 +70,7 @@ def test_minimal_loop_computes_the_losses_of_orchs_job(tmp_path: Path, monkeypat
 def test_orch_bench_and_a_submitted_run_train_the_same_first_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from bench.overhead import prepare_recipe, run_orch
     from jobs.bench import available_ranks, run_benchmark
-    from orchestrator.core.config import load_profile
+    from orchestrator.core.loading import load_profile
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local profile's setting, which its job gets
     recipe_file, recipe = prepare_recipe(tmp_path)

@@ -1,4 +1,5 @@
-"""`orch compare`: the distance in steps at which two runs reach the same loss, plotted and logged to MLflow."""
+"""`orch compare`: the distance in steps at which two runs reach the same loss, read from the runs' metrics.jsonl
+(what `orch status` reads), plotted and logged to MLflow."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.commands.analysis import app
 from orchestrator.core.errors import OrchError
-from orchestrator.tools.compare import monotone_envelope, moving_average, smoothed_envelope, step_distance
+from orchestrator.tools.compare import (
+    centred_average,
+    monotone_envelope,
+    smoothed_envelope,
+    smoothing_window,
+    step_distance,
+)
 from tests.conftest import ROOT
 
 OFFSET = 300
@@ -50,22 +57,23 @@ def fake_run_dir(home: Path, name: str, uri: str, mlflow_run_id: str | None) -> 
     return run_dir
 
 
-def mlflow_run(client, experiment_id: str, name: str, loss: np.ndarray, val_ppl: dict[int, float]) -> str:
-    """An MLflow run holding a loss history (and test perplexities), logged the way jobs.tracking logs them."""
-    from mlflow.entities import Metric
-
-    run_id = client.create_run(experiment_id, run_name=name, tags={"orch.run_id": name}).info.run_id
-    metrics = [Metric("loss", float(v), 0, int(s)) for s, v in zip(STEPS, loss, strict=True)]
-    metrics += [Metric("val_perplexity", v, 0, s) for s, v in val_ppl.items()]
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run_id, metrics=metrics[i : i + 900])
-    return run_id
+def write_spool(run_dir: Path, loss: np.ndarray, val_ppl: dict[int, float] | None = None) -> None:
+    """RUN_DIR/metrics.jsonl as the job writes it: a line per step of STEPS, with the test perplexity where given."""
+    val_ppl = val_ppl or {}
+    lines = []
+    for step, value in zip(STEPS.tolist(), loss.tolist(), strict=True):
+        metrics = {"loss": value, **({"val_perplexity": val_ppl[step]} if step in val_ppl else {})}
+        lines.append(json.dumps({"step": step, "time_ms": 0, "metrics": metrics}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture
 def offset_runs(orch_home: Path, tmp_path: Path):
-    """Two runs in a real SQLite MLflow store: B's loss is A's delayed by OFFSET steps, each with its own noise."""
+    """Two runs with MLflow runs in a real SQLite store: B's loss is A's delayed by OFFSET steps, each with its own
+    noise. Each MLflow run holds a loss of 99 at every step that its metrics.jsonl no longer has (a rollback undid
+    them): compare reads what `orch status` reads."""
     import mlflow
+    from mlflow.entities import Metric
 
     uri = f"sqlite:///{orch_home / 'mlflow.db'}"
     orch_home.mkdir(parents=True)
@@ -76,15 +84,34 @@ def offset_runs(orch_home: Path, tmp_path: Path):
     for name, shift in (("run-a", 0), ("run-b", OFFSET)):
         loss = decaying_loss(STEPS - shift) + rng.normal(0, 0.02, len(STEPS))
         val_ppl = {s: float(np.exp(decaying_loss(np.array(s - shift)) + 0.1)) for s in range(500, 4001, 500)}
-        run_id = mlflow_run(client, experiment_id, name, loss, val_ppl)
-        fake_run_dir(orch_home, name, uri, run_id)
+        run_id = client.create_run(experiment_id, run_name=name, tags={"orch.run_id": name}).info.run_id
+        client.log_batch(run_id, metrics=[Metric("loss", 99.0, 0, int(s)) for s in STEPS[-100:]])
+        write_spool(fake_run_dir(orch_home, name, uri, run_id), loss, val_ppl)
         runs[name] = run_id
     return client, runs
 
 
-def test_moving_average_is_the_mean_of_the_last_window_values():
-    assert moving_average(np.array([4.0, 2.0, 6.0, 0.0]), 2).tolist() == [4.0, 3.0, 4.0, 3.0]
-    assert moving_average(np.array([1.0, 2.0]), 10).tolist() == [1.0, 1.5]
+def test_the_centred_average_follows_a_straight_line_to_its_ends_and_is_the_mean_of_the_window_within():
+    line = np.arange(10, dtype=float) * -0.5 + 8
+    assert centred_average(line, 5).tolist() == pytest.approx(line.tolist())  # no lag, at the ends neither
+    assert centred_average(np.array([4.0, 2.0, 6.0, 0.0, 5.0]), 3).tolist() == [4.0, 4.0, 8 / 3, 11 / 3, 5.0]
+    assert centred_average(np.array([1.0, 2.0]), 9).tolist() == [1.0, 2.0]
+
+
+def test_the_smoothing_window_is_odd_and_at_most_a_tenth_of_the_points():
+    assert [smoothing_window(50, points) for points in (80, 800, 4000, 5)] == [7, 49, 49, 1]
+    assert smoothing_window(1, 4000) == 1
+
+
+def test_smoothing_a_short_falling_loss_does_not_lag_it():
+    """`--smooth 50` on an 80-point run: a trailing mean of 50 points ended 0.8 above the loss it smoothed."""
+    steps = np.arange(1, 81)
+    truth = 3.0 + 6.0 * np.exp(-steps / 40)
+    noisy = truth + np.random.default_rng(1).normal(0, 0.01, len(steps))
+    trailing = np.convolve(noisy, np.ones(50))[49:80] / 50
+    assert trailing[-1] - truth[-1] > 0.75  # what the old smoothing did
+    smoothed = centred_average(noisy, smoothing_window(50, len(steps)))
+    assert np.abs(smoothed - truth).max() < 0.02
 
 
 def test_monotone_envelope_is_the_lowest_value_so_far():
@@ -121,7 +148,8 @@ def test_compare_recovers_a_known_step_offset_and_logs_the_plots_to_both_runs(of
     report = json.loads((output / "compare.json").read_text())
     assert report["median_distance"] == pytest.approx(OFFSET, abs=15)
     assert report["median_offset"] == pytest.approx(OFFSET, abs=15)  # B needs more steps
-    assert report["runs"]["a"]["source"] == report["runs"]["b"]["source"] == "mlflow"
+    assert report["runs"]["b"]["final_loss"] < 90 and report["runs"]["b"]["last_step"] == STEPS[-1]  # not MLflow's
+    assert (report["smooth_window"], report["smooth_asked"]) == (19, 20)  # odd, centred on its point
     assert "Median distance for the same smoothed loss" in result.stdout
     plots = ["loss.png", "val_perplexity.png", "step_distance.png"]
     assert report["plots"] == plots
@@ -135,21 +163,17 @@ def test_compare_recovers_a_known_step_offset_and_logs_the_plots_to_both_runs(of
 def spooled_run(home: Path, name: str, loss: np.ndarray) -> None:
     """A run that MLflow has not heard of yet: its losses are only in RUN_DIR/metrics.jsonl."""
     run_dir = fake_run_dir(home, name, f"sqlite:///{home / 'mlflow.db'}", None)
-    lines = [
-        json.dumps({"step": int(s), "time_ms": 0, "metrics": {"loss": float(v)}})
-        for s, v in zip(STEPS, loss, strict=True)
-    ]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_spool(run_dir, loss)
 
 
-def test_compare_reads_metrics_jsonl_when_mlflow_has_no_run(orch_home: Path, tmp_path: Path):
+def test_compare_of_runs_that_mlflow_has_no_run_for(orch_home: Path, tmp_path: Path):
     spooled_run(orch_home, "spool-a", decaying_loss(STEPS))
     spooled_run(orch_home, "spool-b", decaying_loss(STEPS - 100))
     output = tmp_path / "out"
     result = analysis("compare", "spool-a", "spool-b", "--output", str(output), "--smooth", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((output / "compare.json").read_text())
-    assert report["runs"]["a"]["source"] == "metrics.jsonl"
+    assert report["runs"]["a"]["points"] == len(STEPS)
     assert report["median_distance"] == pytest.approx(100, abs=5)
     assert report["plots"] == ["loss.png", "step_distance.png"]
     assert "the test perplexity plot is skipped" in result.stdout

@@ -8,6 +8,7 @@ and no process outside the run ever gets a signal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from jobs.entry import check_frozen_code
+from jobs.shards import check_fingerprint, source_data
 from orchestrator.cli import submit
 from orchestrator.cli.app import app
 from orchestrator.core.errors import OrchError
-from tests.conftest import orch, status_json, submitted_run_id
+from tests.conftest import fill, needs_root, orch, small_disk, status_json, submitted_run_id
 
 RUN_FILES = [
     "run.json",
@@ -85,7 +88,9 @@ def invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, list(args))
     if result.exception is not None and not isinstance(result.exception, SystemExit | OrchError):
         raise AssertionError(f"orch {' '.join(args)} crashed") from result.exception
-    return (2 if isinstance(result.exception, OrchError) else result.exit_code), result.output
+    if isinstance(result.exception, OrchError):
+        return 2, result.output + str(result.exception)
+    return result.exit_code, result.output
 
 
 def check_store(damaged: str, healthy: str, file: str) -> None:
@@ -303,3 +308,111 @@ def test_a_diverged_loss_of_nan_is_shown_not_taken_for_damage(template, tmp_path
     code, out = invoke("status", "--json")
     assert code == 0, out
     assert {s["run_id"]: s["state"] for s in json.loads(out)}[diverged] == "completed"
+
+
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The runs `orch resume` would queue a job for, recorded instead of queued (their jobs are not at stake)."""
+    launched: list[str] = []
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
+    return launched
+
+
+def test_a_file_missing_from_the_frozen_code_stops_the_job_before_it_trains(template, tmp_path, monkeypatch):
+    """Python would take the missing module from the checkout (its editable install) without a word."""
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    launched = launches(monkeypatch)
+    damaged, healthy = store_with_two_runs(template, tmp_path / "home")
+    run_dir = tmp_path / "home" / "runs" / damaged
+    (run_dir / "code/jobs/train.py").unlink()
+
+    code, out = invoke("repair", damaged, "--check")
+    assert code == 2 and "code/jobs/train.py is missing" in out, out
+    code, out = invoke("resume", damaged, "--steps", "12")
+    assert code == 2 and "code/jobs/train.py is missing" in out and "--update-code" in out and not launched, out
+    job = {"EXECUTOR": "local", "LOCAL_JOB_ID": "4242", "LOCAL_GLOBALID": "0", "LOCAL_LOCALID": "0"}
+    for name, value in job.items():  # a job queued anyway checks first thing, before importing from code/
+        monkeypatch.setenv(f"SUBMITIT_{name}", value)
+    with pytest.raises(OrchError, match="code/jobs/train.py is missing"):
+        check_frozen_code(run_dir)
+    assert "code/jobs/train.py is missing" in json.loads((run_dir / "errors/4242.rank0.json").read_text())["message"]
+    assert invoke("resume", healthy, "--steps", "12")[0] == 0 and launched == [healthy]
+
+
+def test_another_corpus_in_the_prepared_folder_is_refused_naming_both_fingerprints(template, tmp_path, monkeypatch):
+    """The same tokenizer, another content, a consistent index: only the fingerprint recorded at submission tells."""
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    launched = launches(monkeypatch)
+    damaged, healthy = store_with_two_runs(template, tmp_path / "home")
+    data = tmp_path / "home" / "runs" / damaged / "data"
+    recorded = json.loads((data / "fingerprint.json").read_text())["sources"][""]["fingerprint"]
+    index = json.loads((data / "train/index.json").read_text())
+    shard = data / "train" / index["shards"][0]["file"]
+    other = shard.read_bytes()[::-1]  # the same tokens in another order: another corpus of this tokenizer
+    shard.write_bytes(other)
+    index["shards"][0]["sha256"] = hashlib.sha256(other).hexdigest()
+    (data / "train/index.json").write_text(json.dumps(index))  # written after the shard, as prepare does
+    changed = source_data(data, ".").fingerprint
+
+    code, out = invoke("resume", damaged, "--steps", "12")
+    assert code == 2 and "training data changed" in out and not launched, out
+    assert recorded[:16] in out and changed[:16] in out and "fingerprint.json" in out, out
+    with pytest.raises(OrchError, match="training data changed"):
+        check_fingerprint(data)  # what the job checks at its start
+    assert invoke("resume", healthy, "--steps", "12")[0] == 0 and launched == [healthy]  # same content, moved
+
+
+def test_the_export_of_a_killed_evaluation_is_removed_and_one_in_use_is_kept(template, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    damaged, _ = store_with_two_runs(template, tmp_path / "home")
+    evals = tmp_path / "home" / "runs" / damaged / "evals"
+    evals.mkdir()
+    evaluation = (
+        "import sys, time\nfrom pathlib import Path\nfrom orchestrator.core.files import temporary_folder\n"
+        "with temporary_folder(Path(sys.argv[1]), '.step_10.model-') as folder:\n"
+        "    print(folder, flush=True)\n    time.sleep(300)\n"
+    )
+    killed, live = (
+        subprocess.Popen([sys.executable, "-c", evaluation, str(evals)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    )
+    try:
+        left, in_use = (Path(process.stdout.readline().strip()) for process in (killed, live))
+        killed.kill()
+        killed.wait()
+        code, out = invoke("repair", damaged, "--check")
+        assert code == 0 and left.name in out and "left over" in out and in_use.name not in out, out
+        code, out = invoke("repair", damaged)
+        assert code == 0 and "removed" in out, out
+        assert not left.exists() and in_use.is_dir()
+        assert sorted(p.name for p in evals.iterdir()) == sorted([in_use.name, f"{in_use.name}.owner"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_full_disk_fails_the_final_save_with_its_reason_and_an_eval_with_one_paragraph(template, tmp_path):
+    """The save that fills the disk is taken away once the job knows why it failed, to record it; the run keeps its
+    last checkpoint. An evaluation on the full disk says where and what, and leaves no export behind."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        home = disk / "home"
+        shutil.copytree(template, home)
+        [run_dir] = (home / "runs").iterdir()
+        checkpoint = sum(f.stat().st_size for f in (run_dir / "checkpoints/step_00000010").iterdir())
+        fill(disk, leave=checkpoint // 2)  # room for ten steps' records, not for the final save of step 20
+        resumed = orch("resume", run_dir.name, "--steps", "20", "--wait", ORCH_HOME=str(home))
+        assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stdout + resumed.stderr
+        assert "No space left on device (the filesystem is full)" in resumed.stderr, resumed.stderr
+        [failure] = [json.loads(p.read_text()) for p in (run_dir / "errors").glob("*.rank0.json")]
+        assert "the filesystem is full" in failure["message"] and f"orch resume {run_dir.name}" in failure["message"]
+        assert len(json.loads((run_dir / "attempts.json").read_text())) == 2  # the resume's job: no retry
+        assert json.loads((run_dir / "checkpoints/latest.json").read_text())["step"] == 10
+        assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000010"]
+        assert not list((run_dir / "checkpoints").glob(".probe-*"))
+
+        fill(disk, leave=0)
+        evaluated = orch("eval", run_dir.name, "--tasks", "czech_cloze", "--limit", "2", ORCH_HOME=str(home))
+        assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr, evaluated.stderr
+        assert f"Cannot write {run_dir / 'evals'}" in evaluated.stderr, evaluated.stderr
+        assert not list((run_dir / "evals").glob(".step_*"))

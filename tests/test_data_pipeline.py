@@ -24,8 +24,9 @@ from transformers import AutoTokenizer
 
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, load_val_blocks, pack
 from jobs.shards import OPEN_SHARDS, TokenBlocks
-from orchestrator.core.config import DataSpec, load_recipe
+from orchestrator.core.config import DataSpec
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_recipe
 from orchestrator.core.preflight import check_data
 from orchestrator.tools.prepare import (
     BYTE_TOKENS,

@@ -17,7 +17,7 @@ from jobs.shards import TokenBlocks
 from orchestrator.cli.commands.data import data_app, tokenizer_app
 from orchestrator.core.errors import OrchError
 from orchestrator.tools.prepare import FileTally, InputFile, Report
-from tests.conftest import ROOT, orch
+from tests.conftest import ROOT, needs_root, orch, read_only
 
 runner = CliRunner()
 DATA_APP = "from orchestrator.cli.commands.data import data_app; data_app()"
@@ -201,6 +201,17 @@ def refusals(trained, corpus: Path, tmp_path: Path) -> tuple[str, str]:
     train = refusal("tokenizer", "train", "--input", str(corpus), "--output", str(tokenizer))
     assert not (tmp_path / "out").exists() and not tokenizer.exists()
     return prepare, train
+
+
+@needs_root
+def test_a_prepare_into_a_read_only_folder_says_where_in_one_paragraph(tmp_path: Path, trained, corpus: Path):
+    (tmp_path / "scratch").mkdir()
+    with read_only(tmp_path / "scratch") as scratch:
+        output = scratch / "prepared"
+        tokenizer = str(trained[0])
+        message = refusal("data", "prepare", "--tokenizer", tokenizer, "--input", str(corpus), "--output", str(output))
+        assert message.startswith(f"error: Cannot write {output}: Read-only file system"), message
+        assert "(the filesystem is mounted read-only)" in message and "run the same command again" in message
 
 
 def test_an_empty_input_folder_is_refused_with_exit_code_2_and_the_counts(tmp_path: Path, trained):

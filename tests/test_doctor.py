@@ -27,7 +27,8 @@ from orchestrator.core.doctor import (
     Storage,
 )
 from orchestrator.core.errors import OrchError
-from orchestrator.core.runfiles import JobRecord, read_model
+from orchestrator.core.runfiles import read_model
+from orchestrator.core.schedulers.base import Job
 from tests.conftest import ROOT, free_port, needs_slurm, orch, status_json
 
 WORKS = Probe(ok=True, detail="works")
@@ -225,7 +226,7 @@ def test_a_failed_rank_ends_the_wait_with_its_error_and_logs(tmp_path: Path):
     logs.mkdir(parents=True)
     (logs / "4194305_0_result.pkl").write_bytes(pickle.dumps(("success", None)))
     (logs / "4194305_1_result.pkl").write_bytes(pickle.dumps(("error", "Traceback ...\nValueError: no GPU\n")))
-    gone = JobRecord(job_id="4194305", executor="local", submitted=0.0)
+    gone = Job("local", "4194305", 0.0, tmp_path / "submitit")
     with pytest.raises(OrchError, match=r"rank 1: ValueError: no GPU\).*4194305_0_log.err"):
         wait_for_report(tmp_path, gone, 60)
 

@@ -62,7 +62,7 @@ def slurm_run(home: Path) -> Path:
     given to Slurm (the dry runs below ask no scheduler), and without any checkpoint yet; its recipe keeps every
     20th step."""
     from orchestrator.cli.submit import dump
-    from orchestrator.core.config import load_profile, load_recipe, parse_override
+    from orchestrator.core.loading import load_profile, load_recipe, parse_override
     from orchestrator.core.rundir import create_run
 
     _, profile = load_profile("local-slurm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ from typer.testing import CliRunner
 
 from jobs.model import build_model
 from orchestrator.cli.commands.model import app
-from orchestrator.core.config import Recipe, load_recipe
+from orchestrator.core.config import Recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_recipe
 from tests.conftest import orch, status_json
 
 pytestmark = pytest.mark.slow
@@ -76,6 +78,8 @@ def test_export_of_the_latest_step_computes_the_training_models_logits(run, tmp_
     torch.testing.assert_close(logits(exported, tokens), logits(training_model(run, 4), tokens), rtol=0, atol=1e-6)
     assert exported.config.vocab_size == 512
     assert exported.generation_config.eos_token_id == tokenizer.eos_token_id == exported.config.eos_token_id
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["pad_token_id"] == tokenizer.eos_token_id  # orch's tokenizers have no pad token: eos pads
 
 
 def test_export_of_an_earlier_step_holds_that_steps_weights(run, tmp_path: Path):

@@ -11,8 +11,9 @@ import pytest
 
 from orchestrator.cli.show import accounting
 from orchestrator.core import goodput
-from orchestrator.core.config import dump_yaml, load_profile, load_recipe
-from orchestrator.core.rundir import Run
+from orchestrator.core.loading import load_profile, load_recipe
+from orchestrator.core.rundir import Run, node_hours
+from orchestrator.core.yamlio import dump_yaml
 from tests.conftest import kill_job_tree, orch, run_dir_of, submitted_run_id, wait_for_step
 
 T0 = 1_800_000_000.0  # the runs below start here (seconds since the epoch)
@@ -92,8 +93,9 @@ def test_startup_is_the_time_from_a_start_to_its_first_step_and_counted_steps_ar
     assert_adds_up(result)
 
 
-def test_steps_a_resume_discarded_are_rolled_back_and_the_gap_after_a_failure_is_idle(tmp_path):
-    """Killed after step 7 with a checkpoint at 5; resumed 12 s after its last step, from step 5."""
+def test_steps_a_resume_discarded_are_rolled_back_and_the_wait_for_the_resume_is_not_allocated(tmp_path):
+    """Killed after step 7 with a checkpoint at 5; resumed by a new job 12 s after its last step, from step 5: the
+    killed job's allocation ended with it."""
     first = steps(1, 7, T0 + 1)
     run = make_run(
         tmp_path / "run",
@@ -108,10 +110,38 @@ def test_steps_a_resume_discarded_are_rolled_back_and_the_gap_after_a_failure_is
     )
     result = goodput.of_run(run, "completed")[1]
     parts = rank_seconds(result)
-    assert result.allocated_h * 3600 == pytest.approx((20 + 7) * RANKS)
-    assert (parts["rolled_back"], parts["idle"], parts["counted"], parts["startup"]) == (2, 12, 10, 2)
+    assert result.allocated_h * 3600 == pytest.approx((8 + 7) * RANKS)
+    assert (parts["rolled_back"], parts["idle"], parts["counted"], parts["startup"]) == (2, 0, 10, 2)
     assert result.steps == {"counted": 10, "uncommitted": 0, "rolled_back": 2}
     assert_adds_up(result)
+
+
+def test_the_days_between_a_completed_run_and_its_resume_are_not_allocated(tmp_path):
+    """Completed at T0 + 16, resumed three days later by a new job: allocated are the two jobs' own spans, while the
+    new job waits in the queue too; node-hours count the same."""
+    days = 3 * 86400
+    run = make_run(
+        tmp_path / "run",
+        [
+            {"job_id": "100", "launched": T0, "started": T0, "stopped": T0 + 16},
+            {"job_id": "200", "launched": T0 + days, "started": T0 + days, "start_step": 10, "stopped": T0 + days + 7},
+        ],
+        kept=steps(1, 10, T0 + 5) + steps(11, 15, T0 + days + 1),
+        beat=T0 + days + 7,
+        committed=15,
+    )
+    result = goodput.of_run(run, "completed")[1]
+    assert result.allocated_h * 3600 == pytest.approx((16 + 7) * RANKS) and rank_seconds(result)["idle"] == 0
+    assert_adds_up(result)
+    assert node_hours(run.attempts, run.progress, "completed", "200") * 3600 == pytest.approx(16 + 7)
+
+    queued = make_run(  # while the resume's job waits in the queue
+        tmp_path / "queued", [{"job_id": "100", "started": T0, "stopped": T0 + 16}], steps(1, 10, T0 + 5), beat=T0 + 16
+    )
+    jobs = json.loads((queued.dir / "jobs.json").read_text())
+    (queued.dir / "jobs.json").write_text(json.dumps(jobs + [{**jobs[0], "job_id": "200", "submitted": T0 + days}]))
+    assert goodput.of_run(queued, "queued", now=T0 + days)[1].allocated_h * 3600 == pytest.approx(16 * RANKS)
+    assert node_hours(queued.attempts, queued.progress, "queued", "200") * 3600 == pytest.approx(16)
 
 
 def test_a_hang_is_an_interruption_and_the_time_it_hung_is_idle(tmp_path):
@@ -164,20 +194,21 @@ def test_a_run_from_before_the_accounting_shows_its_goodput_and_says_the_rest_wa
         committed=10,
     )
     found = accounting(run, "completed", suggest=True)["goodput"]
-    assert found["percent"] == pytest.approx(100 * 10 / 27)
+    assert found["percent"] == pytest.approx(100 * 10 / 13)  # job 100 to its last step, T0 + 6; job 200 from T0 + 20
     unmeasured = {"startup", "rolled_back", "evaluation", "checkpoint_stall", "other", "idle"}
     assert set(found["parts_not_recorded"]) == unmeasured
-    assert found["parts_h"]["not_recorded"] * 3600 / RANKS == pytest.approx(27 - 10)
+    assert found["parts_h"]["not_recorded"] * 3600 / RANKS == pytest.approx(13 - 10)
     assert sum(h for h in found["parts_h"].values() if h is not None) == pytest.approx(found["allocated_h"])
 
 
 def test_young_daly_interval_from_the_median_save_stall_and_the_observed_failures(tmp_path):
-    """Saves every 10 steps stalled 0.5 s (measured on the step after each save); one failure in 7,200 s of
-    allocations: MTBF 2 h, Young's interval sqrt(2 × 0.5 × 7200) = 84.9 s, Daly's 84.5 s, 85 steps of 1 s."""
+    """Saves every 10 steps stalled 0.5 s (measured on the step after each save); one failure, retried in the same
+    job, in 7,200 s of allocations: MTBF 2 h, Young's interval sqrt(2 × 0.5 × 7200) = 84.9 s, Daly's 84.5 s, 85 steps
+    of 1 s."""
     kept = [entry(s, T0 + s, stall=0.5 if s % 10 == 1 else 0.0) for s in range(1, 40)]
     run = make_run(
         tmp_path / "run",
-        [{"job_id": "100", "started": T0}, {"job_id": "200", "started": T0 + 3600, "stopped": T0 + 7200}],
+        [{"job_id": "100", "started": T0}, {"job_id": "100", "started": T0 + 3600, "stopped": T0 + 7200}],
         kept=kept,
         beat=T0 + 7200,
         committed=39,
@@ -237,7 +268,8 @@ def test_a_killed_and_resumed_tiny_run_accounts_for_every_allocated_hour(orch_ho
     found, parts = status["goodput"], status["goodput"]["parts_h"]
     assert found["parts_not_recorded"] == [] and found["device"] == "CPU rank"
     assert sum(parts.values()) == pytest.approx(found["allocated_h"], rel=1e-6)
-    assert (run_dir / "rolled_back.jsonl").read_text() and parts["rolled_back"] > 0 and parts["idle"] > 0
+    assert (run_dir / "rolled_back.jsonl").read_text() and parts["rolled_back"] > 0
+    assert parts["idle"] == 0  # the kill ended the first job's allocation: the wait for `orch resume` is not in it
     assert found["steps"]["counted"] == 20 and found["steps"]["rolled_back"] >= 3
     assert 0 < found["percent"] < 100
     assert status["checkpoint_interval"]["interruptions"] == 1 and status["checkpoint_interval"]["interval_steps"]

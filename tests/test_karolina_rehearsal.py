@@ -22,8 +22,9 @@ import pytest
 
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
+from orchestrator.core.settings import TRAINING_VIEW
 from tests.conftest import ROOT, free_port, spooled_losses, submitted_run_id, wait_until
-from tests.test_ui import browse, loss_chart
+from tests.test_ui import browse, chart_cards
 
 pytestmark = pytest.mark.slow
 SIM = ROOT / "envs" / "karolina-sim.sh"
@@ -227,8 +228,8 @@ def test_the_readme_karolina_section_runs_as_written(karolina: None, tmp_path: P
     experiment = mlflow_api(port, "experiments/get-by-name?experiment_name=orch")["experiment"]["experiment_id"]
     wait_until(lambda: mlflow_steps(port, experiment, run_id) == steps, "orch ui's follower to send the metrics")
     mlflow_run = mlflow_run_of(port, experiment, run_id)
-    page = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{mlflow_run}/model-metrics"
-    chart = loss_chart(browse(page, tmp_path / "browser", "--dump-dom").stdout)
+    page = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{mlflow_run}/model-metrics?{TRAINING_VIEW}"
+    chart = chart_cards(browse(page, tmp_path / "browser", "--dump-dom").stdout)["loss"]
     assert f"{run_id} (loss)" in chart and 'class="js-line"' in chart  # the run's loss curve, through the tunnel
 
     # 9: an evaluation job and the export.

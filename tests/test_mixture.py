@@ -11,8 +11,8 @@ import pytest
 
 from jobs.data import MIX_PERIOD, GlobalOrder, JoinedBlocks, Mixture, load_blocks, quotas
 from jobs.shards import TokenBlocks
-from orchestrator.core.config import load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_recipe
 from orchestrator.core.runfiles import MixChange, mix_phases
 from orchestrator.tools.run_data import demo_corpus
 from tests.conftest import kill_job_tree, orch, run_dir_of, spooled_losses, status_json, submitted_run_id, wait_for_step

@@ -7,11 +7,12 @@ from hypothesis import strategies as st
 
 from orchestrator.cli.show import plan_rows
 from orchestrator.cli.submit import build_request, plan_warnings
-from orchestrator.core.config import MixSource, Profile, Recipe, load_profile, load_recipe
+from orchestrator.core.config import MixSource, Profile, Recipe
 from orchestrator.core.corpus import SEED_EVAL_PASS, cannot_validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import measured, memory, peak_memory_gb
 from orchestrator.core.files import file_sha256
+from orchestrator.core.loading import load_profile, load_recipe
 from orchestrator.core.plan import Plan, dividing_micro_batches, gradient_accumulation, make_plan, with_train
 from orchestrator.core.preflight import data_warnings, source_uses
 from tests.conftest import orch

@@ -1,13 +1,15 @@
 """Cluster profiles: inheritance, overrides, the generated Slurm job, and every check before submission."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.executors import SlurmExecutor, from_frozen_code
+from orchestrator.cli.executors import from_frozen_code, job_script
 from orchestrator.cli.submit import build_request
-from orchestrator.core.config import load_profile, parse_assignment
+from orchestrator.core.compat import SUBMITIT_TASK_MODULE
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_profile, parse_assignment
 from tests.conftest import ROOT, orch
 from tests.test_cli_input import assert_refused
 
@@ -30,7 +32,7 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
         "karolina", "cstinyllama-1.2b", 200_000, [{"slurm": {"account": "OPEN-29-12"}}, {"nodes": 2}]
     )
     run_dir = Path("/scratch/project/open-29-12/orch/runs/RUN")
-    script = SlurmExecutor().script(from_frozen_code(request.profile, run_dir / "code"), request.plan, run_dir)
+    script = job_script(from_frozen_code(request.profile, run_dir / "code"), request.plan, run_dir)
     for directive in (
         "--nodes=2",
         "--ntasks-per-node=8",
@@ -46,7 +48,7 @@ def test_karolina_sbatch_script_for_two_nodes_has_the_expected_directives():
     assert "export ORCH_VENV=/scratch/project/open-29-12/orch/venv\n" in script
     assert f"source {run_dir}/code/envs/karolina.sh\n" in script  # the run's frozen copy, not the checkout's
     assert f"export PYTHONPATH={run_dir}/code\nexport PYTHONSAFEPATH=1\n" in script
-    assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
+    assert "srun --unbuffered" in script and f"-m {SUBMITIT_TASK_MODULE}" in script
     assert "#SBATCH --requeue\n" in script and "--wckey" not in script  # requeue always; no wckey the site may refuse
     assert "--cpus-per-task=16 --kill-on-bad-exit=1 python" in script  # srun gets both itself
 
@@ -111,7 +113,7 @@ def test_command_line_overrides_win_over_the_file():
 
 
 def test_extends_cycle_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("orchestrator.core.config.PROFILES_DIR", tmp_path)
+    monkeypatch.setattr("orchestrator.core.loading.PROFILES_DIR", tmp_path)
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
     with pytest.raises(OrchError, match="without cycles"):
@@ -169,3 +171,15 @@ class TestChecksBeforeSubmission:
             orch("submit", *KAROLINA_2_NODES, "--set", "slurm.extra_sbatch.wrap=sh"),
             "sbatch directive 'wrap' is not allowed",
         )
+
+
+@pytest.mark.parametrize(
+    ("assignments", "said"),
+    [
+        (["launch.tasks_per_node=4"], "a CUDA job runs one rank per GPU"),
+        (["slurm.cpus_per_task=32"], "more than node.cores (128)"),
+    ],
+)
+def test_ranks_that_do_not_match_the_nodes_gpus_or_cores_are_refused(assignments, said):
+    with pytest.raises(OrchError, match=re.escape(said)):
+        load_profile("karolina", [parse_assignment(a) for a in assignments])

@@ -7,14 +7,8 @@ import pytest
 
 from jobs.tracking import describe
 from orchestrator.cli.submit import build_request
-from orchestrator.core.config import (
-    MAX_SWEEP_POINTS,
-    load_recipe,
-    parse_override,
-    parse_sweep,
-    sweep_points,
-)
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import MAX_SWEEP_POINTS, load_recipe, parse_override, parse_sweep, sweep_points
 from orchestrator.core.rundir import get_run
 from tests.conftest import kill_job_tree, orch, status_json
 

@@ -16,12 +16,12 @@ from jobs import watchdog
 from jobs.chaos import PlantedFailure
 from jobs.recovery import claim, decide, judge
 from orchestrator.cli.app import app
-from orchestrator.cli.executors import excluding
-from orchestrator.core.config import load_profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_json_atomic
+from orchestrator.core.loading import load_profile
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import Hang, Recovery
+from orchestrator.core.schedulers.slurm import excluding
 from tests.conftest import ROOT
 
 

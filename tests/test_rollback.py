@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from jobs import chaos
 from jobs.data import GlobalOrder
 from orchestrator.cli.app import app
+from orchestrator.core.compat import SUBMITIT_CONTROLLER_MODULE
 from orchestrator.core.errors import OrchError
 from orchestrator.core.runfiles import data_step, new_skip, read_skips, skipped_data
 from tests.conftest import ROOT, final_weights, needs_slurm, report_goodput, spooled_losses, submitted_run_id
@@ -125,7 +126,8 @@ def test_orch_rollback_refuses_steps_that_do_not_fit_and_writes_nothing(stopped_
 
 @pytest.mark.slow
 def test_orch_rollback_refuses_while_the_run_has_a_live_job(stopped_run: Path):
-    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+    sleep, folder = "import time; time.sleep(60)", stopped_run / "submitit" / "%j"  # the run's own job
+    controller = subprocess.Popen([sys.executable, "-c", sleep, SUBMITIT_CONTROLLER_MODULE, str(folder)])
     try:
         job = [{"job_id": str(controller.pid), "executor": "local", "submitted": time.time()}]
         (stopped_run / "jobs.json").write_text(json.dumps(job))
@@ -148,6 +150,49 @@ def test_a_rollback_interrupted_before_its_resume_and_run_again_records_its_skip
     assert [s.steps for s in read_skips(stopped_run)] == [(12, 14)]
     assert (stopped_run / "checkpoints" / "rolled_back_step_00000020").is_dir()
     assert json.loads((stopped_run / "checkpoints" / "latest.json").read_text())["step"] == 10
+
+
+def test_after_orch_rollback_mlflow_and_orch_compare_show_the_steps_that_metrics_jsonl_has(stopped_run: Path):
+    """Steps 1..20 sent to MLflow, then `orch rollback` to step 10, and steps 11..20 trained again (here written by
+    hand), sent in one go: MLflow cannot delete points, so the MLflow run that has the undone steps is set aside and
+    a new one gets the steps that stand. A resume's rollback of steps MLflow never had keeps the MLflow run."""
+    import mlflow
+
+    from jobs.tracking import MetricSpool, send
+    from orchestrator.cli.rollback import roll_back
+    from orchestrator.core.rundir import Run
+    from orchestrator.tools.compare import read_history
+    from orchestrator.tools.sync import rolled_back
+
+    run, spool = Run(stopped_run), MetricSpool(stopped_run)
+    for step in range(1, 21):
+        spool.append(
+            step, {"loss": 9 - step / 10, "grad_norm": 1.0, **({"goodput/percent": 50.0} if step == 20 else {})}
+        )
+    assert send(stopped_run, run.tracking_uri, 20, {}, {}) == 20
+    first = run.mlflow.run_id
+    roll_back(run, 10, 10, 13, None)
+    assert read_history(run).series["loss"].steps.tolist() == list(range(1, 11))  # what orch compare reads
+    assert rolled_back(run, run.mlflow)  # `orch sync` sends even with nothing new committed
+    for step in range(11, 21):
+        spool.append(step, {"loss": 5 - step / 10, **({"goodput/percent": 60.0} if step == 20 else {})})
+    assert send(stopped_run, run.tracking_uri, 20, {}, {}) == 20
+    state = run.mlflow
+    client = mlflow.MlflowClient(run.tracking_uri)
+    history = client.get_metric_history(state.run_id, "loss")
+    assert state.run_id != first and sorted(m.step for m in history) == list(range(1, 21))  # each step once
+    assert {m.step: m.value for m in history} == {e["step"]: e["metrics"]["loss"] for e in spool.entries()}
+    assert not rolled_back(run, state)
+    old = client.get_run(first)
+    assert old.info.lifecycle_stage == "deleted" and old.data.tags["orch.rolled_back_to"] == "10"
+    new = client.get_run(state.run_id)
+    assert new.data.tags["orch.replaces"] == first and new.data.tags["goodput/percent"] == "60"  # a tag, not a chart
+    assert "system/grad_norm" in new.data.metrics and not {"grad_norm", "goodput/percent"} & new.data.metrics.keys()
+    assert client.get_experiment(state.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    spool.append(21, {"loss": 2.0})  # trained, never committed, dropped when the next job starts from step 20
+    spool.rollback(20)
+    assert send(stopped_run, run.tracking_uri, 20, {}, {}) == 20 and run.mlflow.run_id == state.run_id
 
 
 # --- the guard and orch rollback, end to end --------------------------------------------------------
@@ -194,7 +239,9 @@ def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since
 
     client = mlflow.MlflowClient(f"sqlite:///{guarded.parent.parent / 'mlflow.db'}")
     mlflow_run = json.loads((guarded / "mlflow.json").read_text())["run_id"]
-    assert sorted(m.step for m in client.get_metric_history(mlflow_run, "loss")) == list(range(1, STEPS + 1))
+    history = client.get_metric_history(mlflow_run, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # held back: never a step the guard undid
+    assert {m.step: m.value for m in history} == spooled_losses(guarded)
     log = next((guarded / "submitit").glob("*/*_0_log.err")).read_text()
     assert "rolling back to the checkpoint at step 10 and skipping the data of steps 11..13" in log
     goodput = report_goodput(guarded.name, "a loss spike", capsys, ORCH_HOME=str(guarded.parent.parent))
@@ -206,12 +253,26 @@ def test_a_loss_spike_goes_back_to_the_last_checkpoint_and_skips_the_steps_since
 @needs_slurm
 def test_orch_rollback_by_hand_trains_bitwise_what_the_guard_trained(guarded: Path, tmp_path: Path):
     """A copy of the guarded run as it would be had its guard not acted (no skip list; steps 1..10 are the same
-    either way), rolled back by hand over the same steps: a new job from the checkpoint at step 10."""
+    either way), rolled back by hand over the same steps: a new job from the checkpoint at step 10. Its MLflow store
+    is a copy too, whose MLflow run has steps 1..20: after the rollback MLflow shows the steps trained again, once."""
+    import mlflow
+
     by_hand = tmp_path / "runs" / guarded.name
     shutil.copytree(guarded, by_hand, symlinks=True)
     (by_hand / "skips.json").unlink()
+    shutil.copy(guarded.parent.parent / "mlflow.db", tmp_path / "mlflow.db")
+    uri, state = f"sqlite:///{tmp_path / 'mlflow.db'}", json.loads((by_hand / "mlflow.json").read_text())
+    (by_hand / "mlflow.json").write_text(json.dumps({**state, "tracking_uri": uri}))
     rolled = orch_in(tmp_path, "rollback", by_hand.name, "--to-step", "10", "--skip-steps", "10:13", "--wait")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert f"MLflow run {state['run_id']} has steps through {STEPS}" in rolled.stdout
+    client = mlflow.MlflowClient(uri)
+    mlflow_run = json.loads((by_hand / "mlflow.json").read_text())["run_id"]
+    history = client.get_metric_history(mlflow_run, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == spooled_losses(by_hand)
+    set_aside = client.get_run(state["run_id"])
+    assert set_aside.info.lifecycle_stage == "deleted" and set_aside.data.tags["orch.rolled_back_to"] == "10"
     [skip] = read_skips(by_hand)
     assert (skip.by, skip.steps, skip.data_steps) == ("hand", (10, 13), (10, 13))
     assert (by_hand / "checkpoints/rolled_back_step_00000020/COMMITTED.json").is_file()  # set aside, not deleted

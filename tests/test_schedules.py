@@ -8,13 +8,35 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli.submit import dump, past_schedule
-from orchestrator.core.config import ScheduleSpec, load_profile, load_recipe, parse_override
+from orchestrator.core.config import ScheduleSpec
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_profile, load_recipe, parse_override
 from orchestrator.core.rundir import Run, create_run
 from orchestrator.core.schedule import extended, lr_factor
 from tests.conftest import kill_job_tree, orch
 
 WSD = ScheduleSpec(name="wsd", warmup_steps=10, total_steps=100, decay_steps=20, alpha=0.1)
+SEED_SCHEDULE = ScheduleSpec(warmup_steps=100, total_steps=200_000, alpha=0.1)  # cosine, as the seed model's
+
+
+def test_warmup_starts_small_and_reaches_peak_at_its_end():
+    assert lr_factor(0, SEED_SCHEDULE) == pytest.approx(1 / 100)
+    assert lr_factor(49, SEED_SCHEDULE) == pytest.approx(0.5)
+    assert lr_factor(100, SEED_SCHEDULE) == pytest.approx(1.0)
+
+
+def test_cosine_is_halfway_between_peak_and_floor_midway():
+    midway = 100 + (200_000 - 100) // 2
+    assert lr_factor(midway, SEED_SCHEDULE) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
+
+
+def test_last_scheduler_step_is_alpha_times_peak_and_stays_there():
+    assert lr_factor(200_000, SEED_SCHEDULE) == pytest.approx(0.1)
+    assert lr_factor(250_000, SEED_SCHEDULE) == pytest.approx(0.1)
+
+
+def test_released_checkpoint_step_160k_is_on_the_decaying_part():
+    assert 0.1 < lr_factor(160_000, SEED_SCHEDULE) < 0.2
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.compat import SUBMITIT_CONTROLLER_MODULE
 from orchestrator.core.errors import OrchError
-from orchestrator.core.runfiles import JobRecord
-from orchestrator.core.scheduler import LocalProcesses, Slurm, alive_jobs
+from orchestrator.core.schedulers import alive_jobs
+from orchestrator.core.schedulers.base import Job
+from orchestrator.core.schedulers.local import Local
 from orchestrator.core.settings import runs_root, tracking_uri
 
 
@@ -34,44 +36,59 @@ def fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str, st
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
 
-def slurm_jobs(*ids: str) -> list[JobRecord]:
-    return [JobRecord(job_id=job_id, executor="slurm", submitted=time.time()) for job_id in ids]
+FOLDER = Path("/runs/RUN/submitit")  # the folder the jobs below were queued with: their run's
+
+
+def squeue_lines(*jobs: tuple[str, str], folder: Path = FOLDER) -> str:
+    """What squeue prints of jobs (id, state) that submitit queued with `folder` (`%%` is printf's `%`)."""
+    return "".join(f"{job_id}|{state}|{folder}/%%j/%%j_0_log.out\\n" for job_id, state in jobs)
+
+
+def alive(jobs: list[Job]) -> dict[str, bool]:
+    """By job id, whether each job is alive as its run's."""
+    return {job.job_id: is_alive for job, is_alive in alive_jobs(jobs).items()}
+
+
+def slurm_jobs(*ids: str) -> list[Job]:
+    return [Job("slurm", job_id, time.time(), FOLDER) for job_id in ids]
 
 
 def test_a_slurm_job_is_alive_only_in_a_queued_or_running_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    fake_squeue(tmp_path, monkeypatch, "1 RUNNING\\n2 COMPLETED\\n3 PENDING\\n4 REQUEUED\\n5 PREEMPTED\\n")
-    alive = Slurm().alive(slurm_jobs("1", "2", "3", "4", "5", "6"))
-    assert alive == {"1": True, "2": False, "3": True, "4": True, "5": False, "6": False}
+    states = ("RUNNING", "COMPLETED", "PENDING", "REQUEUED", "PREEMPTED")
+    fake_squeue(tmp_path, monkeypatch, squeue_lines(*((str(i), state) for i, state in enumerate(states, 1))))
+    expected = {"1": True, "2": False, "3": True, "4": True, "5": False, "6": False}
+    assert alive(slurm_jobs(*expected)) == expected
 
 
 def test_a_job_slurm_has_forgotten_is_gone_and_a_failing_squeue_is_an_error(tmp_path, monkeypatch):
     fake_squeue(tmp_path, monkeypatch, "", "slurm_load_jobs error: Invalid job id specified", rc=1)
-    assert Slurm().alive(slurm_jobs("7")) == {"7": False}
+    assert alive(slurm_jobs("7")) == {"7": False}
     fake_squeue(tmp_path, monkeypatch, "", "slurm_load_jobs error: Unable to contact slurm controller", rc=1)
     with pytest.raises(OrchError, match="Cannot ask Slurm about jobs 7: .*Unable to contact"):
-        Slurm().alive(slurm_jobs("7"))
+        alive(slurm_jobs("7"))
 
 
-def fake_controller() -> subprocess.Popen:
-    """A process whose command line is that of submitit's local job controller."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+def fake_controller(folder: Path = FOLDER) -> subprocess.Popen:
+    """A process whose command line is that of submitit's local job controller for jobs queued with `folder`."""
+    sleep = "import time; time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", sleep, SUBMITIT_CONTROLLER_MODULE, str(folder / "%j")])
 
 
-def local_job(pid: int, submitted: float | None = None) -> JobRecord:
-    return JobRecord(job_id=str(pid), executor="local", submitted=time.time() if submitted is None else submitted)
+def local_job(pid: int, submitted: float | None = None, folder: Path = FOLDER) -> Job:
+    return Job("local", str(pid), time.time() if submitted is None else submitted, folder)
 
 
 def test_a_local_job_is_alive_while_its_controller_runs_and_not_as_a_zombie():
     controller = fake_controller()
     try:
-        assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): True}
+        assert alive([local_job(controller.pid)]) == {str(controller.pid): True}
         controller.kill()
         os.waitid(os.P_PID, controller.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet collected: a zombie
-        assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): False}
+        assert alive([local_job(controller.pid)]) == {str(controller.pid): False}
     finally:
         controller.kill()
         controller.wait()
-    assert LocalProcesses().alive([local_job(controller.pid)]) == {str(controller.pid): False}
+    assert alive([local_job(controller.pid)]) == {str(controller.pid): False}
 
 
 def test_a_reused_pid_is_not_the_job_and_gets_no_signal():
@@ -79,10 +96,10 @@ def test_a_reused_pid_is_not_the_job_and_gets_no_signal():
     other_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         recorded_an_hour_ago = local_job(started_before_the_record.pid, time.time() - 3600)
-        assert LocalProcesses().alive([recorded_an_hour_ago]) == {str(started_before_the_record.pid): False}
-        assert LocalProcesses().alive([local_job(other_process.pid)]) == {str(other_process.pid): False}
-        LocalProcesses().cancel(recorded_an_hour_ago)
-        LocalProcesses().cancel(local_job(other_process.pid))
+        assert alive([recorded_an_hour_ago]) == {str(started_before_the_record.pid): False}
+        assert alive([local_job(other_process.pid)]) == {str(other_process.pid): False}
+        Local().cancel(recorded_an_hour_ago)
+        Local().cancel(local_job(other_process.pid))
         time.sleep(0.2)
         assert started_before_the_record.poll() is None and other_process.poll() is None
     finally:
@@ -92,11 +109,11 @@ def test_a_reused_pid_is_not_the_job_and_gets_no_signal():
 
 
 def test_liveness_of_many_jobs_asks_each_scheduler_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    fake_squeue(tmp_path, monkeypatch, "11 RUNNING\\n")
+    fake_squeue(tmp_path, monkeypatch, squeue_lines(("11", "RUNNING")))
     controller = fake_controller()
     try:
         jobs = [*slurm_jobs("11", "12"), local_job(controller.pid)]
-        assert alive_jobs(jobs) == {"11": True, "12": False, str(controller.pid): True}
+        assert alive(jobs) == {"11": True, "12": False, str(controller.pid): True}
     finally:
         controller.kill()
         controller.wait()

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, Shard
 
 from jobs.model import build_model, shard
-from orchestrator.core.config import load_recipe
+from orchestrator.core.loading import load_recipe
 from tests.conftest import free_port
 
 

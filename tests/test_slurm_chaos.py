@@ -24,7 +24,7 @@ from jobs import watchdog
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import SILENT_S, Hang, Recovery, read_model
-from orchestrator.core.scheduler import job_alive
+from orchestrator.core.schedulers import job_alive
 from tests.conftest import (
     module_home,
     needs_slurm,
@@ -61,7 +61,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with module_home(tmp_path_factory, "chaos") as folder:
         yield folder
         for run_dir in (folder / "runs").glob("*"):
-            if (jobs := Run(run_dir).jobs) and job_alive(jobs[-1]):
+            if (jobs := (run := Run(run_dir)).jobs) and job_alive(run.job(jobs[-1])):
                 orch("cancel", run_dir.name)
 
 

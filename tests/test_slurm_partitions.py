@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.core.config import load_profile, load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_profile, load_recipe
 from orchestrator.core.plan import make_plan
 from orchestrator.core.preflight import MANY_ALLOCATIONS, check_against_slurm, check_allocations
-from orchestrator.core.scheduler import PartitionFacts, partition_facts, slurm_minutes
+from orchestrator.core.schedulers.slurm import PartitionFacts, partition_facts, slurm_minutes
 from tests.conftest import needs_slurm, orch
 
 # As `scontrol show partition --oneliner` prints them (Slurm 22.05), cut to the fields that matter.

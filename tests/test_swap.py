@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from jobs.data import pack
 from orchestrator.cli.commands.model import app
-from orchestrator.core.config import load_recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_recipe
 from orchestrator.tools.run_data import demo_corpus
 from orchestrator.tools.swap import COPYING_RULES, REPORT_FILE, RULES, TOKENS_FILE, Vocabulary
 from tests.conftest import free_port, orch, status_json
@@ -196,6 +196,7 @@ def test_output_is_a_hugging_face_directory_with_the_target_tokenizer(swapped):
     assert model.config.vocab_size == len(tokenizer) == len(AutoTokenizer.from_pretrained(swapped["target_tokenizer"]))
     assert (model.config.bos_token_id, model.config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.pad_token_id is None and model.generation_config.pad_token_id == tokenizer.eos_token_id
     assert tokenizer.tokenize(SAMPLE) == AutoTokenizer.from_pretrained(swapped["target_tokenizer"]).tokenize(SAMPLE)
     logits = model(**tokenizer(SAMPLE, return_tensors="pt")).logits
     assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all()

@@ -9,12 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from jobs.compat import compiled_graphs, forget_compiled_graphs
 from jobs.distributed import Ranks, launch
 from jobs.entry import compile_caches_in
 from jobs.train import Trainer
-from orchestrator.core.config import Recipe, load_profile, load_recipe, merge_all, validate
+from orchestrator.core.config import Recipe
+from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
 from orchestrator.tools.run_data import attach_data
 
 pytestmark = pytest.mark.slow
@@ -30,17 +31,14 @@ VARIANTS = {
 def train_variants(ranks: Ranks, recipes: dict[str, Recipe], data_dir: Path, output: Path) -> None:
     """Every variant for STEPS steps; rank 0 writes each one's losses and how many graphs dynamo compiled after the
     first step and after the last."""
-    from torch._dynamo.utils import counters
-
     results = {}
     for name, recipe in recipes.items():
-        torch.compiler.reset()
-        counters.clear()
+        forget_compiled_graphs()
         trainer = Trainer(recipe, data_dir, ranks)
         losses, graphs = [], []
         for step in range(STEPS):
             losses.append(trainer.step(step).loss)
-            graphs.append(counters["stats"]["unique_graphs"])
+            graphs.append(compiled_graphs())
         results[name] = {"losses": losses, "graphs_after_first": graphs[0], "graphs_after_last": graphs[-1]}
     if ranks.rank == 0:
         output.write_text(json.dumps(results))

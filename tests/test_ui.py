@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.commands.analysis import app
 from orchestrator.core.errors import OrchError
+from orchestrator.core.settings import TRAINING_VIEW, UI_PORT
 from tests.conftest import ROOT, free_port, orch, submitted_run_id
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,6 +31,7 @@ STEPS = 20
 @dataclass(frozen=True)
 class Served:
     port: int
+    home: Path
     run_id: str
     mlflow_run_id: str
     experiment_url: str  # the address `orch ui` printed
@@ -92,10 +94,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server = start_ui(log, "--port", str(port))
     try:
         wait_until_answering(port, server, log)
-        printed = re.search(rf"Open: (http://127\.0\.0\.1:{port}/#/experiments/\d+)", log.read_text())
+        printed = re.search(rf"Open: (http://127\.0\.0\.1:{port}/\S+)", log.read_text())
         assert printed, log.read_text()
         mlflow_run_id = json.loads((home / "runs" / run_id / "mlflow.json").read_text())["run_id"]
-        yield Served(port, run_id, mlflow_run_id, printed.group(1))
+        yield Served(port, home, run_id, mlflow_run_id, printed.group(1))
     finally:
         stop(server)
 
@@ -128,25 +130,39 @@ def browse(url: str, profile: Path, *output: str) -> subprocess.CompletedProcess
     return subprocess.run([chromium(), *flags, *output, url], capture_output=True, text=True, timeout=240)
 
 
-def loss_chart(dom: str) -> str:
-    """The chart card titled `loss` on the run's Model metrics tab."""
-    cards = [card for card in dom.split('data-testid="experiment-view-compare-runs-card"') if 'title="loss"' in card]
-    titles = sorted(set(re.findall(r'title="([^"]+)"', dom)))
-    assert cards, f"no chart card titled loss in the rendered page; titles: {titles}"
-    return cards[0]
+def chart_cards(dom: str) -> dict[str, str]:
+    """The chart cards of the rendered page by their titles (a card's first title attribute), in the page's order."""
+    cards = dom.split('data-testid="experiment-view-compare-runs-card"')[1:]
+    return {re.search(r'title="([^"]+)"', card).group(1): card for card in cards}
+
+
+def api(served: Served, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/api/2.0/mlflow/{path}", timeout=30) as answer:
+        return json.loads(answer.read())
 
 
 @pytest.mark.slow
 def test_ui_serves_the_runs_store_over_http(served: Served):
-    url = f"http://127.0.0.1:{served.port}/api/2.0/mlflow/metrics/get-history?run_id={served.mlflow_run_id}&metric_key=loss"
-    with urllib.request.urlopen(url, timeout=30) as answer:
-        history = json.loads(answer.read())["metrics"]
+    history = api(served, f"metrics/get-history?run_id={served.mlflow_run_id}&metric_key=loss")["metrics"]
     assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
+    run = api(served, f"runs/get?run_id={served.mlflow_run_id}")["run"]
+    metrics, tags = {m["key"] for m in run["data"]["metrics"]}, {t["key"] for t in run["data"]["tags"]}
+    assert {"system/grad_norm", "system/step_time_s"} <= metrics and "goodput/percent" in tags  # not Model metrics
+    experiment = api(served, f"experiments/get?experiment_id={run['info']['experiment_id']}")["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    assert served.experiment_url.endswith(f"/#/experiments/{run['info']['experiment_id']}/runs?{TRAINING_VIEW}")
 
 
 @pytest.mark.slow
-def test_ui_draws_the_loss_chart_of_a_run_in_a_browser(served: Served, tmp_path: Path):
-    page = f"{served.experiment_url}/runs/{served.mlflow_run_id}/model-metrics"
+def test_ui_draws_the_runs_charts_loss_first_at_the_address_orch_status_prints(served: Served, tmp_path: Path):
+    """MLflow lays out a run's charts by name, sections first: orch names its metrics so that the Model metrics tab
+    holds the training curves only, loss first (orch's one-point goodput and its per-step job figures used to come
+    first)."""
+    status = orch("status", served.run_id, "--json", ORCH_HOME=str(served.home))
+    printed = json.loads(status.stdout)["mlflow_page"]
+    assert printed.startswith(f"http://127.0.0.1:{UI_PORT}/#/experiments/"), status.stdout + status.stderr
+    page = printed.replace(f":{UI_PORT}/", f":{served.port}/", 1)
+    assert page.endswith(f"/runs/{served.mlflow_run_id}/model-metrics?{TRAINING_VIEW}")
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "orch-ui-run-page.png"
     screenshot.unlink(missing_ok=True)
@@ -155,7 +171,9 @@ def test_ui_draws_the_loss_chart_of_a_run_in_a_browser(served: Served, tmp_path:
     header = screenshot.read_bytes()[:24]
     assert header.startswith(b"\x89PNG") and int.from_bytes(header[16:20]) == 1400
     dump = browse(page, tmp_path / "profile-dom", "--dump-dom")
-    chart = loss_chart(dump.stdout)
+    cards = chart_cards(dump.stdout)
+    assert list(cards) == ["loss", "lr", "tokens_per_s", "val_loss", "val_perplexity"], screenshot
+    chart = cards["loss"]
     assert f"{served.run_id} (loss)" in chart  # the legend names the run
     assert 'class="main-svg"' in chart and 'class="js-line"' in chart  # plotly drew the curve
     assert chart.count('class="point"') == STEPS  # one marker per logged step

@@ -15,24 +15,11 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from orchestrator.cli.app import main, parse_minutes
-from orchestrator.core.config import (
-    PROFILES_DIR,
-    RECIPES_DIR,
-    Dumper,
-    Profile,
-    Recipe,
-    dump_yaml,
-    load_profile,
-    load_recipe,
-    merge_all,
-    parse_assignment,
-    parse_yaml,
-    profile_data,
-    read_yaml,
-    validate,
-)
+from orchestrator.core.config import PROFILES_DIR, RECIPES_DIR, Profile, Recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import load_profile, load_recipe, merge_all, parse_assignment, profile_data, validate
 from orchestrator.core.plan import check_time_limit, make_plan
+from orchestrator.core.yamlio import Dumper, dump_yaml, parse_yaml, read_yaml
 from tests.conftest import ROOT
 
 TINY = (ROOT / "recipes/tiny.yaml").read_text()
@@ -281,7 +268,7 @@ def test_recipe_numbers_must_be_finite_and_in_range(tmp_path: Path, old, new, fi
 
 @pytest.mark.parametrize(
     "assignment",
-    ["expected_mfu=.nan", "node.memory_gb=.inf", "node.peak_bf16_tflops=-.inf", "time_limit_min=.inf", "nodes=0"],
+    ["expected_mfu=.nan", "node.gpu_memory_gb=.inf", "node.peak_bf16_tflops=-.inf", "time_limit_min=.inf", "nodes=0"],
 )
 def test_profile_numbers_must_be_finite_and_in_range(assignment):
     refused(lambda: load_profile("local", [parse_assignment(assignment)]), "field '")
@@ -298,7 +285,7 @@ def test_shipped_profiles_and_recipes_still_validate():
 
 
 def test_extends_cycle_through_an_absolute_path_lists_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("orchestrator.core.config.PROFILES_DIR", tmp_path)
+    monkeypatch.setattr("orchestrator.core.loading.PROFILES_DIR", tmp_path)
     written(tmp_path, "a.yaml", f"extends: {tmp_path / 'b.yaml'}\n")
     written(tmp_path, "b.yaml", "extends: a\n")
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"

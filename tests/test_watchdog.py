@@ -23,8 +23,7 @@ from tests.conftest import free_port
 def test_a_process_group_whose_peer_never_comes_fails_after_the_profiles_timeout(monkeypatch: pytest.MonkeyPatch):
     """The timeout reaches the group: here its rendezvous, where rank 1 never arrives; gloo's collectives and NCCL's
     watchdog take the same value."""
-    from accelerate import PartialState
-
+    from jobs.compat import reset_accelerate_state
     from jobs.distributed import start_process_group
 
     for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
@@ -35,7 +34,7 @@ def test_a_process_group_whose_peer_never_comes_fails_after_the_profiles_timeout
         with pytest.raises(Exception, match="[Tt]imed out|[Tt]imeout"):
             start_process_group("cpu", "gloo", timeout_s)
     finally:
-        PartialState._reset_state()
+        reset_accelerate_state()
     assert time.monotonic() - started >= timeout_s
 
 

@@ -16,7 +16,7 @@ from orchestrator.cli.commands.data import data_app, tokenizer_app
 from orchestrator.cli.commands.doctor import app as doctor_app
 from orchestrator.cli.commands.eval import app as eval_app
 from orchestrator.cli.commands.model import app as model_app
-from orchestrator.core.errors import OrchError
+from orchestrator.core.errors import OrchError, machine_fault
 
 app = typer.Typer(
     help="orch: pretraining jobs on Slurm clusters, and on this machine.",
@@ -66,7 +66,7 @@ def submit(
     """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
     from orchestrator.cli.submit import build_requests, site_checks, submit_sweep
     from orchestrator.cli.submit import submit as submit_run
-    from orchestrator.core.config import parse_sweep, sweep_points
+    from orchestrator.core.loading import parse_sweep, sweep_points
 
     points = sweep_points(collect_overrides(account, nodes, time, set_), [parse_sweep(text) for text in sweep or []])
     requests = build_requests(profile, recipe, steps, points)  # every point checked before any is submitted
@@ -94,7 +94,7 @@ def submit(
 def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
     """The command line's overrides, in the order they apply: --set (of the profile or the recipe), then the
     profile's --account, --nodes and --time."""
-    from orchestrator.core.config import Override, parse_override
+    from orchestrator.core.loading import Override, parse_override
 
     overrides = [parse_override(text) for text in assignments or []]
     overrides += [Override("profile", "slurm.account", account, "--account")] if account else []
@@ -209,7 +209,8 @@ TIME_FORMATS_TEXT = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g.
 def parse_minutes(text: str) -> float:
     """Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, each part in its range, and at
     least one minute (Slurm would run a limit it reads as 0 without any limit)."""
-    from orchestrator.core.config import MAX_TIME_LIMIT_MIN, shown
+    from orchestrator.core.config import MAX_TIME_LIMIT_MIN
+    from orchestrator.core.yamlio import shown
 
     match = TIME_FORMAT.fullmatch(text)
     if not match:
@@ -297,9 +298,9 @@ def status(
     run = get_run(run_id) if run_id else None
     summaries = [run.summary()] if run else summarise(all_runs())
     if run:
-        from orchestrator.cli.show import accounting
+        from orchestrator.cli.show import accounting, mlflow_page
 
-        summaries[0].update(accounting(run, summaries[0]["state"], suggest))
+        summaries[0].update(accounting(run, summaries[0]["state"], suggest), mlflow_page=mlflow_page(run))
     if as_json:
         print(json.dumps(summaries[0] if run_id else summaries, indent=2))
         return
@@ -328,8 +329,9 @@ def status(
         if run_id and s["error"]:
             console.print(s["error"], style="red", markup=False, highlight=False)  # it quotes logs: [/path:42]
     if run:
-        from orchestrator.cli.show import show_accounting
+        from orchestrator.cli.show import show_accounting, show_mlflow_page
 
+        show_mlflow_page(summaries[0], console)
         show_accounting(summaries[0], console)
 
 
@@ -337,7 +339,7 @@ def summarise(runs) -> list[dict]:
     """Summaries of many runs, with one scheduler query for all their live-looking jobs; a damaged run is
     summarised as damaged and the others as usual (`orch status`, `orch ls`)."""
     from orchestrator.core.runfiles import DamagedFile
-    from orchestrator.core.scheduler import alive_jobs
+    from orchestrator.core.schedulers import alive_jobs
 
     last_jobs = {}
     for run in runs:
@@ -346,9 +348,9 @@ def summarise(runs) -> list[dict]:
         except DamagedFile:
             continue  # its summary says so
         if jobs and not (progress and progress.state == "completed"):
-            last_jobs[run.id] = jobs[-1]
+            last_jobs[run.id] = run.job(jobs[-1])
     alive = alive_jobs(list(last_jobs.values()))
-    return [run.summary(alive.get(last_jobs[run.id].job_id) if run.id in last_jobs else None) for run in runs]
+    return [run.summary(alive[last_jobs[run.id]] if run.id in last_jobs else None) for run in runs]
 
 
 def print_columns(headers: list[str], rows: list[list[str]]) -> None:
@@ -471,8 +473,9 @@ def env_setup(
     import os
     import subprocess
 
-    from orchestrator.cli.executors import fill_path
-    from orchestrator.core.config import PROJECT_ROOT, load_profile
+    from orchestrator.core.config import PROJECT_ROOT
+    from orchestrator.core.loading import load_profile
+    from orchestrator.core.settings import fill_path
 
     path, resolved = load_profile(profile, [{"slurm": {"account": account}}] if account else [])
     if not resolved.env_script:
@@ -489,10 +492,15 @@ def env_setup(
 def main() -> None:
     try:
         app()
-    except OrchError as err:
+    except (OrchError, OSError) as err:  # an OSError only where the machine is at fault: a full disk, a quota
         from rich.markup import escape
 
-        message = str(err)
+        if isinstance(err, OrchError):
+            message = str(err)
+        elif fault := machine_fault(err):
+            message = f"{fault} {AFTER_FAULT}"
+        else:
+            raise
         if len(message) > MAX_ERROR_CHARS:
             message = message[: MAX_ERROR_CHARS - 30] + " ... (message shortened)"
         errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -500,3 +508,7 @@ def main() -> None:
 
 
 MAX_ERROR_CHARS = 4000  # an error stays one readable paragraph, whatever values it quotes
+AFTER_FAULT = (
+    "Files are replaced whole, so nothing was left half-written: once fixed, run the same command again (a run "
+    "resumes with `orch resume RUN`, an interrupted `orch data prepare` continues where it stopped)."
+)

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from orchestrator.core.eta import clock
 from orchestrator.core.rundir import TERMINAL_STATES, Run
 from orchestrator.core.runfiles import DamagedFile
-from orchestrator.core.scheduler import job_alive
+from orchestrator.core.schedulers import job_alive
 
 
 def follow(run: Run, console: Console, poll_s: float = 0.5) -> str:
@@ -66,5 +66,5 @@ def phase(run: Run, state: str) -> str:
 def wait_for_exit(run: Run, poll_s: float, timeout_s: float = 120) -> None:
     """A job reports its end before its processes are gone; the run is free for the next job only then."""
     deadline = time.time() + timeout_s
-    while run.jobs and job_alive(run.jobs[-1]) and time.time() < deadline:
+    while run.jobs and job_alive(run.job(run.jobs[-1])) and time.time() < deadline:
         time.sleep(poll_s)

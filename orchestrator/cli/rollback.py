@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 
+from jobs.tracking import MetricSpool
 from orchestrator.core import checkpoints
-from orchestrator.core.config import shown
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import Skip, add_skip, new_skip, read_skips
-from orchestrator.core.scheduler import job_alive
+from orchestrator.core.schedulers import job_alive
+from orchestrator.core.yamlio import shown
 
 STEP_RANGE = re.compile(r"([0-9]{1,15}):([0-9]{1,15})")
 
@@ -30,9 +31,9 @@ def rollback(run: Run, to_step: int, skip_steps: str, steps: int | None) -> list
     mlflow = run.mlflow
     if mlflow and mlflow.tracking_uri in (None, run.tracking_uri) and mlflow.sent_through > to_step:
         said.append(
-            f"MLflow already has steps through {mlflow.sent_through} and keeps the values it has for steps "
-            f"{to_step + 1}..{mlflow.sent_through} (an MLflow run's metrics cannot be rewritten); metrics.jsonl has "
-            "the steps as they are trained again."
+            f"MLflow run {mlflow.run_id} has steps through {mlflow.sent_through}, and an MLflow run's points cannot "
+            "be deleted: the next sending sets it aside (deleted in MLflow; `mlflow runs restore` brings it back) "
+            f"and gives a new MLflow run the steps up to {to_step}, then the steps as they are trained again."
         )
     return [*said, f"Resumed run {run.id} as job {resume(run, steps, None, [], force=False)}"]
 
@@ -50,12 +51,14 @@ def step_range(text: str) -> tuple[int, int]:
 
 def roll_back(run: Run, to_step: int, start: int, end: int, steps: int | None) -> list[int]:
     """Under the run's lock: refuse while a job is live or when the steps do not fit (nothing written then); else
-    record the skip, set aside the checkpoints after `to_step` and name `to_step` as the newest. The skip is written
-    first: interrupted before the rest, the next job refuses the newer checkpoints (their data position no longer
-    matches the skip list) instead of training the skipped data. Returns the steps set aside."""
+    record the skip, set aside the checkpoints after `to_step`, name `to_step` as the newest and drop the spooled
+    steps after it, so that `orch compare` and MLflow read only the steps that stand before the next job starts
+    (goodput finds the dropped ones in rolled_back.jsonl). The skip is written first: interrupted before the rest,
+    the next job refuses the newer checkpoints (their data position no longer matches the skip list) instead of
+    training the skipped data. Returns the steps set aside."""
     with run.lock():
         jobs = run.jobs
-        if jobs and job_alive(jobs[-1]):
+        if jobs and job_alive(run.job(jobs[-1])):
             raise OrchError(
                 f"Run {run.id} has a live job {jobs[-1].job_id} ({run.state()}): a rollback changes the checkpoints "
                 f"and the data order it reads. Wait for it to end or stop it with `orch cancel {run.id}`, then roll "
@@ -85,6 +88,7 @@ def roll_back(run: Run, to_step: int, start: int, end: int, steps: int | None) -
         for step in newer:
             checkpoints.set_aside(run.checkpoints_dir, step, "rolled_back")
         checkpoints.write_latest(run.checkpoints_dir, to_step)
+        MetricSpool(run.dir).rollback(to_step)
         return newer
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.executors import executor_for, fill_path, from_frozen_code
+from orchestrator.cli.executors import from_frozen_code, job_script
 from orchestrator.cli.submit import Request, plan_warnings
 from orchestrator.core import goodput
 from orchestrator.core.config import Recipe
@@ -16,8 +16,9 @@ from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import Plan
 from orchestrator.core.preflight import source_uses
 from orchestrator.core.rundir import Run, new_run_id
+from orchestrator.core.runfiles import DamagedFile
 from orchestrator.core.schedule import describe as describe_schedule
-from orchestrator.core.settings import orch_home, runs_root
+from orchestrator.core.settings import UI_PORT, orch_home, run_page, runs_location
 from orchestrator.tools.schedule_plot import plot_schedules
 
 
@@ -107,9 +108,8 @@ def show_plan(request: Request, console: Console) -> None:
     curve = draw_schedules({request.info["recipe"]: request.recipe}, request.plan.steps, request.info["recipe"])
     console.print(f"learning-rate curve: {curve}", highlight=False, soft_wrap=True)
     profile = request.profile
-    root = Path(fill_path(profile.paths.runs, profile)) if profile.paths.runs else runs_root()
-    run_dir = root / "RUN_ID"
-    script = executor_for(profile).script(from_frozen_code(profile, run_dir / "code"), request.plan, run_dir)
+    run_dir = runs_location(profile) / "RUN_ID"
+    script = job_script(from_frozen_code(profile, run_dir / "code"), request.plan, run_dir)
     if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)
@@ -182,6 +182,27 @@ def accounting(run: Run, state: str, suggest: bool) -> dict[str, Any]:
     if suggest:
         found["checkpoint_interval"] = goodput.suggest(history, result).as_dict()
     return found
+
+
+def mlflow_page(run: Run) -> str | None:
+    """The address of the run's charts in the MLflow UI: on its tracking server, or where `orch ui` serves an
+    embedded store by default. None before its MLflow run exists, for another store's (a moved run), and where
+    mlflow.json is of an older version that names no experiment (the next sending names it)."""
+    try:
+        state, uri = run.mlflow, run.tracking_uri
+    except DamagedFile:  # its status says which file
+        return None
+    if state is None or state.experiment_id is None or state.tracking_uri not in (None, uri):
+        return None
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    return f"{server}/{run_page(state.experiment_id, state.run_id)}"
+
+
+def show_mlflow_page(summary: dict[str, Any], console: Console) -> None:
+    page = summary["mlflow_page"]
+    local = page is not None and page.startswith(f"http://127.0.0.1:{UI_PORT}/")
+    served = " (while `orch ui` serves it)" if local else ""
+    console.print(f"MLflow: {page or 'no MLflow run yet'}{served}", soft_wrap=True, highlight=False)
 
 
 def show_accounting(summary: dict[str, Any], console: Console) -> None:

@@ -13,30 +13,21 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.cli.executors import check_environment, excluding, executor_for, fill_path, from_frozen_code
+from orchestrator.cli.executors import check_environment, from_frozen_code, make_executor
 from orchestrator.core.checkpoints import committed_step
-from orchestrator.core.config import (
-    PROJECT_ROOT,
-    Override,
-    Profile,
-    Recipe,
-    dump_yaml,
-    load_profile,
-    load_recipe,
-    merge_all,
-    read_yaml,
-    shown,
-    validate,
-)
+from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic
+from orchestrator.core.loading import Override, load_profile, load_recipe, merge_all, validate
 from orchestrator.core.plan import Plan
 from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan, data_warnings
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
-from orchestrator.core.runfiles import MIXTURE, JobRecord, MixChange, mix_phases, read_mix_changes
+from orchestrator.core.runfiles import MIXTURE, MixChange, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
-from orchestrator.core.scheduler import cancel_job, job_alive, slurm_partitions, wait_until_gone
-from orchestrator.core.settings import named_tracking_uri
+from orchestrator.core.schedulers import cancel_job, job_alive, scheduler_of, wait_until_gone
+from orchestrator.core.schedulers.base import ForeignJob, Job
+from orchestrator.core.settings import fill_path, named_tracking_uri
+from orchestrator.core.yamlio import dump_yaml, read_yaml, shown
 
 
 @dataclass(frozen=True)
@@ -74,7 +65,7 @@ def build_request(
 def build_requests(
     profile_name: str, recipe_name: str | None, steps: int, points: list[list[Override]]
 ) -> list[Request]:
-    """A request per point of a sweep (`orchestrator.core.config.sweep_points`), every one checked before any is
+    """A request per point of a sweep (`orchestrator.core.loading.sweep_points`), every one checked before any is
     submitted; a refusal names the point."""
     requests = []
     for number, point in enumerate(points, 1):
@@ -114,7 +105,7 @@ def site_checks(requests: list[Request], many_allocations: bool = False) -> list
         check_trainable_data(request)
         check_allocations(request.profile, path, request.plan, many_allocations)
     check_environment(requests[0].profile, path)
-    partitions = slurm_partitions() if requests[0].profile.executor == "slurm" else None
+    partitions = scheduler_of(requests[0].profile.executor).partitions()
     if partitions is None:
         return plan_warnings(requests)
     notes = [note for r in requests for note in check_against_slurm(r.profile, path, r.plan, partitions)]
@@ -173,16 +164,19 @@ def submit_sweep(requests: list[Request]) -> tuple[str, list[Run]]:
 
 
 def attach_run_data(run: Run, recipe: Recipe) -> None:
-    """The run's data, set up here before its job is queued: the job never tokenizes."""
+    """The run's data, set up here before its job is queued (the job never tokenizes), and its fingerprint recorded:
+    from now on the run trains on this content only."""
+    from jobs.shards import check_fingerprint
     from orchestrator.tools.run_data import attach_data
 
     attach_data(recipe.data, recipe.model.vocab_size, recipe.train.seed, run.data_dir)
+    check_fingerprint(run.data_dir)
 
 
 def launch(run: Run, profile: Profile, plan: Plan) -> str:
     """Queue the run's next job and record it (the caller holds the run's lock)."""
     suspects = run.suspect_hosts(profile.recovery.exclude_after)  # where its tries crashed or hung (jobs.recovery)
-    queued = excluding(from_frozen_code(profile, run.code_dir), suspects)
+    queued = scheduler_of(profile.executor).excluding(from_frozen_code(profile, run.code_dir), suspects)
     job_id = queue(queued, plan, run.submitit_dir, job_function(run), f"run {run.id}")
     run.add_job(job_id, profile.executor)
     return job_id
@@ -194,10 +188,9 @@ def queue(
     """Queue `job` with the profile's executor, its submitit files under `folder`; returns the job id. A refusal by
     the scheduler is an OrchError with its message, naming `what` the job was for. `requeues`: how often the job may
     requeue itself at its time limit, where not as the plan needs (`max_requeues`)."""
-    executor = executor_for(profile)
     try:
-        with executor.environment(profile, folder / "controller.log"):
-            return executor.make(profile, plan, folder, requeues).submit(job).job_id
+        with scheduler_of(profile.executor).submission(profile, folder / "controller.log"):
+            return make_executor(profile, plan, folder, requeues).submit(job).job_id
     except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
         message = " ".join(str(err).split())[:1000] or type(err).__name__
         raise OrchError(f"The {profile.executor} scheduler refused the job of {what}: {message}") from None
@@ -206,8 +199,8 @@ def queue(
 CONFIRM_TIMEOUT_S = 300
 
 
-def stop_and_confirm(run: Run, job: JobRecord) -> None:
-    """Cancel a job and wait until the scheduler no longer lists it."""
+def stop_and_confirm(run: Run, job: Job) -> None:
+    """Cancel a job of the run and wait until the scheduler no longer lists it."""
     cancel_job(job)
     run.mark_cancelled()
     if not wait_until_gone(job, CONFIRM_TIMEOUT_S):
@@ -229,7 +222,8 @@ def resume(
     weights: str | None = None,
 ) -> str:
     """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
-    run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for). Steps past
+    run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for), and what a
+    submission that stopped before queueing a job left undone (`check_code_and_data`). Steps past
     the end of the run's schedule need `beyond_schedule` (`past_schedule`); `weights` change a mixture's weights
     from the step the job starts at (`mixture_changed`)."""
     check_resume_input(run, overrides, beyond_schedule)
@@ -254,14 +248,15 @@ def resume(
         checked = Request(profile, recipe, plan, {"profile_file": str(profile_path), "recipe_file": str(recipe_path)})
         for note in site_checks([checked], many_allocations=True):  # a resume continues what was confirmed
             Console(stderr=True).print(note, soft_wrap=True, highlight=False)
-        if jobs and job_alive(jobs[-1]):
+        check_code_and_data(run, recipe, bool(jobs), update_code)
+        if jobs and job_alive(run.job(jobs[-1])):
             if not force:
                 raise OrchError(
                     f"Run {run.id} already has a live job {jobs[-1].job_id} ({run.state()}): two jobs must never "
                     f"write one run. Wait for it to end, stop it with `orch cancel {run.id}`, or pass --force to "
                     "cancel it and resume once the scheduler confirms it is gone."
                 )
-            stop_and_confirm(run, jobs[-1])
+            stop_and_confirm(run, run.job(jobs[-1]))
         done = committed_step(run.checkpoints_dir) or 0  # where the next job starts (the stopped job may have saved)
         check_steps(run, steps, done, from_scratch)
         mixture = mixture_changed(run, recipe, weights, done) if weights is not None else None
@@ -281,6 +276,21 @@ def resume(
                 with rewritten(recipe_path, dump(recipe)) if recipe != stored else nullcontext():
                     with rewritten(run.dir / MIXTURE, mixture) if mixture else nullcontext():
                         return launch(run, profile, plan)
+
+
+def check_code_and_data(run: Run, recipe: Recipe, submitted: bool, update_code: bool) -> None:
+    """What the job would refuse at its start, refused before it waits in a queue: damaged frozen code (unless the
+    checkout's is to replace it) and data whose content changed. A run whose submission stopped before its job was
+    queued (`submitted` false) gets its data attached and recorded now, as `orch submit` would have."""
+    from jobs.shards import check_fingerprint
+
+    problem = None if update_code else run.code_damage()
+    if problem:
+        raise OrchError(f"Run {run.id}: {problem}")
+    if submitted:
+        check_fingerprint(run.data_dir)
+    else:
+        attach_run_data(run, recipe)
 
 
 def mixture_changed(run: Run, recipe: Recipe, given: str, at: int) -> str:
@@ -388,9 +398,14 @@ def cancel(run: Run) -> str:
     """Stop the run's live job; its checkpoints stay and `orch resume` continues from them."""
     with run.lock():
         jobs = run.jobs
-        if not jobs or not job_alive(jobs[-1]):
+        try:
+            cancelled = bool(jobs) and cancel_job(run.job(jobs[-1]))
+        except ForeignJob as err:
+            raise OrchError(
+                f"Run {run.id} was not cancelled: its {err}. `orch cancel` of the run that folder belongs to stops it."
+            ) from None
+        if not cancelled:
             raise OrchError(f"Run {run.id} has no live job to cancel (state: {run.state()}).")
-        cancel_job(jobs[-1])
         run.mark_cancelled()
         return jobs[-1].job_id
 

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from orchestrator.core.files import file_sha256, write_json_atomic
-from orchestrator.core.runfiles import DamagedFile, RunFile, read_model
+from orchestrator.core.files import write_json_atomic
+from orchestrator.core.runfiles import DamagedFile, FolderManifest, RunFile, read_model
 
 LATEST = "latest.json"
 COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
@@ -34,16 +34,10 @@ class Latest(RunFile):
     dir: str
 
 
-class ManifestEntry(RunFile):
-    bytes: int = Field(ge=0)
-    sha256: str
-
-
-class CommitMarker(RunFile):
+class CommitMarker(FolderManifest):
     """COMMITTED.json: the checkpoint's step and every other file of its folder."""
 
     step: int = Field(ge=0)
-    files: dict[str, ManifestEntry]
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -96,14 +90,6 @@ def forget_latest(root: Path) -> None:
     (root / LATEST).unlink(missing_ok=True)
 
 
-def manifest(folder: Path) -> dict[str, ManifestEntry]:
-    return {
-        str(p.relative_to(folder)): ManifestEntry(bytes=p.stat().st_size, sha256=file_sha256(p))
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMMIT_MARKER
-    }
-
-
 def read_commit_marker(folder: Path) -> CommitMarker | None:
     """The folder's commit marker (None where it has none); raises DamagedFile."""
     return read_model(folder / COMMIT_MARKER, CommitMarker)
@@ -112,7 +98,8 @@ def read_commit_marker(folder: Path) -> CommitMarker | None:
 def commit(root: Path, partial: Path, step: int) -> Path:
     """Write the commit marker into a finished save, put the folder in place of any older one of the same step, and
     name it in latest.json. Returns the committed folder."""
-    write_json_atomic(partial / COMMIT_MARKER, CommitMarker(step=step, files=manifest(partial)).model_dump())
+    marker = CommitMarker(step=step, files=CommitMarker.listing(partial, COMMIT_MARKER))
+    write_json_atomic(partial / COMMIT_MARKER, marker.model_dump())
     final = step_dir(root, step)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -130,15 +117,7 @@ def damage(folder: Path, checksums: bool = True) -> str | None:
         return f"unreadable commit marker ({err.why})"
     if marker is None:
         return "no commit marker"
-    for name, entry in marker.files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry.bytes:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
-        if checksums and file_sha256(path) != entry.sha256:
-            return f"{name} fails its SHA-256 checksum"
-    return None
+    return marker.mismatch(folder, checksums)
 
 
 def lost_files(folder: Path) -> bool:

@@ -23,6 +23,9 @@ from orchestrator.core.runfiles import DamagedFile, RunFile, read_model
 EVALS = "evals"
 TASKS_DIR = PROJECT_ROOT / "evals" / "tasks"
 EVAL_FILE = re.compile(r"^step_([0-9]+)\.json$")
+# the model an evaluation of step K exports and scores, a temporary folder in evals/ (`files.temporary_folder`)
+EXPORT_PREFIX = ".step_{step}.model-"
+EXPORTS = EXPORT_PREFIX.format(step="*") + "*"
 TASK_LINE = re.compile(r"^task:\s*([^\s#]+)", re.MULTILINE)
 
 

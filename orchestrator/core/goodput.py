@@ -1,8 +1,9 @@
 """Goodput: where every allocated device-hour of a run went, read from its run directory (docs/goodput.md).
 
 An allocation is one start of a job (an entry of attempts.json). It spans from its start (the job's process start) to
-the next start, the newest one to its last sign of life (to now while the run is running, stalled or queued), as the
-node-hours of `orch status` do. Times its devices (nodes × GPUs per node; ranks on CPU profiles), its time went to:
+the job's next start (a requeue), or where the job ended, to its end (its stop, else its last sign of life): the time
+until another job of the run starts is not allocated. The newest runs to now while the run is running, stalled or
+queued on its job. Times its devices (nodes × GPUs per node; ranks on CPU profiles), its time went to:
 
 - startup: from the start to the first step;
 - counted: the compute of steps whose results survive (in metrics.jsonl, at or before the newest checkpoint);
@@ -11,7 +12,8 @@ node-hours of `orch status` do. Times its devices (nodes × GPUs per node; ranks
 - data wait, evaluation, checkpoint stall: what each step's metrics measured (`data_wait_fraction`, `eval_s`,
   `checkpoint_stall_s`);
 - other: the rest of the job's life (per-step bookkeeping, the final save and exit);
-- idle: from the job's last sign of life (its last step, heartbeat, stop or failure report) to the next start;
+- idle: from the job's last sign of life (its last step, heartbeat, stop or failure report) to its next start, or
+  to the watchdog's stop of a hung job;
 - not recorded: time in allocations of jobs that measured none of this (jobs from before it existed).
 
 Goodput = counted / allocated. Pure functions over the run's typed files; nothing heavy is imported.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from orchestrator.core.checkpoints import committed_step
+from orchestrator.core.config import CheckpointSpec
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import ROLLED_BACK, SPOOL, Attempt, spool_entries
 
@@ -98,7 +101,8 @@ class History:
     devices_per_node: int
     device: str  # "GPU", or "CPU rank" on profiles without GPUs
     interruptions: int  # allocations that ended by a failure or a preemption
-    every_steps: int  # the recipe's checkpoint interval
+    checkpoint: CheckpointSpec  # the recipe's
+    newest_job: str | None = None  # the run's newest job: only its allocation can still be open
 
 
 def read_history(run: Run, state: str, now: float, committed: int | None = None) -> History:
@@ -111,7 +115,8 @@ def read_history(run: Run, state: str, now: float, committed: int | None = None)
     steps = [step_of(e, "counted" if committed is not None and e["step"] <= committed else "uncommitted") for e in kept]
     rolled_back = {(e["step"], e["time_ms"]): e for e in spool_entries(run.dir / ROLLED_BACK)}
     steps += [step_of(e, "rolled_back") for key, e in rolled_back.items() if key not in spooled]
-    progress, cancelled = run.progress, {j.job_id for j in run.jobs if j.cancelled}
+    progress, jobs = run.progress, run.jobs
+    cancelled = {j.job_id for j in jobs if j.cancelled}
     # a stop is a sign of life, except a watchdog's: the job had hung since its last step
     signs = [a.stopped for a in attempts if a.stopped and a.ended != "hang"] + ([progress.updated] if progress else [])
     signs += [f.time for job in {a.job_id for a in attempts} for f in run.failures(job)]
@@ -127,7 +132,8 @@ def read_history(run: Run, state: str, now: float, committed: int | None = None)
         devices_per_node=gpus or profile.launch.tasks_per_node,
         device="GPU" if gpus else "CPU rank",
         interruptions=interruptions,
-        every_steps=recipe.checkpoint.every_steps,
+        checkpoint=recipe.checkpoint,
+        newest_job=jobs[-1].job_id if jobs else None,
     )
 
 
@@ -185,10 +191,16 @@ def account(history: History, until: float | None) -> Goodput:
     attempts, ends = history.attempts, [s.end for s in history.steps]  # steps are in the order they ended
     for k, attempt in enumerate(attempts):
         start, devices = attempt.start, attempt.nodes * history.devices_per_node
-        next_start = attempts[k + 1].start if k + 1 < len(attempts) else math.inf
+        following = attempts[k + 1] if k + 1 < len(attempts) else None
+        next_start = following.start if following else math.inf
         steps = history.steps[bisect.bisect_left(ends, start) : bisect.bisect_left(ends, next_start)]
         last_seen = max([start, *(t for t in history.signs if start <= t < next_start), *(s.end for s in steps)])
-        end = next_start if next_start < math.inf else (last_seen if until is None else until)
+        if following is not None and following.job_id == attempt.job_id:
+            end = next_start  # the job requeued: its wait and restart are its own
+        elif following is None and until is not None and attempt.job_id == history.newest_job:
+            end = until
+        else:  # the job ended (a hang at its stop, after its last sign of life); a later job is a new allocation
+            end = min(next_start, max(last_seen, attempt.stopped or last_seen))
         wall_s, allocated_s = wall_s + end - start, allocated_s + (end - start) * devices
         allocation(tally, steps, start, last_seen, end, devices)
     hours = {part: tally.seconds[part] / 3600 if part in tally.measured else None for part in PARTS}
@@ -313,7 +325,7 @@ def suggest(history: History, goodput: Goodput) -> Suggestion:
         wall_h=goodput.wall_h,
         mtbf_h=mtbf_h,
         prior=not interruptions,
-        every_steps=history.every_steps,
+        every_steps=history.checkpoint.every_steps,
     )
 
 
@@ -325,5 +337,5 @@ def save_stalls(history: History) -> list[float]:
     return [
         s.stall_s
         for i, s in enumerate(history.steps)
-        if s.stall_s is not None and (s.step - 1) % history.every_steps == 0 and s.step > 1 and i not in firsts
+        if s.stall_s is not None and history.checkpoint.due(s.step - 1) and s.step > 1 and i not in firsts
     ]

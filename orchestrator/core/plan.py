@@ -17,7 +17,7 @@ from orchestrator.core.estimate import (
     peak_memory_gb,
     throughput_factor,
 )
-from orchestrator.core.scheduler import SCHEDULERS
+from orchestrator.core.schedulers import scheduler_of
 
 STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
@@ -236,6 +236,7 @@ class Plan:
     tokens_per_step: int
     parameters: int
     flops_per_token: float
+    peak_flops: float  # dense bf16 FLOP/s of all the run's GPUs (one rank each); 0 without a profile peak
     memory: Memory  # per GPU, of the train settings decided
     recipe: Recipe  # with the train settings decided (no `auto`): what the job trains
     choice: str  # why these train settings
@@ -300,7 +301,7 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int, recipe_path: Path | 
     # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
     step_s = step_seconds(tokens_per_step, tokens_per_s)
     save_s = save_seconds(parameters, world)
-    scheduler = SCHEDULERS[profile.executor]
+    scheduler = scheduler_of(profile.executor)
     signal_delay = profile.signal_delay_s
     if scheduler.sizes_signal_delay:
         signal_delay = max(signal_delay, math.ceil(2 * (step_s + save_s)) + SIGNAL_SLACK_S)
@@ -314,6 +315,7 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int, recipe_path: Path | 
         tokens_per_step=tokens_per_step,
         parameters=parameters,
         flops_per_token=flops,
+        peak_flops=peak_flops,
         memory=memory(resolved, world),
         recipe=resolved,
         choice=choice.reason,

@@ -14,7 +14,7 @@ from orchestrator.core.corpus import cannot_validate
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import file_sha256, read_json
 from orchestrator.core.plan import Plan, check_time_limit, make_plan
-from orchestrator.core.scheduler import PartitionFacts
+from orchestrator.core.schedulers.base import PartitionFacts
 
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:

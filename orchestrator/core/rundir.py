@@ -7,10 +7,12 @@ replaced atomically (`orchestrator.core.files`), so a reader never sees half a f
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -19,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec, read_yaml, validate
-from orchestrator.core.errors import OrchError
+from orchestrator.core.checkpoints import incomplete_dirs
+from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec
+from orchestrator.core.errors import OrchError, machine_fault
 from orchestrator.core.eta import eta_s
-from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.files import copy_tree, write_atomic, write_json_atomic
+from orchestrator.core.loading import validate
 from orchestrator.core.runfiles import (
     Attempt,
     DamagedFile,
     Failure,
+    FolderManifest,
     Hang,
     JobRecord,
     MlflowState,
@@ -36,10 +41,13 @@ from orchestrator.core.runfiles import (
     RunInfo,
     read_model,
 )
-from orchestrator.core.scheduler import job_alive
+from orchestrator.core.schedulers import foreign_owner, job_alive
+from orchestrator.core.schedulers.base import Job, foreign, log_files
 from orchestrator.core.settings import embedded_store, runs_root
+from orchestrator.core.yamlio import read_yaml
 
-TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged")
+# unsubmitted: its creation stopped before a job was queued (a killed `orch submit`); `orch resume` submits it
+TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged", "unsubmitted")
 # What rank 0's beat phase (jobs/watchdog.py) means to someone following the run; other phases are its start-up.
 BEAT_PHASES = {
     "load": "loading checkpoint",
@@ -52,6 +60,9 @@ BEAT_PHASES = {
 }
 RUN_FILES = ("run.json", "profile.yaml", "recipe.yaml")  # what every run directory holds from its creation
 CODE_FOLDERS = ("orchestrator", "jobs", "envs")  # what a job imports or sources
+CODE_MANIFEST = "manifest.json"  # in code/: its every file, with size and SHA-256, written when it is frozen
+LOCAL_STARTS = 6  # submitit's local controller starts a job at most this often (its Controller.run's max_retry)
+LOCK = ".orch.lock"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
 
@@ -96,16 +107,41 @@ class Run:
         return self.dir / "code"
 
     def freeze_code(self) -> None:
-        """Copy the job's code (CODE_FOLDERS of the checkout) into the run, swapping the whole folder in at once."""
+        """Copy the job's code (CODE_FOLDERS of the checkout) into the run with its manifest, swapping the whole
+        folder in at once."""
         staging, old = self.dir / ".code.partial", self.dir / ".code.old"
         for leftover in (staging, old):
             shutil.rmtree(leftover, ignore_errors=True)
         for folder in CODE_FOLDERS:
-            shutil.copytree(PROJECT_ROOT / folder, staging / folder, ignore=shutil.ignore_patterns("__pycache__"))
+            copy_tree(PROJECT_ROOT / folder, staging / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        manifest = FolderManifest(files=FolderManifest.listing(staging, CODE_MANIFEST))
+        write_json_atomic(staging / CODE_MANIFEST, manifest.model_dump())
         if self.code_dir.exists():
             self.code_dir.rename(old)
         staging.rename(self.code_dir)
         shutil.rmtree(old, ignore_errors=True)
+
+    def code_damage(self) -> str | None:
+        """One paragraph on the first file of the frozen code that its manifest says is missing or changed; None when
+        all match, or for code frozen before orch wrote manifests. Python takes a module missing from code/ from
+        any checkout it finds (an editable install's), so damaged code would silently run other code."""
+        try:
+            manifest = read_model(self.code_dir / CODE_MANIFEST, FolderManifest)
+            problem = manifest and manifest.mismatch(self.code_dir)
+        except DamagedFile as damage:
+            problem = f"{CODE_MANIFEST} is damaged: {damage.why}"
+        if not problem:
+            return None
+        try:
+            commit = self.info.git_commit or "run.json names none"
+        except DamagedFile:
+            commit = "run.json is damaged"
+        return (
+            f"the run's frozen code is damaged: code/{problem} ({self.code_dir} holds the code the run was "
+            f"submitted with; {CODE_MANIFEST} lists its every file). Python would take a missing module from another "
+            f"checkout, so nothing is trained with it. Restore the file from the commit the run was submitted at "
+            f"({commit}), or run the checkout's code from now on with `orch resume {self.id} --update-code`."
+        )
 
     @property
     def mlflow(self) -> MlflowState | None:
@@ -139,8 +175,13 @@ class Run:
         return self.dir / "submitit"
 
     def log_files(self, job_id: str, rank: int) -> list[Path]:
-        """A rank's stdout and stderr of a job, as submitit names them (appended to across the job's requeues)."""
-        return [self.submitit_dir / job_id / f"{job_id}_{rank}_log.{kind}" for kind in ("out", "err")]
+        """A rank's stdout and stderr of a job (appended to across the job's requeues)."""
+        return log_files(self.submitit_dir, job_id, rank)
+
+    def job(self, record: JobRecord) -> Job:
+        """A job of jobs.json as its scheduler is asked about it: this run's while it keeps its files in this run's
+        `submitit/` (a copy of the run directory names the original's jobs, which are not the copy's)."""
+        return Job(record.executor, record.job_id, record.submitted, self.submitit_dir)
 
     @property
     def errors_dir(self) -> Path:
@@ -164,12 +205,39 @@ class Run:
         """Why the ranks of a job stopped: the causes first, then ranks that only stopped because another failed
         (PeerFailed), each group earliest first; unreadable reports are left out."""
         found = []
-        for path in sorted(self.errors_dir.glob(f"{job_id}.rank*.json")):
+        for path in sorted(files_named(self.errors_dir, f"{job_id}.rank", ".json")):
             try:
                 found.append(read_model(path, Failure))
             except DamagedFile:
                 continue
         return sorted((f for f in found if f is not None), key=lambda f: (f.type == "PeerFailed", f.time))
+
+    def record_failure(
+        self, job_id: str, rank: int, step: int | None, err: BaseException, decided: str | None = None
+    ) -> None:
+        """errors/<job>.rank<N>.json: why this rank stopped, for `orch status` and `--wait`. A machine fault (a full
+        disk) says where and what to do. Where the disk is too full for this file, the unfinished saves make room;
+        where even then it cannot be written, the job's log still has it."""
+        fault = machine_fault(err)
+        message = f"{fault} Then `orch resume {self.id}` continues from the last checkpoint" if fault else str(err)
+        failure = Failure(
+            job_id=job_id, rank=rank, host=socket.gethostname(), step=step, type=type(err).__name__,
+            message=(message + (f"; {decided}" if decided else ""))[:2000], time=time.time(),
+        )  # fmt: skip
+        path = self.errors_dir / f"{job_id}.rank{rank}.json"
+        try:
+            write_json_atomic(path, failure.model_dump())
+            return
+        except OSError as full:
+            if not machine_fault(full):
+                logging.getLogger(__name__).error("could not record the failure in %s: %s", path, full)
+                return
+        for unfinished in incomplete_dirs(self.checkpoints_dir):  # a save in flight on a full disk fails anyway
+            shutil.rmtree(unfinished, ignore_errors=True)
+        try:
+            write_json_atomic(path, failure.model_dump())
+        except OSError as write_error:
+            logging.getLogger(__name__).error("could not record the failure in %s: %s", path, write_error)
 
     def suspect_hosts(self, exclude_after: int, also_failed: tuple[str, ...] = ()) -> list[str]:
         """Hosts to keep out of the run's next job: where `exclude_after` crashed tries of any of its jobs ran (with
@@ -199,18 +267,22 @@ class Run:
         write_json_atomic(self.dir / "jobs.json", [job.model_dump() for job in jobs])
 
     def state(self, alive: bool | None = None) -> str:
-        """queued, running, stalled, completed, failed, cancelled or preempted, from the newest job's report and the
-        scheduler (`alive`: the scheduler's answer, when the caller asked it for many runs at once)."""
-        jobs, report = self.jobs, self.progress
+        """queued, running, stalled, completed, failed, cancelled, preempted or unsubmitted (no job, and no submission
+        holding the lock), from the newest job's report and the scheduler (`alive`: the scheduler's answer, when the
+        caller asked it for many runs at once)."""
+        return self.state_of(self.jobs, self.progress, alive)
+
+    def state_of(self, jobs: list[JobRecord], report: Progress | None, alive: bool | None) -> str:
+        """`state` from jobs.json and progress.json as already read (`orch status` reads each file of a run once)."""
         if not jobs and report is not None:
             raise DamagedFile(self.dir / "jobs.json", "missing, though a job has reported (progress.json)")
         if not jobs:
-            return "queued"
+            return "queued" if self.locked() else "unsubmitted"
         job = jobs[-1]
         reported = report.state if report and report.job_id == job.job_id else None
         if reported == "completed":
             return reported
-        alive = job_alive(job) if alive is None else alive
+        alive = job_alive(self.job(job)) if alive is None else alive
         if job.cancelled and not alive:
             return "cancelled"
         if reported == "preempted" and not alive:  # saved; where the scheduler requeues it, it is alive (queued)
@@ -275,12 +347,27 @@ class Run:
         except OrchError:
             return WatchdogSpec()
 
+    def locked(self) -> bool:
+        """Whether a process holds the run's lock, as `orch submit` does from the run's creation until its job is
+        recorded; read-only, so a teammate who may only read the run can ask."""
+        try:
+            fd = os.open(self.dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Serialises the orchestrator's decisions about one run (two `orch resume` at once start one job).
         The lock file is opened without following a symbolic link planted in its place, and created with the mode
         the umask gives it: the project group's other members lock it too."""
-        path = self.dir / ".orch.lock"
+        path = self.dir / LOCK
         try:  # O_NONBLOCK: a FIFO planted in its place fails here instead of waiting for a writer
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         except OSError as err:
@@ -306,7 +393,7 @@ class Run:
 
     def _summary(self, alive: bool | None) -> dict[str, Any]:
         info, progress, jobs, attempts = self.info, self.progress, self.jobs, self.attempts
-        state = self.state(alive)
+        state = self.state_of(jobs, progress, alive)
         step = progress.step if progress else 0
         step_time = progress.step_time_s if progress else None
         mlflow = self.mlflow
@@ -316,7 +403,9 @@ class Run:
             error = failures[0].describe() if failures else None
         if state == "stalled" and progress and (stall := self.stall(progress)):
             error = error or f"no step finished for {stall[0]:.0f} s, beyond the bound of {stall[1]:.0f} s"
-        error = error or (progress.error if progress else None)
+        if state == "failed" and alive is None and (owner := foreign_owner(self.job(jobs[-1]))):
+            error = foreign(self.job(jobs[-1]), owner)  # a copy of a run directory whose job trains the original
+        error = error or (progress.error if progress else None) or why_stopped(self, state, jobs, progress, attempts)
         return {
             **empty_summary(self),
             "state": state,
@@ -331,13 +420,36 @@ class Run:
             "mlflow_run_id": (mlflow.run_id if mlflow else None) or (progress.mlflow_run_id if progress else None),
             "job_ids": [job.job_id for job in jobs],
             "allocations": len(attempts),
-            "node_hours": node_hours(attempts, progress, state),
+            "node_hours": node_hours(attempts, progress, state, jobs[-1].job_id if jobs else None),
             "profile": info.profile,
             "recipe": info.recipe,
             "sweep": info.sweep,
             "created": info.created,
             "error": error,
         }
+
+
+def why_stopped(
+    run: Run, state: str, jobs: list[JobRecord], progress: Progress | None, attempts: list[Attempt]
+) -> str | None:
+    """What a run that stopped without a report of its own is: one whose submission never queued a job, or a local
+    job that asked for a requeue its controller would not give (LOCAL_STARTS)."""
+    if state == "unsubmitted":
+        return (
+            f"its submission stopped before a job was queued (`orch submit` was killed): `orch resume {run.id}` "
+            f"submits it, or delete {run.dir}"
+        )
+    job = jobs[-1] if state == "failed" else None
+    if not (job and job.executor == "local" and progress and progress.state == "requeued"):
+        return None
+    starts = sum(a.job_id == job.job_id for a in attempts)
+    if starts < LOCAL_STARTS:
+        return None
+    kept = f"the checkpoint at step {progress.last_checkpoint_step}" if progress.last_checkpoint_step else "it"
+    return (
+        f"stopped after {starts} starts of local job {job.job_id}: submitit's local controller starts a job at most "
+        f"{LOCAL_STARTS} times, whatever requeues the plan allows. `orch resume {run.id}` continues from {kept}."
+    )
 
 
 def empty_summary(run: Run) -> dict[str, Any]:
@@ -360,13 +472,18 @@ def empty_summary(run: Run) -> dict[str, Any]:
     }
 
 
-def node_hours(attempts: list[Attempt], progress: Progress | None, state: str) -> float:
-    """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat)."""
+def node_hours(attempts: list[Attempt], progress: Progress | None, state: str, newest_job: str | None) -> float:
+    """Nodes × wall hours of every allocation so far, from its start to the next one's (or the last beat, or now while
+    it runs); a job that stopped by itself before another job (`newest_job` while it waits in the queue) ends at its
+    stop: a completed run resumed days later was not allocated meanwhile."""
     if not attempts:
         return 0.0
-    ends = [a.started for a in attempts[1:]]
-    last_beat = progress.updated if progress else time.time()
-    ends.append(time.time() if state in ("running", "stalled", "queued") else last_beat)
+    ends = [
+        b.started if b.job_id == a.job_id or a.stopped is None else a.stopped
+        for a, b in zip(attempts, attempts[1:], strict=False)
+    ]
+    still_open = state in ("running", "stalled", "queued") and attempts[-1].job_id == newest_job
+    ends.append(time.time() if still_open or not progress else progress.updated)
     return sum(a.nodes * max(0.0, end - a.started) / 3600 for a, end in zip(attempts, ends, strict=True))
 
 
@@ -431,6 +548,16 @@ def all_runs() -> list[Run]:
         return []
     runs = [Run(d) for d in root.iterdir() if RUN_ID.match(d.name) and is_run_dir(d)]
     return sorted(runs, key=created)
+
+
+def files_named(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """The files of `folder` whose names start and end so (none where the folder is absent): a glob compiles its
+    pattern each time, which over a thousand runs' job ids is most of `orch status`."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return [folder / name for name in names if name.startswith(prefix) and name.endswith(suffix)]
 
 
 def is_run_dir(path: Path) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,9 +16,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import NotAPlainFile, read_plain, write_json_atomic
+from orchestrator.core.files import NotAPlainFile, file_sha256, read_plain, write_json_atomic
+from orchestrator.core.schedulers import scheduler_of
 
-SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 MAX_RUN_FILE_BYTES = 64 << 20  # no run file is near this; a larger one is damage, not something to parse
 
 
@@ -33,6 +32,40 @@ class DamagedFile(OrchError):
 
 class RunFile(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # fields of later versions are kept out
+
+
+class ManifestEntry(RunFile):
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class FolderManifest(RunFile):
+    """Every file of a folder with its size and SHA-256, written into the folder once it is complete: a checkpoint's
+    commit marker (`orchestrator.core.checkpoints`), the manifest of a run's frozen code (`Run.freeze_code`)."""
+
+    files: dict[str, ManifestEntry]
+
+    @staticmethod
+    def listing(folder: Path, leave_out: str) -> dict[str, ManifestEntry]:
+        """The files under `folder` but `leave_out` (the manifest itself), by path relative to it."""
+        return {
+            str(p.relative_to(folder)): ManifestEntry(bytes=p.stat().st_size, sha256=file_sha256(p))
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != leave_out
+        }
+
+    def mismatch(self, folder: Path, checksums: bool = True) -> str | None:
+        """The first file of the manifest that is missing from `folder` or differs from it (in size, or with
+        `checksums` in SHA-256); None when all match. Files the manifest does not list are not looked at."""
+        for name, entry in self.files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry.bytes:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.bytes}"
+            if checksums and file_sha256(path) != entry.sha256:
+                return f"{name} fails its SHA-256 checksum"
+        return None
 
 
 class RunInfo(RunFile):
@@ -65,10 +98,8 @@ class JobRecord(RunFile):
     @model_validator(mode="after")
     def _job_id_fits_its_scheduler(self) -> JobRecord:
         """Ids reach `kill` and `scancel`: a negative PID or an option-like string must never get there."""
-        if self.executor == "slurm" and not SLURM_JOB_ID.match(self.job_id):
-            raise ValueError(f"Slurm job id {self.job_id[:40]!r} is not a number (NNN or NNN_N)")
-        if self.executor == "local" and not (self.job_id.isdigit() and int(self.job_id) > 1):
-            raise ValueError(f"local job id {self.job_id[:40]!r} is not a process id above 1")
+        if problem := scheduler_of(self.executor).job_id_problem(self.job_id):
+            raise ValueError(problem)
         return self
 
 
@@ -120,6 +151,10 @@ class MlflowState(RunFile):
     # bytes of each system/ file (per-node system metrics) MLflow has; None: not known (an older file, or a run found
     # again by its tag), then read from the MLflow run's histories
     system_sent: dict[str, int] | None = None
+    experiment_id: str | None = None  # for the run's address in the MLflow UI; None in files of older versions
+    # bytes of rolled_back.jsonl the sender has looked through for steps MLflow has that a rollback dropped; None: not
+    # known (an older file, or a run found again by its tag), then taken as the file's size
+    rolled_back_checked: int | None = None
 
 
 class Failure(RunFile):
@@ -308,6 +343,26 @@ def data_step(skipped: Ranges, step: int) -> int:
             break
         step += end - start
     return step
+
+
+FINGERPRINT = "fingerprint.json"  # in the run's data/ folder
+
+
+class SourceData(RunFile):
+    """What one source of the run's data held when it was recorded: the content, not the path."""
+
+    folder: str
+    fingerprint: str  # SHA-256 of its splits' shard checksums and token counts (`jobs.shards.fingerprint`)
+    train_tokens: int = Field(ge=0)
+
+
+class DataFingerprint(RunFile):
+    """data/fingerprint.json: the run's data as it was when the run was submitted (or, for a run from before, when its
+    next job started), by source name ("" for one source). Every job and `orch resume` compares the data with it, so
+    a run never trains on another corpus put in the same folder."""
+
+    sources: dict[str, SourceData]
+    recorded: float
 
 
 MIXTURE = "mixture.json"

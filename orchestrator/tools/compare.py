@@ -1,12 +1,12 @@
 """Two runs compared the way the seed model card compares them: by how many steps apart they reach the same loss.
 
-Each train loss curve is smoothed (a trailing moving average, then a running minimum so that it never rises). For
-every step x1 of run A, x2 is the first step at which run B's smoothed loss is as low as A's at x1; |x1 - x2|
-against x1 shows whether B keeps a constant distance (a flat line), catches up or falls behind. The numeric part is
-pure functions of arrays; reading histories, plotting and logging to MLflow build on them.
+Each train loss curve is smoothed (a centred moving average over a window that a short run narrows, then a running
+minimum so that it never rises). For every step x1 of run A, x2 is the first step at which run B's smoothed loss is as
+low as A's at x1; |x1 - x2| against x1 shows whether B keeps a constant distance (a flat line), catches up or falls
+behind. The numeric part is pure functions of arrays; reading histories, plotting and logging to MLflow build on them.
 
-A run's history comes from its MLflow run (what the MLflow UI shows: the steps up to its newest checkpoint), or from
-`RUN_DIR/metrics.jsonl` when MLflow has no loss for it.
+A run's history is its `RUN_DIR/metrics.jsonl`, what `orch status` reads: every step trained and standing (a resume or
+a rollback drops the steps it undoes), also those MLflow has not been sent yet.
 """
 
 from __future__ import annotations
@@ -23,13 +23,28 @@ from orchestrator.core.rundir import Run
 
 KEYS = ("loss", "val_perplexity")
 PLOTS = {"loss": "loss.png", "val_perplexity": "val_perplexity.png", "distance": "step_distance.png"}
+WINDOW_SHARE = 10  # a smoothing window spans at most a tenth of a run's points: a wider one flattens its curve
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of each value and the `window - 1` before it (fewer at the start): it never looks ahead."""
+def smoothing_window(asked: int, points: int) -> int:
+    """The window used for `asked` on runs of `points` logged points: at most `asked` and a tenth of the points, odd
+    so that it is centred on its point, at least 1 (no smoothing)."""
+    window = max(1, min(asked, points // WINDOW_SHARE))
+    return window - 1 + window % 2
+
+
+def centred_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value and the `window // 2` on either side; near the ends as many on either side as there are.
+    Centred, it follows a falling loss without the lag of a trailing mean (a straight line comes out as it went in)."""
     values = np.asarray(values, dtype=float)
-    sums = np.convolve(values, np.ones(window))[: len(values)]  # each window summed on its own: no drift
-    return sums / np.minimum(np.arange(1, len(values) + 1), window)
+    radius = min(window // 2, (len(values) - 1) // 2)
+    smoothed = values.copy()
+    if radius > 0:
+        width = 2 * radius + 1
+        smoothed[radius:-radius] = np.convolve(values, np.ones(width), "valid") / width  # each sum on its own: no drift
+        for r in range(1, radius):  # the ends, with the widest windows that fit
+            smoothed[r], smoothed[-1 - r] = values[: 2 * r + 1].mean(), values[-2 * r - 1 :].mean()
+    return smoothed
 
 
 def monotone_envelope(values: np.ndarray) -> np.ndarray:
@@ -38,7 +53,7 @@ def monotone_envelope(values: np.ndarray) -> np.ndarray:
 
 
 def smoothed_envelope(values: np.ndarray, window: int) -> np.ndarray:
-    return monotone_envelope(moving_average(values, window))
+    return monotone_envelope(centred_average(values, window))
 
 
 @dataclass(frozen=True)
@@ -74,14 +89,12 @@ class Series:
 
 @dataclass(frozen=True)
 class History:
-    """One run's metric series, where they were read from, and why MLflow was not used (when it was not)."""
+    """One run's metric series, and the MLflow run the plots are attached to."""
 
     run_id: str
     tracking_uri: str | None
     mlflow_run_id: str | None
-    source: str
     series: dict[str, Series]
-    note: str | None = None
 
 
 def series_from_points(points: dict[int, float]) -> Series | None:
@@ -91,20 +104,6 @@ def series_from_points(points: dict[int, float]) -> Series | None:
         return None
     steps, values = zip(*kept, strict=True)
     return Series(np.array(steps, dtype=np.int64), np.array(values, dtype=float))
-
-
-def mlflow_series(uri: str, mlflow_run_id: str) -> dict[str, Series]:
-    """The run's metrics in MLflow. A step logged twice keeps its newest value."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    found = {}
-    for key in KEYS:
-        history = sorted(client.get_metric_history(mlflow_run_id, key), key=lambda m: (m.step, m.timestamp))
-        series = series_from_points({m.step: m.value for m in history})
-        if series is not None:
-            found[key] = series
-    return found
 
 
 def spool_series(run_dir: Path) -> dict[str, Series]:
@@ -125,23 +124,9 @@ def store_missing(uri: str) -> bool:
 
 
 def read_history(run: Run) -> History:
-    """MLflow's history of the run when it has a loss; RUN_DIR/metrics.jsonl otherwise."""
-    run_dir, uri = run.dir, run.tracking_uri
-    mlflow_run_id = run.mlflow.run_id if run.mlflow else None
-    if not mlflow_run_id:
-        note = "it has no MLflow run yet"
-    elif not uri or store_missing(uri):
-        note = f"its tracking store {uri} is not on this machine"
-    else:
-        try:
-            series = mlflow_series(uri, mlflow_run_id)
-        except Exception as err:  # noqa: BLE001 - any failure to read MLflow leaves the run directory's copy
-            note = f"MLflow at {uri} could not be read ({type(err).__name__}: {err})"
-        else:
-            if "loss" in series:
-                return History(run_dir.name, uri, mlflow_run_id, "mlflow", series)
-            note = "its MLflow run has no loss yet"
-    return History(run_dir.name, uri, mlflow_run_id, "metrics.jsonl", spool_series(run_dir), note)
+    """The run's series from RUN_DIR/metrics.jsonl, and its MLflow run."""
+    state = run.mlflow
+    return History(run.id, run.tracking_uri, state.run_id if state else None, spool_series(run.dir))
 
 
 def figure(title: str, ylabel: str) -> tuple[Any, Any]:
@@ -160,11 +145,12 @@ def figure(title: str, ylabel: str) -> tuple[Any, Any]:
 
 
 def plot_losses(histories: list[History], smoothed: list[np.ndarray], window: int, path: Path) -> None:
-    fig, ax = figure("Train cross-entropy", "loss (nats per token)")
+    how = f"centred mean of {window} points, lowest so far" if window > 1 else "lowest so far"
+    fig, ax = figure(f"Train cross-entropy: raw (faint) and smoothed ({how})", "loss (nats per token)")
     for index, (history, envelope) in enumerate(zip(histories, smoothed, strict=True)):
         loss, color = history.series["loss"], f"C{index}"
         ax.plot(loss.steps, loss.values, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(loss.steps, envelope, color=color, linewidth=2, label=f"{history.run_id} (smoothed, window {window})")
+        ax.plot(loss.steps, envelope, color=color, linewidth=2, label=f"{history.run_id} ({len(loss.steps)} points)")
     ax.legend()
     fig.savefig(path)
 
@@ -198,8 +184,7 @@ def run_summary(history: History, envelope: np.ndarray) -> dict[str, Any]:
     return {
         "run_id": history.run_id,
         "mlflow_run_id": history.mlflow_run_id,
-        "source": history.source,
-        "note": history.note,
+        "points": len(loss.steps),
         "last_step": int(loss.steps[-1]),
         "final_loss": float(loss.values[-1]),
         "final_smoothed_loss": float(envelope[-1]),
@@ -207,10 +192,12 @@ def run_summary(history: History, envelope: np.ndarray) -> dict[str, Any]:
     }
 
 
-def compare(history_a: History, history_b: History, window: int, output: Path) -> dict[str, Any]:
-    """Write the plots and compare.json into `output`; return what compare.json holds. Both runs need a loss."""
+def compare(history_a: History, history_b: History, asked: int, output: Path) -> dict[str, Any]:
+    """Write the plots and compare.json into `output`; return what compare.json holds. Both runs need a loss; both
+    are smoothed over the same window, `asked` or what the shorter run allows (`smoothing_window`)."""
     histories = [history_a, history_b]
     names = (history_a.run_id, history_b.run_id)
+    window = smoothing_window(asked, min(len(h.series["loss"].steps) for h in histories))
     envelopes = [smoothed_envelope(h.series["loss"].values, window) for h in histories]
     distance = step_distance(history_a.series["loss"].steps, envelopes[0], history_b.series["loss"].steps, envelopes[1])
     output.mkdir(parents=True, exist_ok=True)
@@ -231,6 +218,7 @@ def compare(history_a: History, history_b: History, window: int, output: Path) -
     result = {
         "runs": {"a": run_summary(history_a, envelopes[0]), "b": run_summary(history_b, envelopes[1])},
         "smooth_window": window,
+        "smooth_asked": asked,
         "distance": {
             "step_a": distance.step_a.tolist(),
             "step_b": distance.step_b.tolist(),

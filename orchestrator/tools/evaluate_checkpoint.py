@@ -3,7 +3,8 @@
 The checkpoint is exported (`orchestrator.tools.export`) to a temporary Hugging Face model directory inside the run's
 evals/ folder (the filesystem that holds the checkpoints has room for one more copy; /tmp on a node may not), lm-eval
 scores it there, and the scores go to `evals/step_K.json` and, as `eval/<task>/<metric>` at step K, to the run's
-MLflow run. `follow_milestones` does that for each milestone of a run as it commits (`orch eval --every K`). lm-eval is
+MLflow run. `follow_milestones` does that for each milestone of a run as it commits (`orch eval --every K`). A killed
+evaluation leaves its export behind (gigabytes at 1.2B): the next one, or `orch repair`, removes it. lm-eval is
 imported only here, and only when an evaluation runs.
 """
 
@@ -25,6 +26,8 @@ from orchestrator.core.checkpoints import committed_steps
 from orchestrator.core.errors import OrchError
 from orchestrator.core.evals import (
     EVALS,
+    EXPORT_PREFIX,
+    EXPORTS,
     TASKS_DIR,
     CheckpointEval,
     EvalsSent,
@@ -37,9 +40,10 @@ from orchestrator.core.evals import (
     scored_steps,
     sent_file,
 )
-from orchestrator.core.files import temporary_folder, write_json_atomic
+from orchestrator.core.files import abandoned, temporary_folder, write_json_atomic
 from orchestrator.core.rundir import TERMINAL_STATES, Run
 from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
+from orchestrator.core.schedulers import rank_started
 from orchestrator.tools.export import CheckpointUnavailable, choose_step, export_run
 
 if TYPE_CHECKING:
@@ -109,7 +113,9 @@ def evaluate(
 
     folder = run.dir / EVALS
     folder.mkdir(exist_ok=True)
-    with temporary_folder(folder, f".step_{chosen}.model-") as model_dir:
+    for left in abandoned(folder, EXPORTS, remove=True):
+        log.warning("removed %s, the model an evaluation that was killed exported", left)
+    with temporary_folder(folder, EXPORT_PREFIX.format(step=chosen)) as model_dir:
         export_run(run, chosen, model_dir)
         results = lm_eval.simple_evaluate(
             model="hf",
@@ -276,6 +282,7 @@ class EvalJob:
     def __call__(self) -> str:
         import submitit
 
+        rank_started()
         run = Run(self.run_dir)
         job_id = str(submitit.JobEnvironment().job_id)
         if self.every is None:

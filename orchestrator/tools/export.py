@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.core import checkpoints
-from orchestrator.core.config import Recipe, read_yaml, validate
+from orchestrator.core.config import Recipe
 from orchestrator.core.errors import OrchError
+from orchestrator.core.loading import validate
 from orchestrator.core.rundir import Run, get_run
+from orchestrator.core.yamlio import read_yaml
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

@@ -48,7 +48,7 @@ from tokenizers import Tokenizer
 from jobs.shards import DTYPES, Shard, ShardWriter, read_index, token_dtype
 from orchestrator.core.corpus import FORMATS_HELP, SEED_EVAL_PASS
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import file_sha256, read_json, write_json_atomic
+from orchestrator.core.files import file_sha256, library_writes, read_json, write_json_atomic
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
@@ -354,7 +354,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path, show_pr
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     staging = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    fast.save_pretrained(staging)
+    with library_writes(staging):
+        fast.save_pretrained(staging)
     staging.rename(output)
     return len(vocab)
 

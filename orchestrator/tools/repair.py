@@ -6,8 +6,10 @@ Each run file is checked through its model. What can be rebuilt is rebuilt from 
 - jobs.json from the job folders submitit keeps (`submitit/<job id>/`), with the profile's executor;
 - metrics.jsonl: unreadable lines are dropped; when it is gone, it is rebuilt from the run's MLflow run;
 - mlflow.json from the MLflow run tagged with the run's id;
-- progress.json and attempts.json, which the next job writes again, are set aside (renamed *.damaged).
-run.json, profile.yaml and recipe.yaml say what was asked: they are reported, never guessed.
+- progress.json and attempts.json, which the next job writes again, are set aside (renamed *.damaged);
+- the models killed evaluations exported into evals/ are removed.
+run.json, profile.yaml and recipe.yaml say what was asked, the frozen code (checked against its manifest) what ran,
+data/fingerprint.json what was trained on: they are reported, never guessed.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.tracking import MetricSpool, find_or_create_run
+from jobs.tracking import MetricSpool, find_or_create_run, spooled_key
 from orchestrator.core import checkpoints
-from orchestrator.core.config import Profile, Recipe, read_yaml, validate
+from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_atomic, write_json_atomic
+from orchestrator.core.evals import EVALS, EXPORTS
+from orchestrator.core.files import abandoned, write_atomic, write_json_atomic
+from orchestrator.core.loading import validate
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
+    FINGERPRINT,
     MIXTURE,
     SKIPS,
-    SLURM_JOB_ID,
     Attempt,
     DamagedFile,
+    DataFingerprint,
     JobRecord,
     MixChange,
     MlflowState,
@@ -37,12 +42,14 @@ from orchestrator.core.runfiles import (
     Skip,
     read_model,
 )
+from orchestrator.core.schedulers import scheduler_of
+from orchestrator.core.yamlio import read_yaml
 
 
 @dataclass(frozen=True)
 class Finding:
     file: str
-    state: str  # "ok", "missing", "damaged", "repaired", "set aside", "left alone"
+    state: str  # "ok", "missing", "damaged", "repaired", "set aside", "left alone", "left over", "removed"
     detail: str = ""
 
 
@@ -59,6 +66,10 @@ def repair(run: Run, fix: bool) -> list[Finding]:
         findings.append(set_aside(run.dir / name, model, fix))
     for name, model in ((SKIPS, list[Skip]), (MIXTURE, list[MixChange])):
         findings.append(check(run.dir / name, model, None, "what was asked (rollbacks, --weights): fix it by hand"))
+    findings.append(check_code(run))
+    fingerprint_fix = "delete it, and the next resume records the data as it is then"
+    findings.append(check(run.data_dir / FINGERPRINT, DataFingerprint, None, fingerprint_fix))
+    findings.extend(remove_abandoned_exports(run, fix))
     return findings
 
 
@@ -68,6 +79,24 @@ def check(path: Path, model: object, fixable: str | None, otherwise: str) -> Fin
     except DamagedFile as damage:
         return Finding(path.name, "damaged", f"{damage.why}; {fixable or otherwise}")
     return Finding(path.name, "ok" if found is not None else "missing")
+
+
+def check_code(run: Run) -> Finding:
+    """The frozen code against its manifest, reported only: restoring the file and taking the checkout's code instead
+    (`orch resume --update-code`) are the user's choice."""
+    problem = run.code_damage()
+    if problem:
+        return Finding("code/", "damaged", problem)
+    return Finding("code/", "ok" if run.code_dir.is_dir() else "missing")
+
+
+def remove_abandoned_exports(run: Run, fix: bool) -> list[Finding]:
+    """The models that killed evaluations exported into evals/ (gigabytes each at 1.2B); one in use is left alone."""
+    state, what = ("removed", "") if fix else ("left over", "; it would be removed")
+    return [
+        Finding(f"{EVALS}/{path.name}", state, f"the model an evaluation that was killed exported{what}")
+        for path in abandoned(run.dir / EVALS, EXPORTS, remove=fix)
+    ]
 
 
 def check_yaml(path: Path, schema: type) -> Finding:
@@ -83,11 +112,11 @@ def repair_jobs(run: Run, fix: bool) -> Finding:
     if found.state != "damaged" or not fix:
         return found
     executor = read_yaml(run.dir / "profile.yaml").get("executor", "local")
-    folders = [p for p in run.submitit_dir.glob("*") if p.is_dir() and SLURM_JOB_ID.match(p.name)]
+    scheduler = scheduler_of(executor)
+    folders = [p for p in run.submitit_dir.glob("*") if p.is_dir() and scheduler.job_id_problem(p.name) is None]
     jobs = [
         JobRecord(job_id=p.name, executor=executor, submitted=p.stat().st_mtime)
         for p in sorted(folders, key=lambda p: p.stat().st_mtime)
-        if executor == "slurm" or int(p.name) > 1
     ]
     write_json_atomic(run.dir / "jobs.json", [job.model_dump() for job in jobs])
     return Finding("jobs.json", "repaired", f"{len(jobs)} jobs from submitit/ ({executor})")
@@ -166,12 +195,12 @@ def rebuild_metrics_from_mlflow(run: Run) -> int:
     if state is None:
         return 0
     client = mlflow.MlflowClient(run.tracking_uri)
-    keys = [k for k in client.get_run(state.run_id).data.metrics if not k.startswith("system/")]  # the nodes' own
+    keys = {k: spooled for k in client.get_run(state.run_id).data.metrics if (spooled := spooled_key(k))}
     by_step: dict[int, dict] = {}
-    for key in keys:
+    for key, spooled in keys.items():
         for metric in client.get_metric_history(state.run_id, key):
             entry = by_step.setdefault(metric.step, {"step": metric.step, "time_ms": metric.timestamp, "metrics": {}})
-            entry["metrics"][key] = metric.value
+            entry["metrics"][spooled] = metric.value
     write_atomic(MetricSpool(run.dir).path, "".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)))
     return len(by_step)
 

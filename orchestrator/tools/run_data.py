@@ -14,11 +14,10 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from jobs.data import POINTER, source_folders
-from jobs.shards import INDEX
+from jobs.shards import INDEX, POINTER, source_folders
 from orchestrator.core.config import DataSpec
 from orchestrator.core.corpus import SHARD_TOKENS
-from orchestrator.core.files import read_json, write_json_atomic
+from orchestrator.core.files import read_json, write_atomic, write_json_atomic
 from orchestrator.tools.prepare import Settings, copy_tokenizer, list_inputs, prepare, read_texts, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,7 @@ def data_ready(data_dir: Path) -> bool:
 
 
 def write_demo_corpus(path: Path, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in demo_corpus(seed)))
+    write_atomic(path, "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in demo_corpus(seed)))
     return path
 
 

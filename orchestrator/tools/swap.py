@@ -45,7 +45,7 @@ SPACE_MARK = "▁"
 @functools.cache
 def byte_to_char() -> dict[int, str]:
     """GPT-2's byte-level alphabet: the character that stands for each byte in a byte-level BPE vocabulary."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from jobs.compat import bytes_to_unicode
 
     return bytes_to_unicode()
 

@@ -11,7 +11,7 @@ from jobs.system_metrics import unsent
 from jobs.tracking import artifacts, describe, finish_run, send
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run, all_runs
-from orchestrator.core.runfiles import DamagedFile, MlflowState, read_model
+from orchestrator.core.runfiles import ROLLED_BACK, DamagedFile, MlflowState, read_model
 from orchestrator.tools.evaluate_checkpoint import send_evals
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,17 @@ def sync_steps(run: Run) -> int | None:
         known = None  # send() finds the MLflow run by its tag
     current = known is not None and known.tracking_uri == run.tracking_uri
     steps_due = through is not None and not (current and known.sent_through >= through)
-    if not steps_due and not unsent(run.dir, known.system_sent if current else None):
+    if not steps_due and not unsent(run.dir, known.system_sent if current else None) and not rolled_back(run, known):
         return known.sent_through if current and through is not None else None
     params, tags = describe(run)
     sent = send(run.dir, run.tracking_uri, through or 0, params, tags)
     return sent if through is not None else None
+
+
+def rolled_back(run: Run, known: MlflowState | None) -> bool:
+    """Whether a rollback dropped spooled steps since the last send, which may be steps MLflow has (`went_back`)."""
+    path = run.dir / ROLLED_BACK
+    return known is not None and path.is_file() and path.stat().st_size != known.rolled_back_checked
 
 
 def spooling_runs() -> list[Run]:

@@ -1,4 +1,5 @@
-"""`orch compare` and `orch ui`: looking at runs. Both read the MLflow store the runs report to.
+"""`orch compare` and `orch ui`: looking at runs. `orch compare` reads the runs' metrics.jsonl (what `orch status`
+reads) and attaches its plots to their MLflow runs; `orch ui` serves the MLflow store the runs report to.
 
 The analysis itself is in `orchestrator.tools.compare`, imported inside the command (with numpy, matplotlib and
 mlflow) so that the CLI starts fast.
@@ -20,10 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.core.config import load_profile
 from orchestrator.core.errors import OrchError
-from orchestrator.core.rundir import get_run
-from orchestrator.core.settings import EXPERIMENT, orch_home, tracking_uri
+from orchestrator.core.settings import EXPERIMENT, TRAINING_VIEW, UI_PORT, experiment_page, orch_home, tracking_uri
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -38,11 +37,15 @@ def compare(
     output: Annotated[
         Optional[Path], typer.Option(help="folder for the plots and compare.json [default: $ORCH_HOME/compare/A-vs-B]")
     ] = None,
-    smooth: Annotated[int, typer.Option(help="moving-average window, in logged points, applied to each loss")] = 50,
+    smooth: Annotated[
+        int, typer.Option(help="centred moving-average window, in logged points (at most a tenth of a run's points)")
+    ] = 50,
 ) -> None:
     """Plot two runs' losses and test perplexities, and how many steps apart they reach the same loss."""
     if smooth < 1:
         raise OrchError(f"Option --smooth is {smooth}. Allowed: a whole number of logged points, 1 or more.")
+    from orchestrator.core.rundir import get_run
+
     runs = get_run(run_a), get_run(run_b)
     target = output or orch_home() / "compare" / f"{run_a}-vs-{run_b}"
     if target.exists() and not target.is_dir():
@@ -53,8 +56,8 @@ def compare(
     for history in histories:
         if "loss" not in history.series:
             raise OrchError(
-                f"Run {history.run_id} has no loss yet: {history.note or 'its MLflow run has none'}, and its "
-                "metrics.jsonl has none either. Allowed: runs that have trained at least one step."
+                f"Run {history.run_id} has no loss yet: its metrics.jsonl has none. Allowed: runs that have trained "
+                "at least one step."
             )
     result = analysis.compare(histories[0], histories[1], smooth, target)
     files = [target / name for name in (*result["plots"], "compare.json")]
@@ -63,26 +66,30 @@ def compare(
 
 
 def print_comparison(result: dict[str, Any], output: Path, logged: list[str]) -> None:
-    runs = result["runs"]
-    table = Table("", "run", "read from", "last step", "loss", "smoothed", "val ppl", title="final values")
+    runs, window = result["runs"], result["smooth_window"]
+    smoothed = f"smoothed, window {window}"
+    table = Table("", "run", "points", "last step", "loss", smoothed, "val ppl", title="final values (metrics.jsonl)")
     table.columns[1].no_wrap = True
     for label, run in runs.items():
         ppl = run["final_val_perplexity"]
         table.add_row(
             label.upper(),
             run["run_id"],
-            run["source"],
+            str(run["points"]),
             str(run["last_step"]),
             f"{run['final_loss']:.4f}",
             f"{run['final_smoothed_loss']:.4f}",
             f"{ppl:.2f}" if ppl is not None else "-",
         )
     console.print(table)
-    for run in runs.values():
-        if run["note"]:
-            console.print(f"{run['run_id']}: read from metrics.jsonl because {run['note']}.", soft_wrap=True)
+    if window < result["smooth_asked"]:
+        console.print(
+            f"Smoothed over {window} points, not --smooth {result['smooth_asked']}: a window spans at most a tenth of "
+            "the shorter run's points (and an odd number, centred on its point).",
+            soft_wrap=True,
+        )
     if result["median_distance"] is None:
-        console.print(f"B never reaches a smoothed loss of A (window {result['smooth_window']}).")
+        console.print(f"B never reaches a smoothed loss of A (window {window}).")
     else:
         ahead = "more" if result["median_offset"] >= 0 else "fewer"
         console.print(
@@ -98,14 +105,23 @@ def print_comparison(result: dict[str, Any], output: Path, logged: list[str]) ->
 
 @app.command()
 def ui(
-    port: Annotated[int, typer.Option(help="port to serve on; pick another when a colleague's server holds it")] = 5000,
+    port: Annotated[
+        int, typer.Option(help="port to serve on; pick another when a colleague's server holds it")
+    ] = UI_PORT,
     host: Annotated[str, typer.Option(help="interface to bind; 127.0.0.1 keeps it to this machine")] = "127.0.0.1",
     profile: Annotated[str, typer.Option(help="the profile whose runs to show (its tracking_uri)")] = "local",
 ) -> None:
     """The MLflow UI for your runs: serves the embedded store here, or points at the remote tracking server."""
+    from orchestrator.core.loading import load_profile
+
     uri = tracking_uri(load_profile(profile)[1].tracking_uri)
     if uri.startswith(("http://", "https://")):
-        console.print(f"Runs report to the tracking server {uri}: open it, experiment '{EXPERIMENT}'.", soft_wrap=True)
+        console.print(
+            f"Runs report to the tracking server {uri}: open {uri.rstrip('/')}/#/experiments?{TRAINING_VIEW} "
+            f"(MLflow's \"Model training\" view), experiment '{EXPERIMENT}'.",
+            soft_wrap=True,
+            highlight=False,
+        )
         return
     if not uri.startswith("sqlite:///"):
         raise OrchError(
@@ -127,15 +143,14 @@ def ensure_store(uri: str) -> str:
     """A store with the experiment runs report to, created when it is new: jobs of a spooling profile never create
     it (this command's follower is the store's writer), and a user who opens the UI before the first metric sees an
     empty experiment rather than an error."""
-    from jobs.tracking import client_for, create_experiment
+    from jobs.tracking import client_for, training_experiment
 
     database = Path(uri.removeprefix("sqlite:///"))
     new = not database.is_file()
-    client = client_for(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = training_experiment(client_for(uri), uri)
     if new:
         console.print(f"Created the tracking store {database}: no run has reported to it yet.", soft_wrap=True)
-    return experiment.experiment_id if experiment else create_experiment(client, uri)
+    return experiment_id
 
 
 def start_sync_follower() -> None:
@@ -166,11 +181,16 @@ def check_port_free(host: str, port: int) -> None:
 
 def print_addresses(uri: str, experiment_id: str, host: str, port: int) -> None:
     """Where to point a browser, and the SSH tunnel that reaches this machine's loopback from a laptop."""
-    page = f"#/experiments/{experiment_id}"
+    page = experiment_page(experiment_id)
     shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
     console.print(f"Serving {uri} with the MLflow UI (Ctrl+C stops it).", soft_wrap=True, highlight=False)
     console.print(f"Open: http://{shown}:{port}/{page}", soft_wrap=True, highlight=False)
-    console.print('Training runs show under "Model training", in the run\'s "Model metrics" tab.')
+    console.print(
+        f"The runs of experiment '{EXPERIMENT}' in MLflow's \"Model training\" view; a run's charts are in its "
+        '"Model metrics" tab, whose address `orch status RUN` prints.',
+        soft_wrap=True,
+        highlight=False,
+    )
     if host in ("127.0.0.1", "localhost", "::1"):
         console.print(
             f"From a laptop: ssh -N -L {port}:localhost:{port} {getpass.getuser()}@{socket.getfqdn()} "

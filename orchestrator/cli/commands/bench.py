@@ -10,17 +10,16 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from orchestrator.core.config import AUTO, Recipe, load_profile, load_recipe, merge_all, parse_assignment, validate
 from orchestrator.core.errors import OrchError
-from orchestrator.core.estimate import flops_per_token
-from orchestrator.core.plan import AUTO_FIELDS, choose_train, gradient_accumulation
-from orchestrator.core.preflight import check_data
+
+if TYPE_CHECKING:
+    from orchestrator.core.config import Recipe
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -29,6 +28,10 @@ MICRO_BATCHES = (4, 8, 16)
 
 def variant_recipe(path: Path, recipe: Recipe, variant: str, world: int) -> Recipe:
     """The recipe with a variant's train fields set ('recipe' leaves it as it is), checked as a submitted one is."""
+    from orchestrator.core.config import AUTO, Recipe
+    from orchestrator.core.loading import merge_all, parse_assignment, validate
+    from orchestrator.core.plan import AUTO_FIELDS, gradient_accumulation
+
     overrides = []
     for item in [] if variant == "recipe" else variant.split(","):
         field = item.strip().removeprefix("train.")
@@ -73,6 +76,8 @@ def results_table(
     results: list[dict[str, Any]], recipes: dict[str, Recipe], gpu: bool, peak_tflops: float | None
 ) -> Table:
     """One row per variant; MFU needs a peak, measured memory a GPU (`estimate` is the planner's figure)."""
+    from orchestrator.core.estimate import flops_per_token
+
     table = Table(
         Column("variant", overflow="fold"),
         "attention",
@@ -142,6 +147,11 @@ def bench(
     ] = None,
 ) -> None:
     """Tokens/s, MFU, peak memory and data wait of a recipe's training steps here, per variant; creates no run."""
+    from orchestrator.core.config import Recipe
+    from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
+    from orchestrator.core.plan import choose_train
+    from orchestrator.core.preflight import check_data
+
     _, resolved_profile = load_profile(profile)
     recipe_path, base = load_recipe(recipe)
     base = choose_train(resolved_profile, base, resolved_profile.world_size, recipe_path).setting.applied(base)

@@ -20,7 +20,7 @@ from orchestrator.core.errors import OrchError
 if TYPE_CHECKING:
     from orchestrator.core.config import Profile
     from orchestrator.core.doctor import DoctorReport, DoctorRequest
-    from orchestrator.core.runfiles import JobRecord
+    from orchestrator.core.schedulers.base import Job
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
@@ -42,8 +42,8 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="print doctor.json instead of the table")] = False,
 ) -> None:
     """Run a short job on the profile's nodes and report what a training run would find there."""
-    from orchestrator.core.config import load_profile
     from orchestrator.core.doctor import DOCTOR_FILE
+    from orchestrator.core.loading import load_profile
     from orchestrator.core.preflight import check_partition
 
     overrides = [{"slurm": {"account": account}}] if account else []
@@ -64,10 +64,9 @@ def doctor(
 
 
 def doctor_request(name: str, profile: Profile) -> DoctorRequest:
-    from orchestrator.cli.executors import runs_location
     from orchestrator.core.doctor import DoctorRequest, doctor_root
     from orchestrator.core.rundir import new_run_id
-    from orchestrator.core.settings import tracking_uri
+    from orchestrator.core.settings import runs_location, tracking_uri
 
     doctor_id = new_run_id("doctor")
     return DoctorRequest(
@@ -91,7 +90,7 @@ def run_doctor(profile: Profile, request: DoctorRequest) -> DoctorReport:
     """Queue the job, then wait for its report; a job that ends without one is an error naming its logs."""
     from jobs.doctor import DoctorJob
     from orchestrator.cli.submit import queue
-    from orchestrator.core.runfiles import JobRecord
+    from orchestrator.core.schedulers.base import Job
 
     folder = Path(request.folder)
     folder.mkdir(parents=True)
@@ -100,19 +99,19 @@ def run_doctor(profile: Profile, request: DoctorRequest) -> DoctorReport:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    job = JobRecord(job_id=job_id, executor=profile.executor, submitted=time.time())
+    job = Job(profile.executor, job_id, time.time(), folder / "submitit")
     notes.print(
         f"Submitted doctor job {job_id} ({profile.executor}); its folder is {folder}", highlight=False, soft_wrap=True
     )
     return wait_for_report(folder, job, WAIT_FACTOR * profile.time_limit_min * 60)
 
 
-def wait_for_report(folder: Path, job: JobRecord, wait_s: float) -> DoctorReport:
+def wait_for_report(folder: Path, job: Job, wait_s: float) -> DoctorReport:
     """doctor.json once rank 0 wrote it. A rank that failed ends the wait at once, and the job with it: the other
     ranks would wait for it in a collective until the time limit."""
     from orchestrator.core.doctor import DOCTOR_FILE, DoctorReport
     from orchestrator.core.runfiles import read_model
-    from orchestrator.core.scheduler import cancel_job, job_alive
+    from orchestrator.core.schedulers import cancel_job, job_alive
 
     logs, deadline = folder / "submitit" / job.job_id, time.time() + wait_s
     with notes.status(f"Waiting for job {job.job_id} (up to {wait_s / 60:.0f} min) ..."):
@@ -161,7 +160,7 @@ def checks_table(report: DoctorReport) -> Table:
 
 
 def show_request(request: DoctorRequest, profile: Profile) -> None:
-    from orchestrator.cli.executors import executor_for
+    from orchestrator.cli.executors import job_script
     from orchestrator.core.doctor import DOCTOR_FILE, WRITE_MIB
 
     rows = [
@@ -178,7 +177,7 @@ def show_request(request: DoctorRequest, profile: Profile) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    script = executor_for(profile).script(profile, None, Path(request.folder))
+    script = job_script(profile, None, Path(request.folder))
     if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from orchestrator.core.evals import CheckpointEval, TaskScores
     from orchestrator.core.rundir import Run
     from orchestrator.core.runfiles import JobRecord
+    from orchestrator.core.schedulers.base import Job
     from orchestrator.tools.evaluate_checkpoint import EvalJob
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -176,7 +177,7 @@ def queue_eval(
     from orchestrator.cli.submit import queue
     from orchestrator.core.evals import EVALS
     from orchestrator.core.preflight import check_partition
-    from orchestrator.core.runfiles import JobRecord
+    from orchestrator.core.schedulers.base import Job
     from orchestrator.tools.evaluate_checkpoint import EvalJob, task_manager
     from orchestrator.tools.export import choose_step
 
@@ -208,7 +209,7 @@ def queue_eval(
         soft_wrap=True,
     )
     if wait:
-        follow_job(run, JobRecord(job_id=job_id, executor=resolved.executor, submitted=time.time()), job.every)
+        follow_job(run, Job(resolved.executor, job_id, time.time(), folder), job.every)
 
 
 def following_cost(run: Run, profile: Profile, name: str, names: list[str]) -> str:
@@ -246,7 +247,9 @@ def job_target(job: EvalJob, after: JobRecord | None) -> str:
 
 def chosen_profile(run: Run, name: str | None, account: str | None) -> tuple[str, Path, Profile]:
     """The named profile, else the one the run trains with: its name, its file and its fields."""
-    from orchestrator.core.config import Profile, load_profile, merge_all, read_yaml, validate
+    from orchestrator.core.config import Profile
+    from orchestrator.core.loading import load_profile, merge_all, validate
+    from orchestrator.core.yamlio import read_yaml
 
     overrides = [{"slurm": {"account": account}}] if account else []
     if name:
@@ -258,11 +261,13 @@ def chosen_profile(run: Run, name: str | None, account: str | None) -> tuple[str
 
 def training_job(run: Run, profile: Profile) -> JobRecord:
     """The run's newest training job, which a Slurm dependency can name."""
+    from orchestrator.core.schedulers import scheduler_of
+
     jobs = run.jobs
     if not jobs:
         raise OrchError(f"Run {run.id} has no training job to wait for (jobs.json lists none).")
     job = jobs[-1]
-    if job.executor != "slurm" or profile.executor != "slurm":
+    if job.executor != profile.executor or not scheduler_of(profile.executor).dependencies:
         raise OrchError(
             f"--after-training makes the eval job a Slurm dependency of run {run.id}'s training job {job.job_id}, "
             f"which runs under the {job.executor} executor, and the eval job would run under the {profile.executor} "
@@ -277,27 +282,27 @@ def training_to_follow(run: Run, profile: Profile, name: str, ask_scheduler: boo
     Slurm and the scheduler still has it; None where a dependency cannot be had (the local executor) or is not needed
     (training has ended: the follower scores what was committed and ends). A local training job is seen only on this
     machine: a follower on other nodes could not tell when it ends."""
-    from orchestrator.core.scheduler import job_alive
+    from orchestrator.core.schedulers import job_alive, scheduler_of
 
     jobs = run.jobs
     job = jobs[-1] if jobs else None
-    if job is not None and job.executor == "local" and profile.executor != "local":
+    if job is not None and scheduler_of(job.executor).one_machine and profile.executor != job.executor:
         raise OrchError(
             f"Run {run.id}'s training job {job.job_id} runs under the local executor on this machine, which a job "
             f"on profile {name}'s nodes ({profile.executor}) cannot watch. Follow it here (leave --profile out) or "
             "with a local profile."
         )
-    if job is None or not job.executor == profile.executor == "slurm":
+    if job is None or job.executor != profile.executor or not scheduler_of(profile.executor).dependencies:
         return None
-    return job if not ask_scheduler or job_alive(job) else None
+    return job if not ask_scheduler or job_alive(run.job(job)) else None
 
 
 def still_training(run: Run, job: JobRecord) -> JobRecord | None:
     """The training job while the scheduler has it; None when it has ended and the run completed (then the eval job
     waits for nothing). A run whose training ended otherwise is refused: an afterok dependency on it never holds."""
-    from orchestrator.core.scheduler import job_alive
+    from orchestrator.core.schedulers import job_alive
 
-    if job_alive(job):
+    if job_alive(run.job(job)):
         return job
     state = run.state(False)
     if state == "completed":
@@ -327,14 +332,14 @@ def job_profile(profile: Profile, dependency: str | None, following: bool = Fals
     return profile.model_copy(update=update)
 
 
-def follow_job(run: Run, job: JobRecord, every: int | None = None) -> None:
+def follow_job(run: Run, job: Job, every: int | None = None) -> None:
     """Wait for the job's end, then print its scores (a follower's, of each milestone it scored); a job that failed,
     or that scored one checkpoint and ended without its scores, is an error naming its logs. Ctrl-C stops the waiting,
     never the job."""
     from orchestrator.cli.commands.doctor import rank_error
     from orchestrator.core.evals import CheckpointEval, eval_files
     from orchestrator.core.runfiles import read_model
-    from orchestrator.core.scheduler import job_alive
+    from orchestrator.core.schedulers import job_alive
 
     try:
         with notes.status(f"Waiting for eval job {job.job_id} ..."):
@@ -386,7 +391,7 @@ def show_scores(run: Run, scores: CheckpointEval, tasks: dict[str, TaskScores]) 
 
 
 def show_job(run: Run, job: EvalJob, profile: Profile, name: str, after: JobRecord | None, folder: Path) -> None:
-    from orchestrator.cli.executors import executor_for
+    from orchestrator.cli.executors import job_script
 
     console.print(
         f"Dry run: an eval job of run {run.id} on profile {name} ({profile.executor}, 1 process, "
@@ -397,7 +402,7 @@ def show_job(run: Run, job: EvalJob, profile: Profile, name: str, after: JobReco
     )
     if after:
         console.print(f"Whether job {after.job_id} is still queued or running is asked on submission.", highlight=False)
-    script = executor_for(profile).script(profile, None, folder.parent)
+    script = job_script(profile, None, folder.parent)
     if script is not None:
         console.print("[bold]sbatch script:[/]")
         console.print(script, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,272 @@
+"""Slurm: the one module that runs Slurm's commands (sbatch through submitit's SlurmExecutor, squeue, scancel,
+scontrol, sinfo) and reads what they print. Job ids were validated when jobs.json was read (`job_id_problem`) and go
+after `--` where a command takes options.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from orchestrator.core.compat import sbatch_script
+from orchestrator.core.config import PROJECT_ROOT, Profile
+from orchestrator.core.errors import OrchError
+from orchestrator.core.schedulers.base import Job, PartitionFacts
+from orchestrator.core.settings import fill_path
+
+log = logging.getLogger("orch.slurm")
+SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+# Slurm states of a job that is queued, running or about to run again; any other state (or none) is gone.
+LIVE_SLURM_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "COMPLETING",
+        "CONFIGURING",
+        "SUSPENDED",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+        "RESV_DEL_HOLD",
+    }
+)
+# id, state and the StdOut path submitit gave the job (FOLDER/%j/%j_%t_log.out), which says whose job it is
+SQUEUE_FORMAT = "--Format=JobID:|,State:|,STDOUT:"
+TIMEOUT_S = 60
+
+
+class Slurm:
+    name = "slurm"
+    sizes_signal_delay = True
+    signal_check_s = 30  # slurmctld checks time limits this often: its signal may come this much early
+    excludes_hosts = True
+    dependencies = True
+    one_machine = False
+
+    def job_id_problem(self, job_id: str) -> str | None:
+        return None if SLURM_JOB_ID.match(job_id) else f"Slurm job id {job_id[:40]!r} is not a number (NNN or NNN_N)"
+
+    def executor(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> Any:
+        """An sbatch script with one task per GPU (or per the profile's launch layout)."""
+        import submitit
+
+        slurm = profile.slurm
+        executor = submitit.SlurmExecutor(
+            folder=folder / "%j", max_num_timeout=max_requeues, python=profile.python or None
+        )
+        parameters: dict[str, Any] = {
+            "job_name": f"orch-{folder.parent.name}",
+            "nodes": profile.nodes,
+            "ntasks_per_node": profile.launch.tasks_per_node,
+            "cpus_per_task": slurm.cpus_per_task,
+            "time": int(profile.time_limit_min),
+            "partition": slurm.partition,
+            "signal_delay_s": signal_delay_s,
+            "setup": setup_lines(profile),
+            "wckey": slurm.wckey,  # None leaves it out (submitit's default, "submitit", is refused where enforced)
+            # srun does not take --cpus-per-task from sbatch on Slurm 22.05-23.02; one crashed rank ends the step
+            # instead of leaving the others blocked in a collective until the timeout.
+            "srun_args": [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"],
+            # requeue after a timeout or preemption, whatever the site's default
+            "additional_parameters": {"requeue": True, **slurm.extra_sbatch},
+        }
+        if profile.node.gpus:
+            parameters["gpus_per_node"] = profile.node.gpus
+        if slurm.account:
+            parameters["account"] = slurm.account
+        if slurm.qos:
+            parameters["qos"] = slurm.qos
+        executor.update_parameters(**parameters)
+        return executor
+
+    @contextmanager
+    def submission(self, profile: Profile, log: Path) -> Iterator[None]:
+        """sbatch runs the setup lines on the node: nothing to change here."""
+        yield
+
+    def script(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> str | None:
+        """The exact script `sbatch` would receive."""
+        return sbatch_script(self.executor(profile, folder, max_requeues, signal_delay_s))
+
+    def partitions(self) -> dict[str, PartitionFacts] | None:
+        """Every partition of the cluster the Slurm commands reach; None where `scontrol` cannot say."""
+        shown = scontrol("show", "partition", "--oneliner")
+        if shown is None:
+            return None
+        facts = [partition_facts(line) for line in shown.splitlines() if line.startswith("PartitionName=")]
+        return {f.name: f for f in facts}
+
+    def excluding(self, profile: Profile, hosts: list[str]) -> Profile:
+        return excluding(profile, hosts)
+
+    def folders(self, jobs: Sequence[Job]) -> dict[str, Path | None]:
+        if not jobs:
+            return {}
+        ids = [job.job_id for job in jobs]
+        out = run(["squeue", "--noheader", SQUEUE_FORMAT, "--jobs", ",".join(ids)], ids)
+        if out.returncode != 0 and "Invalid job id" not in out.stderr:
+            raise OrchError(f"Cannot ask Slurm about jobs {', '.join(ids)}: {out.stderr.strip()}")
+        live = {}
+        for line in out.stdout.splitlines():
+            job_id, state, stdout = [*line.split("|", 2), "", ""][:3]
+            if state.strip() in LIVE_SLURM_STATES:
+                live[job_id.strip()] = Path(stdout.strip()).parent.parent
+        return {job_id: live.get(job_id) for job_id in ids}
+
+    def cancel(self, job: Job) -> None:
+        out = run(["scancel", "--", job.job_id], [job.job_id])
+        if out.returncode != 0:
+            raise OrchError(f"scancel {job.job_id} failed: {out.stderr.strip()}")
+
+    def rank_started(self) -> None:
+        """slurmstepd ends a job's tasks with the job: nothing to tie."""
+
+    def requeue(self, job_id: str, peer_pids: list[int]) -> int:
+        """`scontrol requeue` (what submitit's own requeue runs): Slurm ends every task on every node and queues the
+        job again."""
+        try:
+            subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as err:
+            log.error("scontrol requeue %s failed (%s): the job ends without a requeue", job_id, err)
+        return 1
+
+    def keep_off(self, job_id: str, hosts: list[str]) -> None:
+        """Slurm 22.05 refuses this for a job that is still running (as the failing job is): its answer is logged."""
+        excluded = ",".join(hosts)
+        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={excluded}"],
+                              capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+        log.warning("excluding %s from the next try: %s", excluded, done.stderr.strip() or "accepted")
+
+    def requeue_preempted(self, job_id: str) -> None:
+        """Slurm requeues a preempted job (PreemptMode=REQUEUE) only when its grace time runs out: one that saved
+        and left within it ends as completed, so it is queued again here. scancel sends SIGTERM too, but marks the
+        job CANCELLED first: a job that is no longer RUNNING in Slurm's eyes was cancelled (or already requeued),
+        and stays so."""
+        try:
+            shown = scontrol("show", "job", "--oneliner", job_id) or ""
+            state = scontrol_fields(shown).get("JobState", "unknown")
+            if state != "RUNNING":
+                log.info("SIGTERM, and job %s is %s: not requeued", job_id, state)
+                return
+            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as err:
+            log.error("scontrol requeue %s failed (%s): `orch resume` continues the run", job_id, err)
+            return
+        log.info("preempted: requeued job %s (%s)", job_id, done.stderr.strip() or "accepted")
+
+
+def run(command: list[str], job_ids: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OrchError(f"Cannot reach Slurm ({command[0]}) about jobs {', '.join(job_ids)}: {err}") from None
+
+
+def scontrol(*arguments: str) -> str | None:
+    """What an scontrol command prints; None where it cannot be run or fails."""
+    try:
+        shown = subprocess.run(["scontrol", *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def scontrol_fields(text: str) -> dict[str, str]:
+    """The `Key=Value` words scontrol shows a job or a partition with (one line or several)."""
+    return dict(word.split("=", 1) for word in text.split() if "=" in word)
+
+
+def scontrol_settings(text: str) -> dict[str, str]:
+    """The `Key = Value` lines of `scontrol show config`."""
+    return {key: value.strip() for key, value in re.findall(r"^(\S+)\s+=\s+(.*)$", text, flags=re.MULTILINE)}
+
+
+def site_settings() -> tuple[dict[str, str], dict[str, str]] | None:
+    """Inside a Slurm job: the site's settings (`scontrol show config`) and its partition's fields; None outside
+    one, or where scontrol cannot be run here."""
+    partition = os.environ.get("SLURM_JOB_PARTITION")
+    if "SLURM_JOB_ID" not in os.environ or shutil.which("scontrol") is None:
+        return None
+    shown = scontrol("show", "partition", partition) if partition else None
+    return scontrol_settings(scontrol("show", "config") or ""), scontrol_fields(shown or "")
+
+
+def partition_facts(line: str) -> PartitionFacts:
+    """One line of `scontrol show partition --oneliner`."""
+    fields = scontrol_fields(line)
+    return PartitionFacts(
+        name=fields["PartitionName"],
+        max_time_min=slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
+        min_nodes=int(fields.get("MinNodes", "0")),
+        max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
+        grace_time_s=int(fields.get("GraceTime", "0")),
+        preempt_mode=fields.get("PreemptMode", "OFF"),
+        state=fields.get("State", "UP"),
+    )
+
+
+def slurm_minutes(value: str) -> float | None:
+    """Slurm's `[D-]HH:MM:SS` (or `MM`, `MM:SS`, `HH:MM:SS`) in minutes; None for UNLIMITED or INFINITE."""
+    if value in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, minutes, seconds = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def partition_nodes(partition: str) -> list[str] | None:
+    """The nodes of a Slurm partition, whatever their state; None where `sinfo` cannot say."""
+    try:
+        listed = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N"], capture_output=True, text=True,
+                                timeout=TIMEOUT_S)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sorted(set(listed.stdout.split())) if listed.returncode == 0 and listed.stdout.strip() else None
+
+
+def excluding(
+    profile: Profile, hosts: list[str], nodes_of: Callable[[str], list[str] | None] = partition_nodes
+) -> Profile:
+    """The profile with `hosts` kept out of the job (sbatch --exclude, besides any the profile names), unless that
+    would leave the partition (its nodes as `nodes_of` lists them) fewer nodes than the job needs: such a job would
+    wait for good, so it goes where it may and the suspects stay recorded (a warning says so)."""
+    if not hosts or profile.slurm is None:
+        return profile
+    named = [h for h in profile.slurm.extra_sbatch.get("exclude", "").split(",") if h]
+    excluded = sorted({*named, *hosts})
+    nodes = nodes_of(profile.slurm.partition)
+    if nodes is not None and len(set(nodes) - set(excluded)) < profile.nodes:
+        log.warning(
+            "not excluding the suspect hosts %s: partition %s has %d nodes (%s), and the job needs %d",
+            ",".join(hosts), profile.slurm.partition, len(nodes), ",".join(nodes), profile.nodes,
+        )  # fmt: skip
+        return profile
+    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(excluded)}
+    return profile.model_copy(update={"slurm": profile.slurm.model_copy(update={"extra_sbatch": extra})})
+
+
+def setup_lines(profile: Profile) -> list[str]:
+    """Shell lines run before the job starts: the environment script and variables, all quoted."""
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in profile.env_vars.items()]
+    if profile.env_script:
+        if profile.paths.venv:
+            lines.append(f"export ORCH_VENV={shlex.quote(fill_path(profile.paths.venv, profile))}")
+        lines.append(f"source {shlex.quote(str(PROJECT_ROOT / profile.env_script))}")
+    return lines

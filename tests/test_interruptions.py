@@ -1,0 +1,70 @@
+"""What an interrupted submission, a full disk and the local controller's limit on restarts leave behind: a run that
+says what it is and resumes, or one paragraph and exit code 2, never a traceback or a silent stop."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from submitit.local.local import Controller
+
+from orchestrator.cli import submit
+from orchestrator.core.rundir import LOCAL_STARTS, Run
+from tests.conftest import ROOT, needs_root, orch, small_disk, status_json, wait_until
+
+
+def test_a_run_whose_submission_was_killed_says_so_and_resume_submits_it(orch_home, monkeypatch):
+    submitting = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "submit", "--steps", "4"],
+        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: list(orch_home.glob("runs/*/run.json")), "the run's creation", poll_s=0.05)
+        os.killpg(submitting.pid, signal.SIGKILL)  # while it attaches the data: before a job is queued
+    finally:
+        submitting.wait()
+    [run_dir] = (orch_home / "runs").iterdir()
+    run = Run(run_dir)
+    summary = status_json(run.id)
+    assert summary["state"] == "unsubmitted" and f"orch resume {run.id}" in summary["error"], summary
+    with run.lock():
+        assert run.state() == "queued"  # a submission holds the lock until its job is recorded
+
+    launched: list[str] = []  # the job is not at stake: what the run holds when it is queued is
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
+    assert submit.resume(run, None, None, [], force=False) == "not-started" and launched == [run.id]
+    for made in ("data/tokens.json", "data/fingerprint.json", "code/manifest.json"):
+        assert (run_dir / made).is_file(), made
+
+
+def test_a_local_job_that_its_controller_would_not_start_again_says_why(tmp_path):
+    """submitit's local controller starts a job at most LOCAL_STARTS times, whatever requeues the plan allows."""
+    assert inspect.signature(Controller.run).parameters["max_retry"].default == LOCAL_STARTS
+    run_dir, now = tmp_path / "run", time.time()
+    run_dir.mkdir()
+    info = {"run_id": "run", "created": now, "profile": "local", "recipe": "tiny", "steps": 100, "stop_before_end_s": 0}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    (run_dir / "jobs.json").write_text(json.dumps([{"job_id": "4242", "executor": "local", "submitted": now}]))
+    starts = [{"job_id": "4242", "start_step": 10 * k, "started": now, "ended": "requeued"} for k in range(6)]
+    (run_dir / "attempts.json").write_text(json.dumps(starts))
+    progress = {"state": "requeued", "step": 60, "steps": 100, "job_id": "4242", "updated": now}
+    (run_dir / "progress.json").write_text(json.dumps({**progress, "last_checkpoint_step": 60}))
+    summary = Run(run_dir).summary(alive=False)
+    assert summary["state"] == "failed", summary
+    assert "at most 6 times" in summary["error"], summary["error"]
+    assert "`orch resume run` continues from the checkpoint at step 60" in summary["error"], summary["error"]
+
+
+@needs_root
+def test_a_submission_that_fills_the_disk_says_where_in_one_paragraph_and_leaves_no_run(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as home:
+        result = orch("submit", "--steps", "2", ORCH_HOME=str(home))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"Cannot write {home / 'runs'}/" in result.stderr, result.stderr
+        assert "No space left on device (the filesystem is full)" in result.stderr, result.stderr
+        assert not list((home / "runs").iterdir())
