@@ -39,11 +39,12 @@ from orchestrator.core import goodput
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
-from orchestrator.core.files import write_json_atomic
 from orchestrator.core.plan import Plan, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
+    Attempt,
     MixPhases,
+    Progress,
     Ranges,
     Recovery,
     mix_phases,
@@ -152,6 +153,7 @@ def guards_pass(run: Run, rank: int, job_id: str, nodes: int) -> bool:
 def check_data(data_dir: Path, rank: int) -> None:
     """The run's data is what it was recorded as (`check_fingerprint`), and its token shards are what `orch data
     prepare` wrote, before any GPU time is spent on them."""
+
     def damage() -> str | None:
         return next(filter(None, (shard_damage(s.dir) for s in source_splits(data_dir, "train").values())), None)
 
@@ -509,15 +511,14 @@ def record_start(run: Run, job_id: str, start_step: int, nodes: int) -> str | No
     a chain of requeues that makes no progress: the third start of one job at the same committed step after two
     requeues of its own fails (a new `orch resume` is a new job, and starts a new count). Restarts the scheduler
     made (a preemption, a node failure) do not count: the job did not choose them."""
-    attempts = [a.model_dump() for a in run.attempts]
+    attempts = run.attempts
     stuck = [
-        a
-        for a in attempts
-        if a["job_id"] == job_id and a["start_step"] == start_step and a["ended"] in ("requeued", "hang")
+        a for a in attempts if a.job_id == job_id and a.start_step == start_step and a.ended in ("requeued", "hang")
     ]
-    attempt = {"job_id": job_id, "start_step": start_step, "started": time.time(), "nodes": nodes}
-    attempt["launched"] = process_started()
-    write_json_atomic(run.dir / "attempts.json", attempts + [attempt])
+    attempt = Attempt(
+        job_id=job_id, start_step=start_step, started=time.time(), nodes=nodes, launched=process_started()
+    )
+    run.write_attempts([*attempts, attempt])
     if len(stuck) >= 2:
         return (
             f"requeue loop: job {job_id} started at step {start_step} {len(stuck) + 1} times without committing "
@@ -532,7 +533,7 @@ def end_attempt(run: Run, job_id: str, how: Literal["requeued", "preempted", "ha
     last = max((i for i, a in enumerate(attempts) if a.job_id == job_id), default=None)
     if last is not None:
         attempts[last] = attempts[last].model_copy(update={"ended": how, "stopped": time.time()})
-        write_json_atomic(run.dir / "attempts.json", [a.model_dump() for a in attempts])
+        run.write_attempts(attempts)
 
 
 class Heartbeat:
@@ -553,19 +554,16 @@ class Heartbeat:
             return
         self.written = now
         self.mlflow_run_id = self.mlflow_run_id or mlflow_run_id(self.run.dir)
-        write_json_atomic(
-            self.run.dir / "progress.json",
-            durable=state != "running",
-            data={
-                "state": state,
-                "step": step,
-                "steps": self.steps,
-                "job_id": self.job_id,
-                "updated": now,
-                "last_checkpoint_step": self.last_committed(),
-                "mlflow_run_id": self.mlflow_run_id,
-                "error": error,
-                **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},
-                **self.validation,
-            },
+        progress = Progress(
+            state=state,
+            step=step,
+            steps=self.steps,
+            job_id=self.job_id,
+            updated=now,
+            last_checkpoint_step=self.last_committed(),
+            mlflow_run_id=self.mlflow_run_id,
+            error=error,
+            **{k: self.metrics.get(k) for k in ("loss", "tokens_per_s", "lr", "step_time_s")},
+            **self.validation,
         )
+        self.run.write_progress(progress, durable=state != "running")

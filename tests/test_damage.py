@@ -416,3 +416,22 @@ def test_a_full_disk_fails_the_final_save_with_its_reason_and_an_eval_with_one_p
         assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr, evaluated.stderr
         assert f"Cannot write {run_dir / 'evals'}" in evaluated.stderr, evaluated.stderr
         assert not list((run_dir / "evals").glob(".step_*"))
+
+
+def test_a_scheduler_that_does_not_answer_leaves_its_runs_unknown_and_the_others_listed(
+    template, tmp_path, monkeypatch
+):
+    from tests.test_settings import fake_squeue
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    on_slurm, healthy = store_with_two_runs(template, tmp_path / "home")
+    run_dir = tmp_path / "home" / "runs" / on_slurm
+    (run_dir / "jobs.json").write_text(json.dumps([{"job_id": "7", "executor": "slurm", "submitted": time.time()}]))
+    progress = json.loads((run_dir / "progress.json").read_text())
+    (run_dir / "progress.json").write_text(json.dumps({**progress, "state": "running", "job_id": "7"}))
+    fake_squeue(tmp_path, monkeypatch, "", "slurm_load_jobs error: Unable to contact slurm controller", rc=1)
+    code, out = invoke("status", "--json")
+    assert code == 0, out
+    listed = {s["run_id"]: s for s in json.loads(out)}
+    assert listed[healthy]["state"] == "completed"
+    assert listed[on_slurm]["state"] == "unknown" and "Unable to contact slurm controller" in listed[on_slurm]["error"]

@@ -44,7 +44,10 @@ def submit(
     steps: Annotated[int, typer.Option(help="optimizer steps to train (the schedule's length is the recipe's)")] = 200,
     account: Annotated[Optional[str], typer.Option(help="Slurm account (project id), e.g. OPEN-29-12")] = None,
     nodes: Annotated[Optional[int], typer.Option(help="number of nodes")] = None,
-    time: Annotated[Optional[str], typer.Option(help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM")] = None,
+    time: Annotated[
+        Optional[str],
+        typer.Option(help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM:SS (also MM:SS, D-HH, D-HH:MM)"),
+    ] = None,
     set_: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -349,8 +352,23 @@ def summarise(runs) -> list[dict]:
             continue  # its summary says so
         if jobs and not (progress and progress.state == "completed"):
             last_jobs[run.id] = run.job(jobs[-1])
-    alive = alive_jobs(list(last_jobs.values()))
-    return [run.summary(alive[last_jobs[run.id]] if run.id in last_jobs else None) for run in runs]
+    alive, unanswered = {}, {}
+    for executor in {job.executor for job in last_jobs.values()}:
+        try:
+            alive |= alive_jobs([job for job in last_jobs.values() if job.executor == executor])
+        except OrchError as err:  # a scheduler that does not answer leaves its runs' state unknown, not the others'
+            unanswered[executor] = str(err)
+    summaries = []
+    for run in runs:
+        job = last_jobs.get(run.id)
+        if job is not None and job.executor in unanswered:
+            why = f"the scheduler did not answer, so whether job {job.job_id} is alive is unknown: "
+            summaries.append(
+                {**run.summary(True), "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]}
+            )
+        else:
+            summaries.append(run.summary(alive[job] if job is not None else None))
+    return summaries
 
 
 def print_columns(headers: list[str], rows: list[list[str]]) -> None:

@@ -101,6 +101,13 @@ class Run:
     def attempts(self) -> list[Attempt]:
         return read_model(self.dir / "attempts.json", list[Attempt], [])
 
+    def write_progress(self, progress: Progress, durable: bool = True) -> None:
+        """The job's heartbeat (rank 0); `durable` false for the running beats, which the next one replaces."""
+        write_json_atomic(self.dir / "progress.json", progress.model_dump(), durable)
+
+    def write_attempts(self, attempts: list[Attempt]) -> None:
+        write_json_atomic(self.dir / "attempts.json", [attempt.model_dump() for attempt in attempts])
+
     @property
     def code_dir(self) -> Path:
         """The project's code as submitted: the job runs from here, so a requeue runs what was submitted."""
