@@ -435,3 +435,14 @@ def test_a_scheduler_that_does_not_answer_leaves_its_runs_unknown_and_the_others
     listed = {s["run_id"]: s for s in json.loads(out)}
     assert listed[healthy]["state"] == "completed"
     assert listed[on_slurm]["state"] == "unknown" and "Unable to contact slurm controller" in listed[on_slurm]["error"]
+
+
+def test_a_profile_its_schema_refuses_stops_no_sync_of_the_other_runs(template, tmp_path, monkeypatch):
+    from orchestrator.tools.sync import spooling_runs
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    damaged, healthy = store_with_two_runs(template, tmp_path / "home")
+    for name, tracking in ((healthy, "spool"), (damaged, "sometimes")):  # the second, its schema refuses
+        with (tmp_path / "home" / "runs" / name / "profile.yaml").open("a") as profile:
+            profile.write(f"job_tracking: {tracking}\n")
+    assert [run.id for run in spooling_runs()] == [healthy]

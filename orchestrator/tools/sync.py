@@ -10,6 +10,7 @@ import time
 from jobs.system_metrics import unsent
 from jobs.tracking import artifacts, describe, finish_run, send
 from orchestrator.core.checkpoints import committed_step
+from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run, all_runs
 from orchestrator.core.runfiles import ROLLED_BACK, DamagedFile, MlflowState, read_model
 from orchestrator.tools.evaluate_checkpoint import send_evals
@@ -56,7 +57,7 @@ def spooling_runs() -> list[Run]:
         try:
             if run.profile().job_tracking == "spool":
                 runs.append(run)
-        except (DamagedFile, OSError, ValueError) as err:
+        except (OrchError, OSError, ValueError) as err:  # DamagedFile, or a profile.yaml its schema refuses
             log.debug("skipping %s: %s", run.dir, err)
     return runs
 
