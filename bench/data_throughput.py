@@ -1,6 +1,7 @@
 """Data pipeline throughput: prepare against the tokenizers library's own encode_batch, and the training loader.
 
-Usage: python bench/data_throughput.py [--sample DIR] [--megabytes 32] [--workdir DIR]
+Usage: python bench/data_throughput.py [--sample DIR] [--megabytes 32] [--workdir DIR] [--only prepare|loader]
+                                       [--shards 1250] [--shard-tokens 131072]
 
 The corpus is the sample's sentences, grouped into documents of 8 sentences and repeated (with the repetition
 number mixed in, so words vary) up to --megabytes of JSON Lines in a temporary folder. Figures:
@@ -11,6 +12,12 @@ number mixed in, so words vary) up to --megabytes of JSON Lines in a temporary f
   one worker process per core and once in one process using the library's thread pool;
 - loader: one process reading random blocks of 2048 tokens through TokenBlocks + GlobalOrder + BlockLoader, as the
   training loop does, micro batch 8.
+- loader at the corpus's shape (`--shards N`, alone with `--only loader`): a split of N shards written by the
+  project's ShardWriter (random tokens; 1,250 is the seed's 168 B tokens at the default shard size, here with
+  --shard-tokens each so that it fits a small disk), read as above with at most 64 shards mapped (what the loader kept
+  before), with what a hard open-file limit of 1,024 leaves, and with all that this process's limit allows: file
+  opens per 1,000 samples and samples/s of one rank, against what one GPU of the karolina profile consumes by the
+  planner's estimate.
 Each line gives wall-clock and CPU seconds (this process and its worker processes): on a shared machine the CPU
 ratio is the steadier measure of what prepare costs per token beyond the tokenizer itself.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -26,12 +34,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jobs.data import BlockLoader, GlobalOrder
-from jobs.shards import TokenBlocks
+from jobs.shards import FREE_DESCRIPTORS, ShardWriter, TokenBlocks
 from orchestrator.cli.commands.data import available_cpus
 from orchestrator.core.corpus import SHARD_TOKENS, VAL_FRACTION
+from orchestrator.core.loading import load_profile, load_recipe
+from orchestrator.core.plan import make_plan
 from orchestrator.tools.prepare import (
     RichReporter,
     Settings,
@@ -43,6 +54,8 @@ from orchestrator.tools.prepare import (
 )
 
 SAMPLE = Path("/work/shared/data/czech-cac-sample")
+BLOCK, MICRO, GLOBAL = 2048, 8, 512  # the cstinyllama-1.2b recipe's block length, micro batch and global batch
+BEFORE = 64  # shards the loader kept mapped per split before it kept all that the open-file limit allows
 
 
 def make_corpus(sample: Path, megabytes: float, folder: Path) -> list[str]:
@@ -77,15 +90,74 @@ def timed(label: str, wall: float, cpu: float, tokens: int) -> tuple[float, floa
     return tokens / wall, tokens / cpu
 
 
+def serve(blocks: TokenBlocks, samples: int) -> tuple[float, float]:
+    """(wall, CPU) seconds one rank's BlockLoader takes to serve `samples` samples from step 0, as the training loop
+    asks; CPU seconds (of this process, the reading thread included) are the steadier figure on a shared machine."""
+    order = GlobalOrder(len(blocks), global_batch=GLOBAL, micro_batch=MICRO, world_size=1, seed=0)
+    loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
+    started, cpu = time.perf_counter(), time.process_time()
+    for n in range(samples // MICRO):
+        loader.micro_batch(*divmod(n, GLOBAL // MICRO))
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def synthetic_split(folder: Path, shards: int, shard_tokens: int) -> Path:
+    """A train split of `shards` full shards of random tokens (one document a shard), written by ShardWriter."""
+    if not (folder / "index.json").is_file():
+        writer, rng = ShardWriter(folder, "uint16", shard_tokens, []), np.random.default_rng(0)
+        for _ in range(shards):
+            writer.add(rng.integers(3, 64000, shard_tokens, dtype=np.uint16), np.array([shard_tokens]))
+        writer.finish({"vocab_size": 64000, "eos_id": 2})
+    return folder
+
+
+def karolina_demand() -> float:
+    """Samples/s one rank consumes on the karolina profile: the planner's tokens/s per GPU over the block length."""
+    _, profile = load_profile("karolina", [{"slurm": {"account": "OPEN-00-00"}}])
+    _, recipe = load_recipe("cstinyllama-1.2b")
+    plan = make_plan(profile, recipe, recipe.schedule.total_steps)
+    return plan.tokens_per_s / plan.world_size / recipe.data.max_seq_len
+
+
+def loader_at_corpus_shape(work: Path, shards: int, shard_tokens: int, samples: int) -> None:
+    split = synthetic_split(work / f"synthetic-{shards}x{shard_tokens}" / "train", shards, shard_tokens)
+    demand = karolina_demand()
+    print(f"loader at the corpus's shape: {shards:,} shards of {shard_tokens:,} tokens, {samples:,} samples of {BLOCK}")
+    print(f"  demand of one karolina GPU (planner): {demand:.1f} samples/s")
+    at_1024 = 1024 - FREE_DESCRIPTORS - len(os.listdir("/proc/self/fd"))  # what a hard limit of 1,024 would grant
+    budgets = (
+        (f"at most {BEFORE} mapped", BEFORE),
+        ("under a hard limit of 1,024", at_1024),
+        ("as this limit allows", None),
+    )
+    for label, mapped in budgets:
+        blocks = TokenBlocks(split, BLOCK, mapped)
+        wall, cpu = serve(blocks, samples)
+        print(
+            f"  {label:<30} {blocks.mappable:>6,} mapped  {blocks.opened() / samples * 1000:6.1f} opens per 1,000 "
+            f"samples  {samples / wall:6.0f} samples/s ({samples / wall / demand:,.0f} × demand)  "
+            f"{samples / cpu:6.0f} samples per CPU second"
+        )
+        del blocks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sample", type=Path, default=SAMPLE)
     parser.add_argument("--megabytes", type=float, default=32)
     parser.add_argument("--vocab-size", type=int, default=64000)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--only", choices=("prepare", "loader"), default=None)
+    parser.add_argument("--shards", type=int, default=1250)
+    parser.add_argument("--shard-tokens", type=int, default=131072)
+    parser.add_argument("--samples", type=int, default=20480)
     args = parser.parse_args()
     cores = available_cpus()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="orch-bench-"))
+    if args.only != "prepare":
+        loader_at_corpus_shape(work, args.shards, args.shard_tokens, args.samples)
+    if args.only == "loader":
+        return
     documents = make_corpus(args.sample, args.megabytes, work / "corpus")
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
     print(f"{cores} cores, {len(documents):,} documents, {megabytes:.1f} MB of text in {work}")
@@ -110,7 +182,7 @@ def main() -> None:
         started, cpu = time.perf_counter(), cpu_seconds()
         settings = Settings(VAL_FRACTION, seed=0, dtype="auto", shard_tokens=SHARD_TOKENS)
         report = prepare(work / "tokenizer", [work / "corpus"], output, settings, workers, RichReporter())
-        written = sum(index["tokens"] for index in report.indexes.values())
+        written = sum(index.tokens for index in report.indexes.values())
         rates = timed(label, time.perf_counter() - started, cpu_seconds() - cpu, written)
         print(f"  ratio to baseline: {rates[0] / baseline[0]:.2f} wall, {rates[1] / baseline[1]:.2f} CPU")
 

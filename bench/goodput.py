@@ -14,6 +14,16 @@ cstinyllama-1.2b on Karolina (the seed's 2 nodes, 16 A100s), figures from the pl
 - one failure per allocation, at a time drawn uniformly over its 48 h time limit (seeded): every allocation ends
   in a failure, an observed MTBF near 24 h.
 
+The deadline (docs/goodput.md#the-deadline): with `--fail-share` below 1 only that share of allocations fails; the
+others run to their time limit and stop `lead` before it, save, commit and requeue (the queue wait is restart's, not
+charged). The same draws run twice: with the fixed lead (`Plan.stop_before_end_s`: the profile's 300 s signal + 30 s)
+and with the lead the job now measures (step + commit + `SAFETY_MARGIN_S`); node-hours charged are each job's time
+from its start to its failure or to the commit it stopped with, times its nodes.
+
+The checkpoint interval: Young/Daly from the measured stall, but never shorter than a commit (the next save would wait
+for it) nor than the checkpoint's bytes over the write budget (`WRITE_BUDGET`: a share of the scratch filesystem's
+bandwidth, /work/shared/facts/karolina.md); a failure within a commit of a save loses that checkpoint too.
+
 Scaling: the chain is `--hours` of wall time in which every duration above is divided by `--scale` (96: a 48 h
 allocation becomes 30 minutes, a step 37 ms), so 2 hours hold what 192 hours of Karolina allocations hold, step for
 step. Goodput is a ratio of times and the Young/Daly interval in steps is sqrt(2 δ M) / step: neither changes when
@@ -37,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.tracking import MetricSpool
-from orchestrator.core import goodput
+from orchestrator.core import deadline, goodput
 from orchestrator.core.checkpoints import write_latest
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.files import write_json_atomic
@@ -51,6 +61,8 @@ ASYNC_STALL_RATIO = 1099.1 / 79.8  # docs/performance.md, "Checkpoint stall": sy
 HASH_BYTES_PER_S = 1.4e9  # docs/performance.md: SHA-256 on this CPU
 DATA_WAIT = 0.003
 RESTART_S = 5 * 60
+SCRATCH_WRITE_BYTES_PER_S = 730e9  # Karolina's /scratch, aggregate (karolina.md, "medium")
+WRITE_BUDGET = 0.01  # the share of it one run's checkpoints may use on average
 T0 = 1_800_000_000.0
 
 
@@ -68,15 +80,21 @@ class Chain:
     limit_s: float
     horizon_s: float
     nodes: int
+    lead_s: float  # an allocation that does not fail stops this long before its time limit
+    checkpoint_bytes: float
 
 
-def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float) -> Chain:
+def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float, exact: bool = False) -> Chain:
+    """`exact`: an allocation that does not fail stops at the measured lead (a step, a commit and the margin), else
+    at the plan's fixed one."""
     plan = make_plan(profile, recipe, recipe.schedule.total_steps)
     eval_tokens = recipe.eval.blocks * recipe.data.max_seq_len
+    commit_s = plan.save_s + 8 * plan.parameters / HASH_BYTES_PER_S
+    lead_s = plan.step_s + commit_s + deadline.SAFETY_MARGIN_S if exact else plan.stop_before_end_s
     return Chain(
         step_s=plan.step_s / scale,
         stall_s=plan.save_s / ASYNC_STALL_RATIO / scale,
-        commit_s=(plan.save_s + 8 * plan.parameters / HASH_BYTES_PER_S) / scale,
+        commit_s=commit_s / scale,
         eval_s=eval_tokens / plan.tokens_per_step * plan.step_s / 3 / scale,
         eval_every=recipe.eval.every_steps,
         startup_s=STARTUP_MIN * 60 / scale,
@@ -84,25 +102,39 @@ def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float)
         limit_s=profile.time_limit_min * 60 / scale,
         horizon_s=hours * 3600,
         nodes=profile.nodes,
+        lead_s=lead_s / scale,
+        checkpoint_bytes=8 * plan.parameters,
     )
 
 
-def simulate(folder: Path, chain: Chain, profile: Profile, recipe: Recipe, every: int, failures: list[float]) -> Run:
+def shortest_interval(chain: Chain, scale: float) -> tuple[float, str]:
+    """The interval below which saving more often buys nothing (Karolina seconds), and why: a commit, or the write
+    budget."""
+    by_commit = chain.commit_s * scale
+    by_budget = chain.checkpoint_bytes / (WRITE_BUDGET * SCRATCH_WRITE_BYTES_PER_S)
+    return max((by_commit, "a commit"), (by_budget, f"{WRITE_BUDGET:.0%} of the scratch filesystem's write bandwidth"))
+
+
+def simulate(
+    folder: Path, chain: Chain, profile: Profile, recipe: Recipe, every: int, failures: list[float | None]
+) -> tuple[Run, float]:
     """Write the run directory the chain's jobs would leave, saving every `every` steps; `failures`: when each
-    allocation fails, as a share of its time limit."""
+    allocation fails, as a share of its time limit, None where it runs to its deadline. Also the node-seconds the
+    jobs held their nodes (scaled)."""
     folder.mkdir(parents=True)
     recipe = recipe.model_copy(update={"checkpoint": recipe.checkpoint.model_copy(update={"every_steps": every})})
     (folder / "profile.yaml").write_text(dump_yaml(profile.model_dump(mode="json")))
     (folder / "recipe.yaml").write_text(dump_yaml(recipe.model_dump(mode="json")))
     spool, attempts, commits = MetricSpool(folder), [], [(T0, 0)]  # (when committed, step)
-    start, horizon = T0, T0 + chain.horizon_s
+    start, horizon, held = T0, T0 + chain.horizon_s, 0.0
     for job, share in enumerate(failures):
         if start >= horizon:
             break
         committed = max(step for _, step in commits)
         spool.rollback(committed)  # what a job's rank 0 does as it starts
         attempts.append(Attempt(job_id=str(1000 + job), start_step=committed, started=start, nodes=chain.nodes))
-        end = min(start + share * chain.limit_s, horizon)
+        stops = share is None
+        end = min(start + (chain.limit_s - chain.lead_s if stops else share * chain.limit_s), horizon)
         clock, step, stall, lines = start + chain.startup_s, committed, 0.0, []
         while True:
             evaluation = {"eval_s": chain.eval_s} if (step + 1) % chain.eval_every == 0 else {}
@@ -115,15 +147,21 @@ def simulate(folder: Path, chain: Chain, profile: Profile, recipe: Recipe, every
             if step % every == 0:
                 stall, clock = chain.stall_s, clock + chain.stall_s
                 commits.append((clock + chain.commit_s, step))
+        if stops and end < horizon and lines:  # the deadline: save the last step, commit, requeue
+            clock = clock + chain.stall_s + chain.commit_s
+            commits.append((clock, step))
+            attempts[-1] = attempts[-1].model_copy(update={"ended": "requeued", "stopped": clock})
+            end = clock
         with spool.path.open("a") as f:
             f.write("".join(json.dumps(line) + "\n" for line in lines))
         commits = [(when, step) for when, step in commits if when <= end]  # the failure cuts a save short
+        held += (end - start) * chain.nodes
         start = end + chain.restart_s
     write_json_atomic(folder / "attempts.json", [a.model_dump() for a in attempts])
     final = max(step for _, step in commits)
     (folder / "checkpoints").mkdir()
     write_latest(folder / "checkpoints", final)
-    return Run(folder)
+    return Run(folder), held
 
 
 def report(name: str, result: goodput.Goodput, scale: float) -> None:
@@ -134,44 +172,78 @@ def report(name: str, result: goodput.Goodput, scale: float) -> None:
     print(f"  steps counted {result.steps['counted']:,}, rolled back {result.steps['rolled_back']:,}")
 
 
+def draws(seed: int, count: int, fail_share: float) -> list[float | None]:
+    """When each allocation fails (a share of its limit), None for those that run to their deadline; the failure
+    times are the same draws whatever `fail_share`."""
+    when, which = random.Random(seed), random.Random(seed + 1)
+    return [share if which.random() < fail_share else None for share in (when.uniform(0, 1) for _ in range(count))]
+
+
+def compare_deadlines(folder: Path, args: argparse.Namespace, profile: Profile, recipe: Recipe, every: int) -> None:
+    """The same draws with the fixed lead and with the measured one: node-hours the jobs held per step trained and
+    kept (counted, and uncommitted at the horizon: the chain goes on from them)."""
+    print(f"\ndeadline, saving every {every} steps, {args.fail_share:.0%} of allocations failing:")
+    per_step = {}
+    for exact in (False, True):
+        chain = karolina_chain(profile, recipe, args.hours, args.scale, exact)
+        failures = draws(args.seed, math.ceil(chain.horizon_s / chain.restart_s), args.fail_share)
+        name = "measured" if exact else "fixed"
+        run, held = simulate(folder / f"deadline-{name}", chain, profile, recipe, every, failures)
+        result = goodput.of_run(run, "running", now=T0 + chain.horizon_s)[1]
+        node_h = held * args.scale / 3600
+        kept = result.steps["counted"] + result.steps["uncommitted"]
+        per_step[exact] = node_h / kept
+        print(f"  {name} lead {chain.lead_s * args.scale:.1f} s: {node_h:,.3f} node-h held, {kept:,} steps kept, "
+              f"goodput {result.percent:.2f} %")  # fmt: skip
+    steps = recipe.schedule.total_steps
+    saved = (per_step[False] - per_step[True]) * steps
+    print(f"  node-h saved by the measured lead over the recipe's {steps:,} steps: {saved:,.3f} "
+          f"({100 * saved / (per_step[False] * steps):.3f} %)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hours", type=float, default=2.0, help="wall time of the simulated chain")
     parser.add_argument("--scale", type=float, default=96.0, help="every Karolina duration is divided by this")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fail-share", type=float, default=1.0, help="share of allocations that fail")
     parser.add_argument("--folder", type=Path, default=None, help="where to write the simulated runs")
     args = parser.parse_args()
     _, profile = load_profile("karolina", [{"nodes": args.nodes}])
     _, recipe = load_recipe("cstinyllama-1.2b")
     chain = karolina_chain(profile, recipe, args.hours, args.scale)
-    rng = random.Random(args.seed)
-    failures = [rng.uniform(0, 1) for _ in range(math.ceil(chain.horizon_s / chain.restart_s))]
+    failures = draws(args.seed, math.ceil(chain.horizon_s / chain.restart_s), args.fail_share)
     print(
         f"simulated chain: {args.hours:g} h at 1/{args.scale:g} of Karolina's durations ({args.nodes} nodes): step "
         f"{chain.step_s * args.scale:.3f} s, save stall {chain.stall_s * args.scale:.3f} s, commit "
         f"{chain.commit_s * args.scale:.1f} s, evaluation {chain.eval_s * args.scale:.2f} s every "
         f"{chain.eval_every} steps, start-up {chain.startup_s * args.scale / 60:.0f} min, restart "
-        f"{chain.restart_s * args.scale / 60:.0f} min, one failure per {chain.limit_s * args.scale / 3600:.0f} h "
-        "allocation (uniform over it)"
+        f"{chain.restart_s * args.scale / 60:.0f} min, {args.fail_share:.0%} of the "
+        f"{chain.limit_s * args.scale / 3600:.0f} h allocations fail (uniform over it)"
     )
     folder = args.folder or Path(tempfile.mkdtemp(prefix="goodput-"))
     every = recipe.checkpoint.every_steps
-    run = simulate(folder / "recipe-interval", chain, profile, recipe, every, failures)
+    run, _ = simulate(folder / "recipe-interval", chain, profile, recipe, every, failures)
     began = time.perf_counter()
     history, result = goodput.of_run(run, "running", now=T0 + chain.horizon_s)
     took = time.perf_counter() - began
     suggestion = goodput.suggest(history, result)
     report(f"saving every {every} steps (the recipe's)", result, args.scale)
+    shortest_s, bound = shortest_interval(chain, args.scale)
+    interval_s = max(suggestion.interval_s * args.scale, shortest_s)
+    interval = max(1, round(interval_s / (chain.step_s * args.scale)))
     print(
         f"  {suggestion.interruptions} failures in {suggestion.wall_h * args.scale:,.0f} h: MTBF "
         f"{suggestion.mtbf_h * args.scale:.1f} h; median save stall {suggestion.save_stall_s * args.scale:.3f} s; "
-        f"Young/Daly interval {suggestion.interval_s * args.scale:,.0f} s = {suggestion.interval_steps} steps"
+        f"Young/Daly interval {suggestion.interval_s * args.scale:,.0f} s, no shorter than {shortest_s:.1f} s "
+        f"({bound}): {interval} steps"
     )
     print(f"  accounting {len(history.steps):,} steps took {took:.2f} s")
-    tuned = simulate(folder / "young-daly", chain, profile, recipe, suggestion.interval_steps, failures)
-    report(f"saving every {suggestion.interval_steps} steps (Young/Daly)", goodput.of_run(tuned, "running",
+    tuned, _ = simulate(folder / "young-daly", chain, profile, recipe, interval, failures)
+    report(f"saving every {interval} steps (Young/Daly)", goodput.of_run(tuned, "running",
            now=T0 + chain.horizon_s)[1], args.scale)  # fmt: skip
+    compare_deadlines(folder, args, profile, recipe, interval)
     print(f"\nrun directories: {folder}")
 
 

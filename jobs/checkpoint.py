@@ -6,34 +6,50 @@ world size, recipe hash, MLflow run id; and the learning-rate schedule's state).
 `latest.json` are `orchestrator.core.checkpoints`': nothing counts before its commit, and nothing older is deleted
 before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
 
-With `async_save`, training waits only while the state is copied off the accelerator; the write, the
-manifest and the commit go on in a background thread, on a gloo group of their own.
+With `async_save`, training waits only while the state is copied off the accelerator, into host buffers that one
+stager keeps from save to save (pinned where there is CUDA); the write, the manifest and the commit go on in a
+background thread, on a gloo group of their own.
+
+Every file is hashed as it is written (`HashingWriter`, and the bytes of the files written here): each rank hashes
+its own, the digests reach rank 0 with torch's write results, and the commit marker is made from them without reading
+the checkpoint back. Loading checks them (`orchestrator.core.checkpoints.damage`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future as TorchFuture
+from torch.utils.serialization import config as serialization
 
 from orchestrator.core import checkpoints as layout
 from orchestrator.core.config import CheckpointSpec
 from orchestrator.core.errors import machine_fault
 from orchestrator.core.files import fault_behind, write_atomic
+from orchestrator.core.runfiles import ManifestEntry
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,99 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def digest(data: bytes | memoryview) -> ManifestEntry:
+    """The manifest entry of a file whose whole content is `data`."""
+    return ManifestEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+WRITEBACK_BYTES = 32 << 20  # what a file being written may hold in memory before the disk is asked to start on it
+
+
+class HashingFile:
+    """A binary file open for writing whose bytes go through SHA-256 on their way into it (written in order, never
+    sought back: what torch's writer does). Every `WRITEBACK_BYTES` it asks the kernel to start writing them out
+    (`posix_fadvise(DONTNEED)` starts writeback without waiting for it): the disk then works while the CPU serialises
+    and hashes the rest, and the fsync at the end finds little left to write."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.sha256, self.size, self.handed = raw, hashlib.sha256(), 0, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        written = self.raw.write(data)
+        self.size += written
+        if self.size - self.handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            self.raw.flush()
+            os.posix_fadvise(self.raw.fileno(), self.handed, self.size - self.handed, os.POSIX_FADV_DONTNEED)
+            self.handed = self.size
+        return written
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def entry(self) -> ManifestEntry:
+        return ManifestEntry(bytes=self.size, sha256=self.sha256.hexdigest())
+
+
+class HashingFileSystem(FileSystem):
+    """torch's local file system, keeping the size and SHA-256 of every file written through it, by name."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, ManifestEntry] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | Path, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = HashingFile(stream)
+            yield hashing
+        self.written[Path(path).name] = hashing.entry()
+
+    def rename(self, path: str | Path, new_path: str | Path) -> None:
+        super().rename(path, new_path)
+        self.written[Path(new_path).name] = self.written.pop(Path(path).name)
+
+
+DIGESTS = "orch.digests"  # the write result that carries a rank's digests to the coordinator, never into .metadata
+
+
+class HashingWriter(dcp.FileSystemWriter):
+    """torch's FileSystemWriter, hashing every file as it writes it. Each rank's digests (with those of `local`, the
+    files this rank wrote itself) travel to the coordinator with its write results; after `finish` the coordinator's
+    `digests` list every file of the save. The shards are written without torch.save's CRC-32 of each record (a
+    second pass over every byte that nothing checks; `torch.load` reads them as before): SHA-256 covers them."""
+
+    def __init__(self, path: Path, local: dict[str, ManifestEntry]) -> None:
+        super().__init__(path)
+        self.fs = HashingFileSystem()
+        self.local = local
+        self.digests: dict[str, ManifestEntry] = {}
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        with serialization.patch({"save.compute_crc32": False}):
+            results = super().write_data(plan, planner).wait()  # torch's own writer has finished when it returns
+        carried = WriteResult(index=MetadataIndex(DIGESTS), size_in_bytes=0, storage_data=self.local | self.fs.written)
+        done: TorchFuture[list[WriteResult]] = TorchFuture()
+        done.set_result([*results, carried])
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        carried = [r.storage_data for rank in results for r in rank if r.index.fqn == DIGESTS]
+        super().finish(metadata, [[r for r in rank if r.index.fqn != DIGESTS] for rank in results])
+        self.digests = {name: entry for each in carried for name, entry in each.items()} | self.fs.written
 
 
 def unwrapped(err: BaseException, rank: int) -> Exception:
@@ -76,6 +185,15 @@ class Checkpointer:
         self.pending: Future | None = None
         self.lock = threading.Lock()
         self.committed: int | None = None  # newest step committed by this job (rank 0 knows)
+        self.longest_save_s: float | None = None  # every rank knows
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(),
+                use_shared_memory=False,
+                use_async_staging=False,  # the next optimizer step changes the state: it is copied before save returns
+                use_non_blocking_copy=False,
+            )
+        )
         root.mkdir(parents=True, exist_ok=True)
 
     # --- saving -------------------------------------------------------------------------------------
@@ -88,27 +206,42 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""
         self.wait()
+        started = time.perf_counter()
         partial = layout.partial_dir(self.root, step)
         with self.failed_save(partial):
             partial.mkdir(parents=True, exist_ok=True)
             rng = io.BytesIO()
             torch.save(rng_state(), rng)
-            write_atomic(layout.rng_file(partial, self.rank), rng.getbuffer(), durable=False)
+            rng_file = layout.rng_file(partial, self.rank)
+            write_atomic(rng_file, rng.getbuffer(), durable=False)
+            writer = HashingWriter(partial, {rng_file.name: digest(rng.getbuffer())})
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optimizer": optim_state}
             if self.async_save:
-                written = dcp.async_save(state, checkpoint_id=partial, process_group=self.group)
-                self.pending = self.background.submit(self._finish, step, partial, written, train_state)
+                written = dcp.async_save(
+                    state, storage_writer=writer, process_group=self.group, async_stager=self.stager
+                )
+                self.pending = self.background.submit(
+                    self._finish, step, partial, writer, written, train_state, started
+                )
             else:
-                dcp.save(state, checkpoint_id=partial, process_group=self.group)
-                self._finish(step, partial, None, train_state)
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+                self._finish(step, partial, writer, None, train_state, started)
 
-    def _finish(self, step: int, partial: Path, written: Future | None, train_state: dict) -> None:
+    def _finish(
+        self, step: int, partial: Path, writer: HashingWriter, written: Future | None, train_state: dict, started: float
+    ) -> None:
         with self.failed_save(partial):
             if written is not None:
                 written.result()  # on rank 0 this returns once every rank's shards and the metadata are written
-            if self.rank == 0:
-                self._commit(step, partial, train_state)
+            took = torch.tensor([float("nan")], dtype=torch.float64)
+            try:
+                if self.rank == 0:
+                    took[0] = self._commit(step, partial, train_state, writer.digests, started)
+            finally:  # every rank learns how long the save took, or that it failed, on the checkpoint's group
+                dist.broadcast(took, src=0, group=self.group)
+            if not took.isnan().item():
+                self.longest_save_s = max(self.longest_save_s or 0.0, took.item())
 
     @contextmanager
     def failed_save(self, partial: Path) -> Iterator[None]:
@@ -127,12 +260,18 @@ class Checkpointer:
                 raise
             raise cause from err
 
-    def _commit(self, step: int, partial: Path, train_state: dict) -> None:
-        (partial / layout.TRAIN_STATE).write_text(json.dumps({"step": step, **train_state}))
-        layout.commit(self.root, partial, step)
+    def _commit(
+        self, step: int, partial: Path, train_state: dict, digests: dict[str, ManifestEntry], started: float
+    ) -> float:
+        """Rank 0: write the train state and the commit; returns the seconds since `started` until it was written."""
+        saved = json.dumps({"step": step, **train_state}).encode()
+        (partial / layout.TRAIN_STATE).write_bytes(saved)
+        layout.commit(self.root, partial, step, digests | {layout.TRAIN_STATE: digest(saved)})
+        took = time.perf_counter() - started
         with self.lock:
             self.committed = step
         self._apply_retention()
+        return took
 
     def _apply_retention(self) -> None:
         """Keep the newest `keep_last` checkpoints, every `keep_every`-th step (milestones) and the protected ones."""
@@ -161,10 +300,17 @@ class Checkpointer:
         self.wait()
         dist.barrier(group=self.group)
         self.background.shutdown()
+        self.stager.close()
 
     def last_committed(self) -> int | None:
         with self.lock:
             return self.committed
+
+    def save_seconds(self) -> float | None:
+        """The longest wall time among this job's committed saves from the start of `save()` to the commit being
+        written (None before the first commit): what the job's deadline must leave for its last save. Every rank
+        has the same figure; with `async_save` it counts once the save in flight has committed."""
+        return self.longest_save_s
 
     # --- loading ------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,16 @@ def process_started() -> float:
     return psutil.Process().create_time()
 
 
+class Follower(Protocol):
+    """What decides this rank's deadline where the job follows its scheduler's end (jobs/deadline.py)."""
+
+    def stop_at(self, signalled_at: float | None) -> float | None:
+        """At a step boundary: when to stop (None: not yet known), given when a warning signal came, if one did."""
+
+    def stopped(self, step: int) -> None:
+        """The job saved at `step` and stops: that save is committed."""
+
+
 class StopFlag:
     """Installed before the job imports anything heavy, so that a signal during set-up is kept for the first
     step boundary (stdlib only at import time)."""
@@ -42,11 +52,15 @@ class StopFlag:
     def __init__(self) -> None:
         self.deadline: float | None = None  # set once the job knows its time limit
         self.signalled = self.preempted = False
+        self.signalled_at: float | None = None
+        self.follower: Follower | None = None  # set where the job follows its scheduler's end
         self.submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.signalled = True
+        """A follower weighs the warning (`stop_at`); without one it is a stop."""
+        self.signalled_at = time.time()
+        self.signalled = self.signalled or self.follower is None
 
     def _on_preemption(self, signum: int, frame: object) -> None:
         self.preempted = True
@@ -57,10 +71,12 @@ class StopFlag:
 
     def agreed(self, device: torch.device) -> str | None:
         """Collective: on every rank, "preempted" once any rank got SIGTERM (where listened for), else "time" once
-        any rank was signalled or passed the deadline, else None."""
+        any rank was signalled (where no follower weighs the signal) or passed the deadline, else None."""
         import torch
         import torch.distributed as dist
 
+        if self.follower is not None:  # the warning signal is one of the ends it weighs
+            self.deadline = self.follower.stop_at(self.signalled_at)
         timed_out = self.signalled or (self.deadline is not None and time.time() >= self.deadline)
         flag = torch.tensor([STOPS.index("preempted") if self.preempted else int(timed_out)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

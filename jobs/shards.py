@@ -17,8 +17,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import resource
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,9 @@ import numpy as np
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import file_sha256, read_json, write_atomic, write_json_atomic
 from orchestrator.core.runfiles import FINGERPRINT, DataFingerprint, SourceData, read_model
+from orchestrator.core.shard_index import FORMAT, INDEX, Shard, ShardIndex, read_index, size_problem, write_index
 
-FORMAT = "orch-token-shards/1"
-INDEX = "index.json"
-OPEN_SHARDS = 64  # mapped shards kept open per split
+FREE_DESCRIPTORS = 256  # open files left to the rest of a rank (gloo/NCCL sockets, checkpoint writers, logs, MLflow)
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -47,16 +49,6 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> str:
             f"{vocab_size} tokens (ids up to {vocab_size - 1}). Allowed: {', '.join(fitting)} or auto."
         )
     return requested
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One token file of a split, as its index lists it."""
-
-    file: str
-    tokens: int
-    documents: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -97,19 +89,13 @@ class ShardWriter:
                 commits.append(Commit(self._flush(), last, written))
         return commits
 
-    def finish(self, header: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, header: dict[str, Any]) -> ShardIndex:
         """Write the last, partial shard and then the index; returns the index."""
         if self.filled:
             self._flush()
-        index = {
-            "format": FORMAT,
-            "dtype": self.dtype,
-            **header,
-            "tokens": sum(s.tokens for s in self.shards),
-            "documents": sum(s.documents for s in self.shards),
-            "shards": [asdict(s) for s in self.shards],
-        }
-        write_json_atomic(self.directory / INDEX, index)
+        tokens, documents = sum(s.tokens for s in self.shards), sum(s.documents for s in self.shards)
+        index = ShardIndex(FORMAT, self.dtype, **header, tokens=tokens, documents=documents, shards=list(self.shards))
+        write_index(self.directory, index)
         return index
 
     def _flush(self) -> Shard:
@@ -148,9 +134,9 @@ def source_data(data_dir: Path, folder: str) -> SourceData:
         if split == "val" and not (split_dir / INDEX).is_file():
             continue  # prepared before the val split existed
         index = read_index(split_dir)
-        shards = [[shard["sha256"], shard["tokens"]] for shard in index["shards"]]
-        digest.update(json.dumps([split, index["dtype"], shards]).encode())
-        train_tokens = train_tokens or index["tokens"]
+        shards = [[shard.sha256, shard.tokens] for shard in index.shards]
+        digest.update(json.dumps([split, index.dtype, shards]).encode())
+        train_tokens = train_tokens or index.tokens
     return SourceData(folder=folder, fingerprint=digest.hexdigest(), train_tokens=train_tokens)
 
 
@@ -180,37 +166,49 @@ def check_fingerprint(data_dir: Path) -> None:
         )
 
 
-def read_index(split_dir: Path) -> dict[str, Any]:
-    path = split_dir / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OrchError(
-            f"{path} does not exist: {split_dir} is not a complete prepared split. Prepare the corpus with "
-            "`orch data prepare` (an interrupted prepare finishes when run again with the same arguments)."
-        ) from None
-    if index.get("format") != FORMAT:
-        raise OrchError(f"{path}: field 'format' is {index.get('format')!r}. Allowed: {FORMAT!r}.")
-    return index
-
-
 def shard_damage(split_dir: Path) -> str | None:
     """What is wrong with a split's shards, cheaply: every size against the index, and the checksum of every shard
     changed after the index was written (prepare writes the index last, so a later change is not prepare's)."""
     index = read_index(split_dir)
     written = (split_dir / INDEX).stat().st_mtime_ns
-    itemsize = DTYPES[index["dtype"]].itemsize
-    for shard in (Shard(**s) for s in index["shards"]):
+    problem = size_problem(split_dir, index)
+    if problem:
+        return problem
+    for shard in index.shards:
         path = split_dir / shard.file
-        try:
-            stat = path.stat()
-        except OSError:
-            return f"{path} is missing"
-        if stat.st_size != shard.tokens * itemsize:
-            return f"{path} has {stat.st_size} bytes, the index lists {shard.tokens * itemsize}"
-        if stat.st_mtime_ns > written and file_sha256(path) != shard.sha256:
+        if path.stat().st_mtime_ns > written and file_sha256(path) != shard.sha256:
             return f"{path} was changed after it was prepared (its SHA-256 no longer matches the index)"
     return None
+
+
+class DescriptorBudget:
+    """The open files of this process that mapped shards may hold. A map holds one as long as it is mapped (Python's
+    mmap before 3.13 keeps a duplicate of the file's descriptor, and numpy's memmap is such a map), so a split keeps
+    every shard mapped only where RLIMIT_NOFILE allows it: the soft limit is raised towards the hard one as far as
+    needed, and what is left beyond FREE_DESCRIPTORS and the other splits' grants is shared out in the order splits
+    are opened."""
+
+    def __init__(self) -> None:
+        self.granted = 0
+
+    def grant(self, wanted: int) -> int:
+        """How many of `wanted` shards a split may keep mapped: all where the limit allows, else what it leaves (at
+        least 1, so that every block can be read)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = len(os.listdir("/proc/self/fd")) + FREE_DESCRIPTORS + self.granted + wanted
+        if soft != resource.RLIM_INFINITY and needed > soft:
+            soft = needed if hard == resource.RLIM_INFINITY else max(soft, min(needed, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        room = wanted if soft == resource.RLIM_INFINITY else soft - (needed - wanted)
+        granted = max(1, min(wanted, room))
+        self.granted += granted
+        return granted
+
+    def release(self, granted: int) -> None:
+        self.granted -= granted
+
+
+DESCRIPTORS = DescriptorBudget()
 
 
 class TokenBlocks:
@@ -220,24 +218,24 @@ class TokenBlocks:
     inputs (the loss shifts them, `jobs.loss`), so a block trains block_len - 1 predictions. The last,
     partial block is dropped. `blocks[rows]` with an integer array gives a (len(rows), block_len) array.
     Opening checks every shard's size against the index; `verify_checksums()` also reads and hashes them.
+    `mapped` caps the shards kept mapped at once (None: as many as `DESCRIPTORS` grants); `opened()` counts the maps
+    made, a file opened and mapped each.
     """
 
-    def __init__(self, split_dir: Path, block_len: int) -> None:
+    def __init__(self, split_dir: Path, block_len: int, mapped: int | None = None) -> None:
         self.dir, self.block_len = split_dir, block_len
         self.index = read_index(split_dir)
-        self.dtype = DTYPES[self.index["dtype"]]
-        self.shards = [Shard(**s) for s in self.index["shards"]]
-        for shard in self.shards:
-            path, expected = split_dir / shard.file, shard.tokens * self.dtype.itemsize
-            size = path.stat().st_size if path.is_file() else None
-            if size != expected:
-                raise OrchError(
-                    f"{path}: {'missing' if size is None else f'{size} bytes'}, but {split_dir / INDEX} lists "
-                    f"{shard.tokens} tokens ({expected} bytes). The prepared split is damaged; prepare it again."
-                )
-        # Shards are mapped on first read and at most OPEN_SHARDS stay open: each map holds a file descriptor, and a
-        # corpus of thousands of shards would pass the usual 1024 open-file limit on every rank.
-        self._map = functools.lru_cache(maxsize=OPEN_SHARDS)(self._open)
+        self.dtype = DTYPES[self.index.dtype]
+        self.shards = list(self.index.shards)
+        problem = size_problem(split_dir, self.index)
+        if problem:
+            raise OrchError(f"{problem}. The prepared split is damaged; prepare it again.")
+        # Shards are mapped on first read and stay mapped: all of them where the open-file limit allows (each map holds
+        # a descriptor), else the most recently read `mappable` of them.
+        self.mappable = DESCRIPTORS.grant(len(self.shards)) if mapped is None else max(1, min(mapped, len(self.shards)))
+        if mapped is None:
+            weakref.finalize(self, DESCRIPTORS.release, self.mappable)
+        self._map = functools.lru_cache(maxsize=self.mappable)(self._open)
         self.starts = np.cumsum([0] + [s.tokens for s in self.shards])
         self.tokens = int(self.starts[-1])
 
@@ -266,6 +264,9 @@ class TokenBlocks:
 
     def _open(self, shard: int) -> np.memmap:
         return np.memmap(self.dir / self.shards[shard].file, dtype=self.dtype, mode="r")
+
+    def opened(self) -> int:
+        return self._map.cache_info().misses
 
     def verify_checksums(self) -> None:
         """Hash every shard and compare with the index; reads the whole split."""

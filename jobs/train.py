@@ -21,7 +21,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from jobs import chaos, recovery, watchdog
+from jobs import chaos, deadline, recovery, watchdog
 from jobs.checkpoint import Checkpointer
 from jobs.data import BlockLoader, GlobalOrder, load_blocks, make_order, source_splits
 from jobs.distributed import Ranks, agree, start_process_group
@@ -33,13 +33,14 @@ from jobs.preemption import StopFlag, process_started
 from jobs.progress_log import ProgressLog
 from jobs.shards import check_fingerprint, shard_damage
 from jobs.spikes import SpikeGuard
-from jobs.system_metrics import SystemMonitor
+from jobs.stragglers import PhaseClock, Phases, StragglerWatch
+from jobs.system_metrics import SystemMonitor, node_name
 from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
 from orchestrator.core import goodput
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
-from orchestrator.core.plan import Plan, make_plan
+from orchestrator.core.plan import Plan, granted, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
     Attempt,
@@ -96,6 +97,7 @@ class Position:
 def train(
     run: Run, profile: Profile, recipe: Recipe, ranks: Ranks, job_id: str, stop: StopFlag, position: Position
 ) -> int | None:
+    profile = granted(profile, ranks.world)  # a node range: the shape this allocation has, not the one asked for
     plan = make_plan(profile, recipe, run.info.steps)
     if not guards_pass(run, ranks.rank, job_id, profile.nodes):
         return None
@@ -103,12 +105,14 @@ def train(
     skipped = agree(ranks.rank, lambda: skipped_data(read_skips(run.dir)))
     phases = agree(ranks.rank, lambda: mix_phases(recipe.data.weights, read_mix_changes(run.dir)))
     trainer = Trainer(recipe, run.data_dir, ranks, skipped, phases)
+    chaos.slow_saves(trainer.model, lambda: position.step)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world), run.info.from_scratch)
     position.step = state.step
     evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device, recipe.data.weights)
     report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
     guard = SpikeGuard(recipe.spike_guard, run, ranks.rank, job_id, state.step) if recipe.spike_guard else None
+    watch = StragglerWatch(run, profile, ranks, job_id, plan.steps, plan.save_s, stop)
     log.info(
         "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s, code %s",
         ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
@@ -117,9 +121,10 @@ def train(
     monitor = SystemMonitor.start(
         run.dir, job_id, profile.system_metrics_interval_s, ranks.device.type == "cuda", lambda: position.step
     )
+    follower = deadline.follow(run, plan, job_id, ranks.rank, stop, checkpointer.save_seconds)
     try:
         throughput = Throughput(plan)
-        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position, guard)
+        finished = loop(trainer, state, plan, checkpointer, evaluator, report, stop, throughput, position, watch, guard)
     except Exception as err:
         decision = recovery.decide(run, profile, job_id, ranks.rank, position.step, err)
         # recorded first: before a peer's exit can end this process, and before the reports below, which a full disk
@@ -134,6 +139,8 @@ def train(
     finally:
         if monitor:
             monitor.stop()
+        if follower:
+            follower.close()
     if report and finished:
         report.completed()
     return plan.steps if finished else None
@@ -208,6 +215,7 @@ def loop(
     stop: StopFlag,
     throughput: Throughput,
     position: Position,
+    watch: StragglerWatch,
     guard: SpikeGuard | None = None,
 ) -> bool:
     """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
@@ -221,6 +229,7 @@ def loop(
             continue
         state.advance(trainer.order)
         metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
+        metrics.update(watch.observe(state.step, result.phases, metrics["step_time_s"], stall))
         watchdog.step_done(state.step, metrics["step_time_s"])
         metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
         metrics.update({f"mix/{name}": share for name, share in trainer.order.source_shares(step).items()})
@@ -240,11 +249,13 @@ def loop(
         stall = time.perf_counter() - saving
         if stopping and state.step < plan.steps:
             checkpointer.close()
+            if stop.follower:
+                stop.follower.stopped(state.step)
             if report and stopping == "preempted":
                 report.preempted(state.step)
             elif report:
                 report.requeued(state.step)
-                stop.requeue()  # exits this process through submitit
+                watch.requeue()  # exits this process through submitit
             return False
     checkpointer.close()
     return True
@@ -338,6 +349,7 @@ class StepResult:
     grad_norm: float
     lr: float
     data_wait: float  # seconds spent waiting for micro-batches
+    phases: Phases  # this rank's (jobs.stragglers)
 
     def metrics(self) -> dict[str, float]:
         return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm}
@@ -351,6 +363,7 @@ class Trainer:
     ) -> None:
         spec = recipe.train
         self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
+        self.host = node_name()
         self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
@@ -382,6 +395,7 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
         loss, data_wait = torch.zeros((), device=self.device), 0.0
         chaos.fail(step, self.ranks.rank, self.ranks.world, self.chaos_dir)
+        clock = PhaseClock(self.device)
         for micro_step in range(self.grad_accum):
             watchdog.note("data", step)
             fetch = time.perf_counter()
@@ -392,15 +406,19 @@ class Trainer:
             micro_loss = causal_lm_loss(self.model, tokens) / self.grad_accum
             micro_loss.backward()
             loss += micro_loss.detach()
+        time.sleep(chaos.delay(step, self.ranks.rank, self.host))
+        forward_backward = clock.lap() - data_wait
+        sync = clock.sync()
         watchdog.note("optimizer")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip).full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        phases = Phases(data_wait, forward_backward, sync, clock.lap())
         dist.all_reduce(loss, op=dist.ReduceOp.SUM)
         mean_loss = chaos.spike(loss.item() / dist.get_world_size(), self.order.data_step(step))
-        return StepResult(mean_loss, grad_norm.item(), lr, data_wait)
+        return StepResult(mean_loss, grad_norm.item(), lr, data_wait, phases)
 
 
 class Throughput:

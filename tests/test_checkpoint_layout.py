@@ -3,12 +3,19 @@ one-process group: what the end-to-end resume tests rely on, checked in isolatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from orchestrator.core import checkpoints
+from orchestrator.core.files import file_sha256
+from orchestrator.core.runfiles import ManifestEntry
+
+
+def digest(payload: bytes) -> ManifestEntry:
+    return ManifestEntry(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
 
 
 def committed(root: Path, step: int, payload: bytes = b"weights") -> Path:
@@ -16,7 +23,7 @@ def committed(root: Path, step: int, payload: bytes = b"weights") -> Path:
     partial = checkpoints.partial_dir(root, step)
     partial.mkdir(parents=True)
     (partial / "shard.distcp").write_bytes(payload)
-    return checkpoints.commit(root, partial, step)
+    return checkpoints.commit(root, partial, step, {"shard.distcp": digest(payload)})
 
 
 def test_a_commit_names_the_folder_in_latest_and_its_manifest_matches(tmp_path: Path) -> None:
@@ -26,6 +33,30 @@ def test_a_commit_names_the_folder_in_latest_and_its_manifest_matches(tmp_path: 
     assert checkpoints.read_latest(tmp_path) == checkpoints.Latest(step=20, dir="step_00000020")
     assert checkpoints.damage(folder) is None
     assert not checkpoints.partial_dir(tmp_path, 20).exists()
+
+
+def test_a_commit_refuses_files_its_writers_did_not_hash_or_hashed_at_another_size(tmp_path: Path) -> None:
+    partial = checkpoints.partial_dir(tmp_path, 10)
+    partial.mkdir()
+    (partial / "shard.distcp").write_bytes(b"weights")
+    (partial / "stray.bin").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="stray.bin was written but not hashed"):
+        checkpoints.commit(tmp_path, partial, 10, {"shard.distcp": digest(b"weights")})
+    (partial / "stray.bin").unlink()
+    with pytest.raises(RuntimeError, match="manifest says 6"):
+        checkpoints.commit(tmp_path, partial, 10, {"shard.distcp": digest(b"weight")})
+    assert checkpoints.committed_steps(tmp_path) == []
+
+
+def test_a_manifest_written_before_the_ranks_hashed_their_own_files_still_loads(tmp_path: Path) -> None:
+    """Earlier commits listed the folder and hashed it whole; their markers have the same fields."""
+    folder = tmp_path / "step_00000010"
+    folder.mkdir()
+    (folder / "shard.distcp").write_bytes(b"weights")
+    entry = {"bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    (folder / "COMMITTED.json").write_text(json.dumps({"step": 10, "files": {"shard.distcp": entry}}))
+    assert checkpoints.damage(folder) is None
+    assert checkpoints.committed_steps(tmp_path) == [10]
 
 
 @pytest.mark.parametrize(
@@ -126,4 +157,38 @@ def test_the_checkpointer_keeps_the_newest_milestones_and_protected_and_falls_ba
     assert step == 5 and "step 6 is damaged" in problems[0]
     assert checkpoints.read_latest(tmp_path).step == 5  # no longer the folder set aside
     assert saver.load(5, model, optimizer)["weights_at"] == 5
+    saver.close()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_manifest_holds_the_sha256_of_every_file_as_written_and_a_flipped_byte_is_found_on_load(
+    tmp_path: Path, one_process_group: None, async_save: bool
+) -> None:
+    import torch
+
+    from jobs.checkpoint import Checkpointer
+    from orchestrator.core.config import CheckpointSpec
+
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = Checkpointer(tmp_path, CheckpointSpec(every_steps=1, async_save=async_save))
+    assert saver.save_seconds() is None
+    for step in (1, 2):
+        saver.save(step, model, optimizer, {"weights_at": step})
+    saver.wait()
+    assert saver.save_seconds() > 0
+
+    folder = checkpoints.step_dir(tmp_path, 2)
+    marker = checkpoints.read_commit_marker(folder)
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != "COMMITTED.json")
+    assert sorted(marker.files) == on_disk and {".metadata", "train_state.json", "rng_rank0.pt"} <= set(on_disk)
+    for name, entry in marker.files.items():
+        assert (entry.bytes, entry.sha256) == ((folder / name).stat().st_size, file_sha256(folder / name))
+
+    shard = next(folder.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    step, problems = saver.choose()
+    assert step == 1 and problems == [f"checkpoint at step 2 is damaged: {shard.name} fails its SHA-256 checksum"]
     saver.close()

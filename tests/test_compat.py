@@ -13,6 +13,7 @@ import pytest
 
 from jobs import compat
 from orchestrator.core.compat import (
+    LOCAL_CONTROLLER_PROGRAM,
     LOCAL_REQUEUE_RETURN_CODE,
     SUBMITIT_CONTROLLER_MODULE,
     SUBMITIT_TASK_MODULE,
@@ -80,6 +81,34 @@ def test_a_task_that_exits_with_the_requeue_code_is_started_again_by_the_local_c
 
     assert LOCAL_REQUEUE_RETURN_CODE == local.LOCAL_REQUEUE_RETURN_CODE
     assert local_job["result"] is None  # the second start ran the task to its end: exec returns None
+
+
+def test_a_local_job_is_started_as_often_as_its_requeues_allow_beyond_submitits_six(tmp_path: Path):
+    """submitit's own controller module stops after six starts; the one `Local.submission` runs gives every requeue
+    the plan allows (here 7: eight starts), and is still recognised as the job's controller."""
+    import submitit
+
+    from orchestrator.core.loading import load_profile
+    from orchestrator.core.schedulers.local import Local
+
+    starts = tmp_path / "starts"
+    task = f"""
+import os, pathlib
+starts = pathlib.Path({str(starts)!r})
+with starts.open("a") as noted:
+    noted.write(open(f"/proc/{{os.getppid()}}/cmdline", "rb").read().replace(b"\\0", b" ").decode() + "\\n")
+if len(starts.read_text().splitlines()) < 8:
+    os._exit({LOCAL_REQUEUE_RETURN_CODE})
+"""
+    _, profile = load_profile("local")
+    with Local().submission(profile, tmp_path / "controller.log", max_requeues=7):
+        executor = submitit.LocalExecutor(folder=tmp_path / "jobs" / "%j")
+        executor.update_parameters(timeout_min=2)
+        job = executor.submit(exec, task)
+    assert job.result() is None  # the eighth start ran the task to its end
+    controllers = starts.read_text().splitlines()
+    assert len(controllers) == 8 and len(set(controllers)) == 1, controllers  # one controller started all eight
+    assert LOCAL_CONTROLLER_PROGRAM in controllers[0] and controllers[0].split()[-1] == "8", controllers[0]
 
 
 # --- accelerate ---------------------------------------------------------------------------------------------------

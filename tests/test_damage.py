@@ -1,6 +1,9 @@
 """A damaged run directory never takes orch down: each run file in turn is truncated, garbled, emptied, given the
 wrong type or replaced by a symbolic link, in one run of a store that holds a healthy one too.
 
+The run files are those of the table in docs/run-directory.md ("Files"); a file the trained run has not written (no
+rollback, failure, hang or evaluation happened in it) is first written valid, through its model.
+
 Invariants checked for every case: no traceback (an OrchError is the one-paragraph message `orch` prints), the
 healthy run is still listed as it was, the damaged one is listed (as damaged where the file says what the run is),
 and no process outside the run ever gets a signal.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,10 +23,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import typer.main
+import typer.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import to_jsonable_python
 from typer.testing import CliRunner
 
 from jobs.entry import check_frozen_code
@@ -30,20 +38,24 @@ from jobs.shards import check_fingerprint, source_data
 from orchestrator.cli import submit
 from orchestrator.cli.app import app
 from orchestrator.core.errors import OrchError
+from orchestrator.core.evals import CheckpointEval, EvalsSent, TaskScores
+from orchestrator.core.runfiles import Failure, Hang, MixChange, RankBeat, Recovery, Skip
+from orchestrator.core.stragglers import Stragglers
 from tests.conftest import fill, needs_root, orch, small_disk, status_json, submitted_run_id
 
-RUN_FILES = [
-    "run.json",
-    "jobs.json",
-    "progress.json",
-    "attempts.json",
-    "mlflow.json",
-    "metrics.jsonl",
-    "checkpoints/latest.json",
-    "checkpoints/step_00000010/COMMITTED.json",
-    "profile.yaml",
-    "recipe.yaml",
-]
+DOC = Path(__file__).parent.parent / "docs" / "run-directory.md"
+PLACEHOLDER = re.compile(r"<(\w+)(?::(\w+))?>")  # <job>, <step:08>: what a name holds, and its format
+
+
+def documented_run_files() -> list[str]:
+    """The names in the first column of the table under "## Files" in docs/run-directory.md, as patterns
+    (`errors/<job>.rank<rank>.json`)."""
+    section = DOC.read_text().split("\n## Files\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return [name for cell in cells for name in re.findall(r"`([^`]+)`", cell)]
+
+
+RUN_FILES = documented_run_files()
 DAMAGE = {
     "truncated": lambda data: data[: len(data) // 2],
     "garbled": lambda data: bytes(b ^ 0x5A for b in data[:64]) + data[64:],
@@ -82,10 +94,75 @@ def store_with_two_runs(template: Path, home: Path) -> tuple[str, str]:
     return damaged.name, healthy.name
 
 
+def run_file(run_dir: Path, pattern: str) -> Path:
+    """The file a pattern of the table names in the run: of its newest job, rank 0, the checkpoint at step 10."""
+    if found := sorted(run_dir.glob(PLACEHOLDER.sub("*", pattern))):
+        return found[0]
+    job = json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
+    names = {"job": job, "rank": 0, "node": "node0", "step": 10, "time": 1796555980}
+    return run_dir / PLACEHOLDER.sub(lambda m: format(names[m[1]], m[2] or ""), pattern)
+
+
+def valid(pattern: str, job: str) -> bytes:
+    """Content its owner would write, for a documented file the trained run has not written."""
+    now = 1796555980.0
+    beat = RankBeat(
+        job_id=job, rank=0, host="node0", pid=4242, step=10, phase="training", since=now, deadline=now + 60, updated=now
+    )
+    examples = {
+        "rolled_back.jsonl": {"step": 9, "time_ms": 1, "metrics": {"loss": 2.0}},
+        "skips.json": [Skip(steps=(3, 5), data_steps=(3, 5), by="hand", reason="a spike", time=now)],
+        "mixture.json": [MixChange(from_step=5, weights={"": 1.0}, time=now)],
+        "checkpoints/protected.json": {"10": "the last good checkpoint"},
+        "errors/<job>.rank<rank>.json": Failure(
+            job_id=job, rank=0, host="node0", step=10, type="RuntimeError", message="boom", time=now
+        ),
+        "errors/<job>.attempt1.recovery.json": Recovery(
+            job_id=job,
+            attempt=1,
+            rank=0,
+            host="node0",
+            step=10,
+            error="RuntimeError: boom",
+            retried=False,
+            reason="a second crash at the same step",
+            time=now,
+        ),
+        "stragglers.json": Stragglers(job_id=job, step=10, window=20, scores=[]),
+        "hangs/<job>.<time>.json": Hang(job_id=job, detected_by=0, time=now, bound_s=60, stuck=[0], ranks=[beat]),
+        "evals/step_<step>.json": CheckpointEval(
+            step=10,
+            tasks={
+                "czech_cloze": TaskScores(
+                    metrics={"acc": 0.5}, samples=2, limit=2, finished=now, device="cpu", lm_eval_version="0.4"
+                )
+            },
+        ),
+        "evals/sent/step_<step>.json": EvalsSent(mlflow_run_id="0" * 32, finished={"czech_cloze": now}),
+    }
+    if pattern not in examples:
+        raise AssertionError(f"{pattern} is in the table of {DOC} but neither in the trained run nor made valid here")
+    return (json.dumps(to_jsonable_python(examples[pattern])) + "\n").encode()
+
+
+def damaged_file(home: Path, run_id: str, pattern: str) -> tuple[Path, bytes]:
+    """The run's file a pattern names, and its valid content (written first where the run has none)."""
+    run_dir = home / "runs" / run_id
+    path = run_file(run_dir, pattern)
+    if not path.is_file() and not path.is_symlink():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(valid(pattern, json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]))
+    return path, path.read_bytes() if path.is_file() else b""
+
+
+COMMAND = typer.main.get_command(app)  # typer builds it for each invoke, most of what a command takes here
+
+
 def invoke(*args: str) -> tuple[int, str]:
     """The CLI in this process (fast enough for hundreds of cases): an OrchError is what `orch` prints as its one
     paragraph and exit code 2; any other exception is a crash."""
-    result = CliRunner().invoke(app, list(args))
+    with mock.patch.object(typer.testing, "_get_command", return_value=COMMAND):
+        result = CliRunner().invoke(app, list(args))
     if result.exception is not None and not isinstance(result.exception, SystemExit | OrchError):
         raise AssertionError(f"orch {' '.join(args)} crashed") from result.exception
     if isinstance(result.exception, OrchError):
@@ -105,8 +182,11 @@ def check_store(damaged: str, healthy: str, file: str) -> None:
             assert listed[damaged]["error"].startswith(f"damaged: {Path(file).name}:")
     code, out = invoke("ls")
     assert code == 0 and healthy in out and damaged in out, out
-    code, out = invoke("status", damaged)
-    assert code in (0, 2), out
+    for command in (("status", damaged), ("logs", damaged, "--lines", "5"), ("resume", damaged, "--steps", "12")):
+        with pytest.MonkeyPatch.context() as patch:  # what a resume would queue is not at stake, only its checks
+            patch.setattr(submit, "launch", lambda run, profile, plan: "not-started")
+            code, out = invoke(*command)
+        assert code in (0, 2), out
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -114,8 +194,8 @@ def check_store(damaged: str, healthy: str, file: str) -> None:
 def test_a_damaged_run_file_marks_its_run_and_leaves_the_others(template, tmp_path, monkeypatch, file, kind):
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
     damaged, healthy = store_with_two_runs(template, tmp_path / "home")
-    path = tmp_path / "home" / "runs" / damaged / file
-    path.write_bytes(DAMAGE[kind](path.read_bytes()))
+    path, data = damaged_file(tmp_path / "home", damaged, file)
+    path.write_bytes(DAMAGE[kind](data))
     check_store(damaged, healthy, file)
 
 
@@ -172,7 +252,7 @@ def test_a_special_file_in_place_of_a_run_file_is_damage_never_read_or_waited_on
 ):
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
     damaged, healthy = store_with_two_runs(template, tmp_path / "home")
-    path = tmp_path / "home" / "runs" / damaged / file
+    path, _ = damaged_file(tmp_path / "home", damaged, file)
     special(path)
     with answers_within(60):
         check_store(damaged, healthy, file)
@@ -192,16 +272,57 @@ def test_a_metrics_line_with_a_string_for_a_number_is_left_out_and_found_by_repa
     assert code == 2 and "1 unreadable lines" in out, out
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.sampled_from([[], {}]),
+    lambda inner: (
+        st.lists(inner, min_size=1, max_size=3) | st.dictionaries(st.text(max_size=8), inner, min_size=1, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def one_value_changed(data: bytes, draw: st.DrawFn) -> bytes:
+    """The file's JSON (a spool's first line) with one value, at any depth, replaced by any JSON value: valid but for
+    one field, the damage that gets past the parser to what reads the fields."""
+    text = data.decode(errors="replace").splitlines()[0] if data.strip() else "null"
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return data
+    holders, todo = [], [document]
+    while todo:
+        holder = todo.pop()
+        keys = list(holder) if isinstance(holder, dict) else range(len(holder)) if isinstance(holder, list) else []
+        holders += [(holder, key) for key in keys]
+        todo += [holder[key] for key in keys]
+    if not holders:
+        return json.dumps(draw(JSON_VALUES)).encode()
+    holder, key = draw(st.sampled_from(holders))
+    holder[key] = draw(JSON_VALUES)
+    return json.dumps(document).encode()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(file=st.sampled_from(RUN_FILES), payload=st.binary(max_size=300) | st.from_type(type(None)))
-def test_any_bytes_in_any_run_file_never_crash_orch(template, tmp_path_factory, file, payload):
+@given(
+    file=st.sampled_from(RUN_FILES),
+    payload=st.binary(max_size=300) | st.none() | st.just("one value changed"),
+    failed=st.booleans(),
+    data=st.data(),
+)
+def test_any_bytes_in_any_run_file_never_crash_orch(template, tmp_path_factory, file, payload, failed, data):
+    """In a completed run, or in one whose job failed (where orch reads why: errors/, hangs/, ranks/)."""
     home = tmp_path_factory.mktemp("fuzz") / "home"
     os.environ["ORCH_HOME"] = str(home)
     try:
         damaged, healthy = store_with_two_runs(template, home)
-        path = home / "runs" / damaged / file
+        if failed:
+            progress = home / "runs" / damaged / "progress.json"
+            progress.write_text(json.dumps({**json.loads(progress.read_text()), "state": "failed", "error": "boom"}))
+        path, valid_bytes = damaged_file(home, damaged, file)
         if payload is None:
             path.unlink()
+        elif isinstance(payload, str):
+            path.write_bytes(one_value_changed(valid_bytes, data.draw))
         else:
             path.write_bytes(payload)
         check_store(damaged, healthy, file)

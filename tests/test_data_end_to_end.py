@@ -90,7 +90,7 @@ def test_a_one_sentence_per_line_corpus_trains_and_says_once_in_its_log_and_in_m
     tokenizer, shards = tmp_path / "tokenizer", tmp_path / "shards"
     train_tokenizer(read_texts(list_inputs([corpus])[0], Counter()), 512, tokenizer)
     report = prepare(tokenizer, [corpus], shards, Settings(VAL_FRACTION, seed=0, dtype="auto", shard_tokens=10**6))
-    assert report.indexes["val"]["tokens"] == 0 and report.single_document_note()
+    assert report.indexes["val"].tokens == 0 and report.single_document_note()
     recipe = tmp_path / "one-document.yaml"
     recipe.write_text(f"extends: tiny\ndata:\n  source: {shards}\n  tokenizer: {tokenizer}\n")
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from jobs.shards import TokenBlocks
 from orchestrator.cli.commands.data import data_app, tokenizer_app
 from orchestrator.core.errors import OrchError
+from orchestrator.core.shard_index import ShardIndex
 from orchestrator.tools.prepare import FileTally, InputFile, Report
 from tests.conftest import ROOT, needs_root, orch, read_only
 
@@ -74,10 +75,10 @@ def test_prepare_in_worker_processes_writes_both_splits_and_reports_every_count(
     )
     assert result.returncode == 0, result.stderr
     train, val = TokenBlocks(output / "train", 8), TokenBlocks(output / "val", 8)
-    assert train.index["documents"] + val.index["documents"] == 200 and len(val) > 0
-    assert len(train.shards) > 3 and train.index["dtype"] == "uint16"
+    assert train.index.documents + val.index.documents == 200 and len(val) > 0
+    assert len(train.shards) > 3 and train.index.dtype == "uint16"
     assert "Documents read: 201; skipped: 1 (malformed JSON: 1)." in result.stdout
-    assert f"{train.index['documents']:,}" in result.stdout and f"{train.tokens:,}" in result.stdout
+    assert f"{train.index.documents:,}" in result.stdout and f"{train.tokens:,}" in result.stdout
     assert "README.md" in result.stdout
     assert "prepare" in result.stderr and "100%" in result.stderr  # the progress display
 
@@ -163,7 +164,7 @@ def test_prepare_names_the_files_it_read_and_skipped_and_why_one_sentence_per_li
 def report_of(files: int, val_tokens: int, empty: tuple[int, ...] = ()) -> Report:
     inputs = [InputFile(Path(f"corpus/part{n:02}.jsonl.gz"), f"part{n:02}", "jsonl", ".gz", 1) for n in range(files)]
     tallies = {n: FileTally(records=0 if n in empty else 10) for n in range(files)}
-    indexes = {"train": {"documents": 10 * files, "tokens": 10**6}, "val": {"tokens": val_tokens}}
+    indexes = {"train": ShardIndex(documents=10 * files, tokens=10**6), "val": ShardIndex(tokens=val_tokens)}
     return Report(indexes, inputs, tallies, [])
 
 
@@ -288,5 +289,5 @@ def test_a_20_mb_single_line_document_is_prepared_in_under_600_mb_of_memory(tmp_
     )
     returncode, peak_mb = map(int, measured.stdout.split())
     assert returncode == 0, measured.stderr
-    assert TokenBlocks(tmp_path / "out" / "train", 8).index["documents"] == 1
+    assert TokenBlocks(tmp_path / "out" / "train", 8).index.documents == 1
     assert peak_mb < 600, f"peak RSS {peak_mb} MB for a {size / 1e6:.0f} MB document"

@@ -1,9 +1,8 @@
-"""What an interrupted submission, a full disk and the local controller's limit on restarts leave behind: a run that
-says what it is and resumes, or one paragraph and exit code 2, never a traceback or a silent stop."""
+"""What an interrupted submission, a full disk and a job whose requeues ran out leave behind: a run that says what it
+is and resumes, or one paragraph and exit code 2, never a traceback or a silent stop."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -11,10 +10,8 @@ import subprocess
 import sys
 import time
 
-from submitit.local.local import Controller
-
 from orchestrator.cli import submit
-from orchestrator.core.rundir import LOCAL_STARTS, Run
+from orchestrator.core.rundir import Run
 from tests.conftest import ROOT, needs_root, orch, small_disk, status_json, wait_until
 
 
@@ -42,9 +39,7 @@ def test_a_run_whose_submission_was_killed_says_so_and_resume_submits_it(orch_ho
         assert (run_dir / made).is_file(), made
 
 
-def test_a_local_job_that_its_controller_would_not_start_again_says_why(tmp_path):
-    """submitit's local controller starts a job at most LOCAL_STARTS times, whatever requeues the plan allows."""
-    assert inspect.signature(Controller.run).parameters["max_retry"].default == LOCAL_STARTS
+def test_a_job_that_asked_for_a_requeue_after_its_last_says_why_and_where_resume_continues(tmp_path):
     run_dir, now = tmp_path / "run", time.time()
     run_dir.mkdir()
     info = {"run_id": "run", "created": now, "profile": "local", "recipe": "tiny", "steps": 100, "stop_before_end_s": 0}
@@ -56,7 +51,7 @@ def test_a_local_job_that_its_controller_would_not_start_again_says_why(tmp_path
     (run_dir / "progress.json").write_text(json.dumps({**progress, "last_checkpoint_step": 60}))
     summary = Run(run_dir).summary(alive=False)
     assert summary["state"] == "failed", summary
-    assert "at most 6 times" in summary["error"], summary["error"]
+    assert "after the last of the requeues its plan allows" in summary["error"], summary["error"]
     assert "`orch resume run` continues from the checkpoint at step 60" in summary["error"], summary["error"]
 
 

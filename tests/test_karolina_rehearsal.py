@@ -40,7 +40,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"open-xx-yy", "open-00-00", "a project id (and its scratch folder)"),
     (r"OPEN-XX-YY", "OPEN-00-00", "a project id, as Slurm's account"),
     (r"<this repository>", str(ROOT), "the checkout under test"),
-    (r"--profile karolina(-exp|-preempt)?\b", r"--profile karolina-sim\1", "the simulated Karolina's profiles"),
+    (r"--profile karolina(-exp|-preempt|-cpu)?\b(?!-)", r"--profile karolina-sim\1", "the simulated profiles"),
     (r"--vocab-size 64000", "--vocab-size 512", "a vocabulary the tiny model holds"),
     (r"extends: cstinyllama-1\.2b", "extends: tiny", "a model a CPU trains in seconds"),
 ]
@@ -170,7 +170,7 @@ def test_the_readme_karolina_section_runs_as_written(karolina: None, tmp_path: P
     shown = ok(shell(new_shell + 'echo "modules=$LOADEDMODULES"; command -v orch'))
     assert "modules=Python/3.11.5-GCCcore-13.2.0\n" in shown and f"{ORCH}/venv/bin/orch" in shown
 
-    # 4, 5: data prepared on the login node, then the plan.
+    # 4, 5: the tokenizer and the shards prepared by jobs on the nodes, then the plan.
     corpus(CHECKOUT / "corpus")
     timed("4 data", lambda: shell(new_shell + substituted(blocks["data"])))
     plan = timed("5 plan", lambda: shell(new_shell + substituted(blocks["plan"])))

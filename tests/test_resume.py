@@ -154,8 +154,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(orch_home, dam
 
 def test_timeouts_under_the_local_executor_requeue_until_done(orch_home):
     """A 45 s limit with the warning 15 s before it: each allocation trains until its deadline, saves and requeues.
-    The steps are sized from this machine's measured pace to take about 2.2 allocations (the LocalExecutor restarts
-    a job at most 6 times): at least 2 even if the machine gets much quieter meanwhile. That the steps after each
+    The steps are sized from this machine's measured pace to take about 2.2 allocations: at least 2 even if the
+    machine gets much quieter meanwhile. That the steps after each
     save are the uninterrupted run's is the preemption test's and the Karolina rehearsal's to show."""
     pace = measure_pace()
     steps = steps_for_allocations(pace, 2.2, limit_s=45, stop_before_end_s=15)

@@ -43,10 +43,20 @@ def submit(
     ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps to train (the schedule's length is the recipe's)")] = 200,
     account: Annotated[Optional[str], typer.Option(help="Slurm account (project id), e.g. OPEN-29-12")] = None,
-    nodes: Annotated[Optional[int], typer.Option(help="number of nodes")] = None,
+    nodes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="number of nodes; a range MIN-MAX (1-4) lets Slurm start the job earlier on fewer; with --dry-run a "
+            "list (1,2,4,8) prices each as a what-if"
+        ),
+    ] = None,
     time: Annotated[
         Optional[str],
         typer.Option(help="time limit per allocation: minutes, HH:MM:SS or D-HH:MM:SS (also MM:SS, D-HH, D-HH:MM)"),
+    ] = None,
+    time_min: Annotated[
+        Optional[str],
+        typer.Option(help="the shortest time limit the job accepts to start earlier (sbatch --time-min), as --time"),
     ] = None,
     set_: Annotated[
         Optional[list[str]],
@@ -67,12 +77,34 @@ def submit(
     ] = False,
 ) -> None:
     """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
+    from jobs import chaos
+    from orchestrator.cli.commands.budget import allocation_warnings, parse_node_counts, show_whatif
     from orchestrator.cli.submit import build_requests, site_checks, submit_sweep
     from orchestrator.cli.submit import submit as submit_run
     from orchestrator.core.loading import parse_sweep, sweep_points
 
-    points = sweep_points(collect_overrides(account, nodes, time, set_), [parse_sweep(text) for text in sweep or []])
+    chaos.planned()  # the job reads ORCH_CHAOS: a fault it cannot parse is refused here, before anything is queued
+    node_range = parse_node_range(nodes) if nodes is not None and "-" in nodes else None
+    counts = parse_node_counts(nodes) if nodes is not None and node_range is None else []
+    if len(counts) > 1:
+        if not dry_run or sweep:
+            raise OrchError(
+                f"--nodes {nodes}: a list of node counts is a what-if that submits nothing; add --dry-run (and no "
+                "--sweep), then submit the shape you choose with --nodes N."
+            )
+        asked = collect_overrides(account, None, time, set_, None, time_min)
+        show_whatif(profile, recipe, steps, asked, counts, run_states, console)
+        return
+    low, high = node_range or (None, counts[0] if counts else None)
+    overrides = collect_overrides(account, high, time, set_, low, time_min)
+    points = sweep_points(overrides, [parse_sweep(text) for text in sweep or []])
     requests = build_requests(profile, recipe, steps, points)  # every point checked before any is submitted
+    for warning in allocation_warnings(requests, run_states):
+        console.print(warning, soft_wrap=True, highlight=False, markup=False)
+    if not sweep and (node_range or time_min):
+        from orchestrator.cli.commands.shapes import show_shapes
+
+        show_shapes(requests[0], console)
     if dry_run:
         from orchestrator.cli.show import show_plan, show_sweep
 
@@ -94,16 +126,40 @@ def submit(
         console.print(f"Follow it with: orch follow {runs[0].id}")
 
 
-def collect_overrides(account: str | None, nodes: int | None, time: str | None, assignments: list[str] | None):
+def collect_overrides(
+    account: str | None,
+    nodes: int | None,
+    time: str | None,
+    assignments: list[str] | None,
+    nodes_min: int | None = None,
+    time_min: str | None = None,
+):
     """The command line's overrides, in the order they apply: --set (of the profile or the recipe), then the
-    profile's --account, --nodes and --time."""
+    profile's --account, --nodes (a range's MAX, then its MIN), --time and --time-min."""
     from orchestrator.core.loading import Override, parse_override
 
     overrides = [parse_override(text) for text in assignments or []]
     overrides += [Override("profile", "slurm.account", account, "--account")] if account else []
     overrides += [Override("profile", "nodes", nodes, "--nodes")] if nodes is not None else []
+    overrides += [Override("profile", "slurm.nodes_min", nodes_min, "--nodes")] if nodes_min is not None else []
     overrides += [Override("profile", "time_limit_min", parse_minutes(time), "--time")] if time else []
+    if time_min:
+        overrides += [Override("profile", "slurm.time_min_min", parse_minutes(time_min, "--time-min"), "--time-min")]
     return overrides
+
+
+def parse_node_range(text: str) -> tuple[int, int]:
+    """`--nodes MIN-MAX`: two whole numbers, 0 < MIN < MAX."""
+    from orchestrator.core.yamlio import shown
+
+    low, _, high = (part.strip() for part in text.partition("-"))
+    if not (low.isdigit() and high.isdigit() and 0 < int(low) < int(high)):
+        raise OrchError(
+            f"--nodes {shown(text)}: a node range is MIN-MAX, two whole numbers with 0 < MIN < MAX (e.g. 1-4): Slurm "
+            "starts the job on any count in it that it can grant first. Allowed: a range, a number of nodes (e.g. "
+            "2), or with --dry-run a list of numbers separated by commas (e.g. 1,2,4,8)."
+        )
+    return int(low), int(high)
 
 
 @app.command()
@@ -209,7 +265,7 @@ TIME_FORMAT = re.compile(r"(?:(?P<days>[0-9]{1,9})-)?(?P<clock>[0-9]{1,9}(?::[0-
 TIME_FORMATS_TEXT = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 90, 1:30:00 or 2-00:00:00)"
 
 
-def parse_minutes(text: str) -> float:
+def parse_minutes(text: str, option: str = "--time") -> float:
     """Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, each part in its range, and at
     least one minute (Slurm would run a limit it reads as 0 without any limit)."""
     from orchestrator.core.config import MAX_TIME_LIMIT_MIN
@@ -217,13 +273,13 @@ def parse_minutes(text: str) -> float:
 
     match = TIME_FORMAT.fullmatch(text)
     if not match:
-        raise OrchError(f"--time {shown(text)}: expected {TIME_FORMATS_TEXT}.")
+        raise OrchError(f"{option} {shown(text)}: expected {TIME_FORMATS_TEXT}.")
     numbers = [int(part) for part in match["clock"].split(":")]
     form, names, limits = TIME_FORMATS[match["days"] is not None, len(numbers)]
     for name, value, limit in zip(names, numbers, limits, strict=True):
         if limit is not None and value >= limit:
             raise OrchError(
-                f"--time {shown(text)}: {name} must be below {limit} in {form} (got {value}); "
+                f"{option} {shown(text)}: {name} must be below {limit} in {form} (got {value}); "
                 f"write {TIME_FORMATS_TEXT}."
             )
     parts = dict(zip(names, numbers, strict=True))
@@ -231,11 +287,11 @@ def parse_minutes(text: str) -> float:
     total_s = ((days * 24 + parts.get("hours", 0)) * 60 + parts.get("minutes", 0)) * 60 + parts.get("seconds", 0)
     if total_s < 60:
         raise OrchError(
-            f"--time {shown(text)} is {total_s} s: a time limit is at least one minute (in MM:SS, 0:30 is 30 seconds; "
-            "for 30 minutes write 30 or 0:30:00)."
+            f"{option} {shown(text)} is {total_s} s: a time limit is at least one minute (in MM:SS, 0:30 is 30 "
+            "seconds; for 30 minutes write 30 or 0:30:00)."
         )
     if total_s > MAX_TIME_LIMIT_MIN * 60:
-        raise OrchError(f"--time {shown(text)}: more than a year; write {TIME_FORMATS_TEXT}.")
+        raise OrchError(f"{option} {shown(text)}: more than a year; write {TIME_FORMATS_TEXT}.")
     return total_s / 60
 
 
@@ -301,9 +357,10 @@ def status(
     run = get_run(run_id) if run_id else None
     summaries = [run.summary()] if run else summarise(all_runs())
     if run:
-        from orchestrator.cli.show import accounting, mlflow_page
+        from orchestrator.cli.show import accounting, mlflow_page, straggler_summary
 
         summaries[0].update(accounting(run, summaries[0]["state"], suggest), mlflow_page=mlflow_page(run))
+        summaries[0].update(straggler_summary(run))
     if as_json:
         print(json.dumps(summaries[0] if run_id else summaries, indent=2))
         return
@@ -332,10 +389,11 @@ def status(
         if run_id and s["error"]:
             console.print(s["error"], style="red", markup=False, highlight=False)  # it quotes logs: [/path:42]
     if run:
-        from orchestrator.cli.show import show_accounting, show_mlflow_page
+        from orchestrator.cli.show import show_accounting, show_mlflow_page, show_stragglers
 
         show_mlflow_page(summaries[0], console)
         show_accounting(summaries[0], console)
+        show_stragglers(summaries[0], console)
 
 
 def summarise(runs) -> list[dict]:
@@ -344,10 +402,10 @@ def summarise(runs) -> list[dict]:
     from orchestrator.core.runfiles import DamagedFile
     from orchestrator.core.schedulers import alive_jobs
 
-    last_jobs = {}
+    last_jobs, read = {}, {}
     for run in runs:
         try:
-            jobs, progress = run.jobs, run.progress
+            read[run.id] = jobs, progress = run.jobs, run.progress
         except DamagedFile:
             continue  # its summary says so
         if jobs and not (progress and progress.state == "completed"):
@@ -363,12 +421,40 @@ def summarise(runs) -> list[dict]:
         job = last_jobs.get(run.id)
         if job is not None and job.executor in unanswered:
             why = f"the scheduler did not answer, so whether job {job.job_id} is alive is unknown: "
-            summaries.append(
-                {**run.summary(True), "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]}
-            )
+            summary = run.summary(True, read[run.id])  # as if alive: the scheduler is not asked again
+            summaries.append({**summary, "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]})
         else:
-            summaries.append(run.summary(alive[job] if job is not None else None))
+            summaries.append(run.summary(alive[job] if job is not None else None, read.get(run.id)))
     return summaries
+
+
+def run_states():
+    """Every run and its state as `orch status` sees it (one scheduler query for all)."""
+    from orchestrator.core.rundir import all_runs
+
+    runs = all_runs()
+    return [(run, summary["state"]) for run, summary in zip(runs, summarise(runs), strict=True)]
+
+
+@app.command()
+def budget(
+    account: Annotated[
+        Optional[str], typer.Option(help="one account (project id); every account orch's runs used when left out")
+    ] = None,
+    allocation: Annotated[
+        Optional[float],
+        typer.Option(help="the account's node-hours [default: slurm.allocation_node_hours of its runs' profile]"),
+    ] = None,
+    since: Annotated[
+        Optional[str], typer.Option(help="count from this date, YYYY-MM-DD [default: the account's first run]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Node-hours per account: spent by orch's runs, in flight, still planned, Slurm's own total where its accounting
+    answers, against the allocation; the burn rate and when it runs out (docs/goodput.md)."""
+    from orchestrator.cli.commands.budget import show_budget
+
+    show_budget(run_states, account, allocation, since, as_json, console)
 
 
 def print_columns(headers: list[str], rows: list[list[str]]) -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from orchestrator.cli.executors import from_frozen_code, job_script
 from orchestrator.cli.submit import Request, plan_warnings
-from orchestrator.core import goodput
+from orchestrator.core import deadline, goodput, stragglers
 from orchestrator.core.config import Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import Plan
@@ -166,6 +166,7 @@ GOODPUT_PARTS = {  # docs/goodput.md says more
     "evaluation": "validation",
     "checkpoint_stall": "training waiting for saves",
     "other": "between steps; final save and exit",
+    "after_last_commit": "a deadline's final commit to the end",
     "idle": "last sign of life to the next start",
     "not_recorded": "jobs that did not measure the parts",
 }
@@ -176,9 +177,10 @@ def accounting(run: Run, state: str, suggest: bool) -> dict[str, Any]:
     cannot be read leaves them out with the reason."""
     try:
         history, result = goodput.of_run(run, state)
+        chosen = deadline.read_records(run.dir)[-1:]
     except (OrchError, OSError) as err:
         return {"goodput": None, "goodput_error": str(err)}
-    found: dict[str, Any] = {"goodput": result.as_dict()}
+    found: dict[str, Any] = {"goodput": result.as_dict(), "deadline": chosen[0].model_dump() if chosen else None}
     if suggest:
         found["checkpoint_interval"] = goodput.suggest(history, result).as_dict()
     return found
@@ -228,8 +230,50 @@ def show_accounting(summary: dict[str, Any], console: Console) -> None:
     console.print(table)
     percent = found["percent"]
     console.print(f"goodput: {'-' if percent is None else f'{percent:.1f} %'} (counted / allocated)", highlight=False)
+    if chosen := summary.get("deadline"):
+        done = f"; stopped at step {chosen['stopped_step']}" if chosen["stopped_step"] is not None else ""
+        console.print(f"deadline: {chosen['lead_s']:.1f} s before the {chosen['source']} ({chosen['why']}){done}",
+                      markup=False, highlight=False)  # fmt: skip
     if "checkpoint_interval" in summary:
         console.print(interval_text(summary["checkpoint_interval"]), highlight=False, soft_wrap=True)
+
+
+def straggler_summary(run: Run, shown: int = 3) -> dict[str, Any]:
+    """`stragglers`: the newest job's slowest hosts (at most `shown`) and the run's decisions (docs/stragglers.md);
+    None before a job scored its hosts, with the reason where stragglers.json cannot be read."""
+    try:
+        found = stragglers.read(run.dir)
+    except DamagedFile as damage:
+        return {"stragglers": None, "stragglers_error": str(damage)}
+    if found is None:
+        return {"stragglers": None}
+    figures = found.model_dump()
+    return {"stragglers": {**figures, "scores": figures["scores"][:shown]}}
+
+
+def show_stragglers(summary: dict[str, Any], console: Console) -> None:
+    """The slowest hosts and how much slower, then each decision with its figures."""
+    found = summary.get("stragglers")
+    if not found or not found["scores"] and not found["decisions"]:
+        return
+    hosts = ", ".join(
+        f"{s['host']} {100 * s['slowdown']:+.0f} % ({s['compute_s']:.3f} s, z {s['z']:.1f}"
+        f"{', persistent' if s['persistent'] else ''})"
+        for s in found["scores"]
+    )
+    console.print(
+        f"slowest hosts (compute per step over the last {found['window']} steps to step {found['step']}): "
+        f"{hosts or '-'}",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    for d in found["decisions"]:
+        console.print(
+            f"straggler {d['host']} at step {d['step']} (job {d['job_id']}, {100 * d['slowdown']:+.0f} %): "
+            f"{d['action']}; keeping it costs {d['keep_loss_s']:.0f} s ({d['excess_s']:.3f} s × {d['steps_ahead']} "
+            f"steps), leaving {d['leave_cost_s']:.0f} s (save {d['save_s']:.1f} s + queue wait "
+            f"{d['queue_wait_s']:.0f} s + start-up {d['startup_s']:.1f} s)",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 def device_hours(hours: float) -> str:

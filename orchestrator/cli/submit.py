@@ -13,13 +13,13 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.cli.executors import check_environment, from_frozen_code, make_executor
+from orchestrator.cli.executors import check_environment, from_frozen_code, make_executor, max_requeues
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import write_atomic
 from orchestrator.core.loading import Override, load_profile, load_recipe, merge_all, validate
-from orchestrator.core.plan import Plan
+from orchestrator.core.plan import Plan, check_range
 from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan, data_warnings
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
 from orchestrator.core.runfiles import MIXTURE, MixChange, mix_phases, read_mix_changes
@@ -48,6 +48,7 @@ def build_request(
     profile_path, profile = load_profile(profile_name, profile_layers(overrides))
     recipe_path, recipe = load_recipe(recipe_name or profile.default_recipe, [o for o in overrides if is_recipe(o)])
     plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+    check_range(profile, profile_path, plan)
     info = {
         "profile": profile_path.stem,
         "recipe": recipe_path.stem,
@@ -189,7 +190,8 @@ def queue(
     the scheduler is an OrchError with its message, naming `what` the job was for. `requeues`: how often the job may
     requeue itself at its time limit, where not as the plan needs (`max_requeues`)."""
     try:
-        with scheduler_of(profile.executor).submission(profile, folder / "controller.log"):
+        requeues = max_requeues(plan, requeues)
+        with scheduler_of(profile.executor).submission(profile, folder / "controller.log", requeues):
             return make_executor(profile, plan, folder, requeues).submit(job).job_id
     except Exception as err:  # noqa: BLE001 - sbatch's or the executor's refusal, whatever its type
         message = " ".join(str(err).split())[:1000] or type(err).__name__
@@ -243,6 +245,7 @@ def resume(
             profile_path = run.dir / "profile.yaml"
             profile = validate(profile_path, Profile, merge_all(read_yaml(profile_path), profile_layers(overrides)))
         plan = checked_plan(profile, profile_path, recipe, recipe_path, steps)
+        check_range(profile, profile_path, plan)
         if weights is not None:
             mixture_changed(run, recipe, weights, start)
         checked = Request(profile, recipe, plan, {"profile_file": str(profile_path), "recipe_file": str(recipe_path)})

@@ -3,7 +3,9 @@ marker and its manifest, the protected list, and the folders set aside. Light (s
 side (status, resume, rollback, repair, export) and the training job share one definition.
 
 A checkpoint is `step_N/` (N zero-padded to 8 digits). It is written into `.step_N.partial/` and counts only once
-`COMMITTED.json` is in it: written last, it lists every file of the folder with its size and SHA-256. `latest.json`
+`COMMITTED.json` is in it: written last, it lists every file of the folder with its size and SHA-256, as the ranks
+hashed them while writing them (the commit checks names and sizes against the folder and reads nothing back; loading
+checks the checksums). `latest.json`
 names the newest committed checkpoint; a folder that fails its manifest, or that a rollback takes back, is renamed
 aside (`damaged_step_N`, `rolled_back_step_N`, with `.2`, `.3`... where that name is taken) and never read again.
 """
@@ -18,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from orchestrator.core.files import write_json_atomic
-from orchestrator.core.runfiles import DamagedFile, FolderManifest, RunFile, read_model
+from orchestrator.core.runfiles import DamagedFile, FolderManifest, ManifestEntry, RunFile, read_model
 
 LATEST = "latest.json"
 COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
@@ -95,10 +97,13 @@ def read_commit_marker(folder: Path) -> CommitMarker | None:
     return read_model(folder / COMMIT_MARKER, CommitMarker)
 
 
-def commit(root: Path, partial: Path, step: int) -> Path:
+def commit(root: Path, partial: Path, step: int, files: dict[str, ManifestEntry]) -> Path:
     """Write the commit marker into a finished save, put the folder in place of any older one of the same step, and
-    name it in latest.json. Returns the committed folder."""
-    marker = CommitMarker(step=step, files=CommitMarker.listing(partial, COMMIT_MARKER))
+    name it in latest.json. `files` are the save's files with the size and SHA-256 their writers hashed as they wrote
+    them: they must be the folder's files, at their sizes on disk. Returns the committed folder."""
+    if problem := unlisted(partial, files):
+        raise RuntimeError(f"the save of step {step} in {partial} cannot be committed: {problem}")
+    marker = CommitMarker(step=step, files=files)
     write_json_atomic(partial / COMMIT_MARKER, marker.model_dump())
     final = step_dir(root, step)
     shutil.rmtree(final, ignore_errors=True)
@@ -106,6 +111,14 @@ def commit(root: Path, partial: Path, step: int) -> Path:
     fsync_dir(root)
     write_latest(root, step)
     return final
+
+
+def unlisted(partial: Path, files: dict[str, ManifestEntry]) -> str | None:
+    """What differs between a save's folder and the files its writers hashed, by name and size (no file is read)."""
+    present = {str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file() and p.name != COMMIT_MARKER}
+    if extra := sorted(present - files.keys()):
+        return f"{extra[0]} was written but not hashed"
+    return CommitMarker(step=0, files=files).mismatch(partial, checksums=False)
 
 
 def damage(folder: Path, checksums: bool = True) -> str | None:

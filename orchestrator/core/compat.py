@@ -12,7 +12,16 @@ if TYPE_CHECKING:
 
 SUBMITIT_CONTROLLER_MODULE = "submitit.local._local"
 """The module that the LocalExecutor's job controller runs as; its PID is the job id, so this is how /proc tells a
-live local job from a process that took its number (checked on submitit 1.5.4)."""
+live local job from a process that took its number (checked on submitit 1.5.4). orch runs the controller with
+`LOCAL_CONTROLLER_PROGRAM` instead; this one is still found, for jobs queued by earlier versions."""
+
+LOCAL_CONTROLLER_PROGRAM = (
+    "import sys, pathlib; from submitit.local.local import Controller; "
+    "Controller(pathlib.Path(sys.argv[1])).run(max_retry=int(sys.argv[2]))"
+)
+"""The same controller, run as `python -c PROGRAM FOLDER MAX_STARTS`: submitit's module stops a job after six starts
+(`Controller.run`'s `max_retry`), whatever requeues `max_num_timeout` allows. A program rather than an orch module,
+so that it runs whatever code a run froze (checked on submitit 1.5.4)."""
 
 SUBMITIT_TASK_MODULE = "submitit.core._submit"
 """The module that every task (rank) of a submitit job runs as, under either executor (checked on submitit 1.5.4)."""

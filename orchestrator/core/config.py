@@ -46,6 +46,7 @@ MAX_NODES = 100_000  # above the largest machines; node counts drive loops in pl
 # Values that reach the generated job script: no whitespace, quotes, newlines, NUL or shell metacharacters.
 SAFE = r"^[A-Za-z0-9_.,:/=@+%{}-]*$"
 SAFE_TEXT = "letters, digits and _ . , : / = @ + % { } -"
+RANGE_FIELDS = ("nodes_min", "time_min_min")  # a node range and a minimum time: Slurm may grant less than the most
 SBATCH_ALLOWED = ("constraint", "exclusive", "mail-type", "mail-user", "reservation", "comment", "exclude", "nodelist")
 
 
@@ -78,7 +79,34 @@ class Slurm(Strict):
     max_nodes: int = Field(ge=1, le=MAX_NODES)
     cpus_per_task: int = Field(default=1, ge=1, description="also passed to srun (Slurm 22.05-23.02 does not)")
     wckey: str | None = Field(default=None, pattern=SAFE, description="only where the site wants one")
+    allocation_node_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description="the account's node-hours for its allocation period: `orch budget` and `orch submit` weigh "
+        "spending and plans against it",
+    )
     extra_sbatch: dict[str, str] = Field(default_factory=dict, description=f"allowed keys: {SBATCH_ALLOWED}")
+    nodes_min: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NODES,
+        description="the fewest nodes the job may start on (sbatch --nodes=MIN-MAX, MAX the profile's nodes); it "
+        "trains on the count it is granted (docs/goodput.md#backfill-shaped-jobs)",
+    )
+    time_min_min: float | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TIME_LIMIT_MIN,
+        description="the shortest time limit, in whole minutes, the job accepts to start earlier (sbatch --time-min; "
+        "time_limit_min is the longest); it stops before the limit it is granted",
+    )
+
+    @field_validator("time_min_min")
+    @classmethod
+    def _whole_minutes(cls, value: float | None) -> float | None:
+        if value is not None and value != int(value):
+            raise ValueError("Slurm's --time-min is whole minutes; allowed: e.g. --time-min 30 or --time-min 6:00:00")
+        return value
 
     @field_validator("extra_sbatch")
     @classmethod
@@ -131,6 +159,22 @@ class RecoverySpec(Strict):
     )
 
 
+class StragglerSpec(Strict):
+    """Slow hosts (docs/stragglers.md): how persistent a slowdown must be before it counts, and whether the job leaves
+    such a host (save, requeue without it) where the cost test says that pays."""
+
+    act: bool | None = Field(
+        default=None,
+        description="true: requeue without a persistent straggler where leaving pays; false: report only; "
+        "null: act where the scheduler can exclude hosts",
+    )
+    window_steps: int = Field(default=8, ge=3, le=10_000, description="steps a slowdown must last to be persistent")
+    threshold: float = Field(default=0.25, gt=0, le=100, description="slowdown (0.25: 25 % longer) that counts")
+    queue_wait_s: float = Field(
+        default=600.0, ge=0, description="expected queue wait of a requeue, until the run has measured one"
+    )
+
+
 class Profile(Strict):
     """Where and how a run's job executes."""
 
@@ -141,6 +185,10 @@ class Profile(Strict):
     time_limit_min: float = Field(gt=0, le=MAX_TIME_LIMIT_MIN, description="wall-clock limit of one allocation")
     signal_delay_s: int = Field(
         default=30, ge=1, le=MAX_TIME_LIMIT_MIN * 60, description="warning signal at least this long before the limit"
+    )
+    deadline_poll_s: float = Field(
+        default=30, gt=0, le=3600, description="how often a running job asks its scheduler for its end time and the "
+        "reservations on its nodes (Slurm; docs/goodput.md#the-deadline)"
     )
     launch: Launch
     node: Node
@@ -167,6 +215,7 @@ class Profile(Strict):
     )
     watchdog: WatchdogSpec = WatchdogSpec()
     recovery: RecoverySpec = RecoverySpec()
+    stragglers: StragglerSpec = StragglerSpec()
 
     @field_validator("time_limit_min")
     @classmethod
@@ -189,6 +238,39 @@ class Profile(Strict):
                     "(it reaches the job script)"
                 )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranges_need_slurm(cls, data: Any) -> Any:
+        """A node range or a minimum time only where the scheduler can grant a job less than it asked for (Slurm);
+        checked before the fields, so that the refusal says this rather than what else a Slurm section would need."""
+        slurm = data.get("slurm") if isinstance(data, dict) else None
+        asked = [f"slurm.{key}" for key in RANGE_FIELDS if isinstance(slurm, dict) and slurm.get(key) is not None]
+        executor = data.get("executor") if isinstance(data, dict) else None
+        if asked and executor == "local":
+            raise ValueError(
+                f"{' and '.join(asked)} {'ask' if len(asked) > 1 else 'asks'} for a node range or a minimum time "
+                "(--nodes MIN-MAX, --time-min), but the "
+                f"{executor} executor runs a job on exactly what it asks for; allowed: one node count (--nodes N) "
+                "and one time limit (--time), or a Slurm profile"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _range_within_the_request(self) -> Profile:
+        """The range's minimum at most its maximum: the profile's nodes and time_limit_min."""
+        slurm = self.slurm
+        if slurm and slurm.nodes_min is not None and slurm.nodes_min > self.nodes:
+            raise ValueError(
+                f"slurm.nodes_min is {slurm.nodes_min}, more than nodes ({self.nodes}), the most the job asks for; "
+                f"allowed: 1 to {self.nodes} (--nodes MIN-MAX)"
+            )
+        if slurm and slurm.time_min_min is not None and slurm.time_min_min > self.time_limit_min:
+            raise ValueError(
+                f"slurm.time_min_min is {slurm.time_min_min:g} min, longer than time_limit_min "
+                f"({self.time_limit_min:g} min), the longest the job asks for; allowed: at most {self.time_limit_min:g}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _slurm_section(self) -> Profile:

@@ -12,6 +12,8 @@ queued on its job. Times its devices (nodes × GPUs per node; ranks on CPU profi
 - data wait, evaluation, checkpoint stall: what each step's metrics measured (`data_wait_fraction`, `eval_s`,
   `checkpoint_stall_s`);
 - other: the rest of the job's life (per-step bookkeeping, the final save and exit);
+- after last commit: where a job stopped itself at its deadline (deadline.json), from the commit of the save it
+  stopped with to the allocation's end: its exit, and a requeue's wait for the next start;
 - idle: from the job's last sign of life (its last step, heartbeat, stop or failure report) to its next start, or
   to the watchdog's stop of a hung job;
 - not recorded: time in allocations of jobs that measured none of this (jobs from before it existed).
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from orchestrator.core import deadline
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import CheckpointSpec
 from orchestrator.core.rundir import Run
@@ -42,6 +45,7 @@ PARTS = (
     "evaluation",
     "checkpoint_stall",
     "other",
+    "after_last_commit",
     "idle",
     "not_recorded",
 )
@@ -103,6 +107,7 @@ class History:
     interruptions: int  # allocations that ended by a failure or a preemption
     checkpoint: CheckpointSpec  # the recipe's
     newest_job: str | None = None  # the run's newest job: only its allocation can still be open
+    commits: list[float] = field(default_factory=list)  # when the saves jobs stopped with at a deadline committed
 
 
 def read_history(run: Run, state: str, now: float, committed: int | None = None) -> History:
@@ -134,6 +139,7 @@ def read_history(run: Run, state: str, now: float, committed: int | None = None)
         interruptions=interruptions,
         checkpoint=recipe.checkpoint,
         newest_job=jobs[-1].job_id if jobs else None,
+        commits=deadline.commits(deadline.read_records(run.dir)),
     )
 
 
@@ -188,6 +194,7 @@ def account(history: History, until: float | None) -> Goodput:
     """The breakdown; `until`: now while the run is in a LIVE state (its newest allocation's span is still open), else
     None."""
     tally, wall_s, allocated_s = Tally(), 0.0, 0.0
+    tally.measured.add("after_last_commit")  # zero where no job stopped at a deadline
     attempts, ends = history.attempts, [s.end for s in history.steps]  # steps are in the order they ended
     for k, attempt in enumerate(attempts):
         start, devices = attempt.start, attempt.nodes * history.devices_per_node
@@ -202,14 +209,18 @@ def account(history: History, until: float | None) -> Goodput:
         else:  # the job ended (a hang at its stop, after its last sign of life); a later job is a new allocation
             end = min(next_start, max(last_seen, attempt.stopped or last_seen))
         wall_s, allocated_s = wall_s + end - start, allocated_s + (end - start) * devices
-        allocation(tally, steps, start, last_seen, end, devices)
+        commit = max((c for c in history.commits if start <= c <= end), default=None)
+        allocation(tally, steps, start, last_seen, end, devices, commit)
     hours = {part: tally.seconds[part] / 3600 if part in tally.measured else None for part in PARTS}
     return Goodput(history.device, allocated_s / 3600, wall_s / 3600, hours, tally.steps)
 
 
-def allocation(tally: Tally, steps: list[Step], start: float, last_seen: float, end: float, devices: int) -> None:
+def allocation(
+    tally: Tally, steps: list[Step], start: float, last_seen: float, end: float, devices: int, commit: float | None
+) -> None:
     """One allocation's share of the parts. A job that measured its parts (every step carries a stall) gets the full
-    breakdown; an older one only what every job's metrics had, the rest of its span is not recorded."""
+    breakdown; an older one only what every job's metrics had, the rest of its span is not recorded. `commit`: when
+    the save the job stopped with at its deadline committed, if it did."""
     compute, stepping, evaluating, stalled, measured = dict.fromkeys(tally.steps, 0.0), 0.0, 0.0, 0.0, True
     for s in steps:
         compute[s.fate] += s.step_s - s.data_wait_s
@@ -231,6 +242,11 @@ def allocation(tally: Tally, steps: list[Step], start: float, last_seen: float, 
     tally.add("startup", first - start, devices)
     tally.add("evaluation", evaluating, devices)
     tally.add("checkpoint_stall", stalled, devices)
+    if commit is not None and commit >= (steps[-1].end if steps else first):
+        tally.add("other", commit - first - stepping - evaluating - stalled, devices)
+        tally.add("after_last_commit", end - commit, devices)
+        tally.add("idle", 0.0, devices)  # its wait for the next start is in the part above
+        return
     tally.add("other", last_seen - first - stepping - evaluating - stalled, devices)
     tally.add("idle", end - last_seen, devices)
 

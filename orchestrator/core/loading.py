@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.core.config import PROFILES_DIR, RECIPES_DIR, SAFE_TEXT, SOURCE_NAME, Profile, Recipe, is_file
 from orchestrator.core.errors import OrchError
+from orchestrator.core.schedulers import scheduler_of
 from orchestrator.core.yamlio import SHOWN_VALUE_CHARS, clip, flow, parse_yaml, read_yaml, shown
 
 
@@ -276,7 +277,13 @@ def given(path: Path, overrides: list[Override]) -> Path:
 def load_profile(name: str, overrides: list[dict[str, Any]] = ()) -> tuple[Path, Profile]:
     """The profile, after `extends` and the command line's overrides (later ones win)."""
     path, data = profile_data(name)
-    return path, validate(path, Profile, merge_all(data, overrides))
+    profile = validate(path, Profile, merge_all(data, overrides))
+    if profile.stragglers.act and not scheduler_of(profile.executor).excludes_hosts:  # the schema cannot ask it
+        raise OrchError(
+            f"{path}: field 'stragglers.act' is true, but the {profile.executor} executor cannot keep a job off a "
+            "host. Allowed: false (report only) or null (act where the scheduler can exclude hosts)."
+        )
+    return path, profile
 
 
 def merge_all(data: dict[str, Any], overrides: list[dict[str, Any]]) -> dict[str, Any]:

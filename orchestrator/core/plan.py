@@ -300,12 +300,13 @@ def make_plan(profile: Profile, recipe: Recipe, steps: int, recipe_path: Path | 
     parameters = sum(parameter_count(recipe.model).values())
     # The warning signal must leave time to finish the step in flight and save (weights + Lion momentum, fp32).
     step_s = step_seconds(tokens_per_step, tokens_per_s)
-    save_s = save_seconds(parameters, world)
     scheduler = scheduler_of(profile.executor)
     signal_delay = profile.signal_delay_s
+    fewest = fewest_nodes(profile)  # a node range: the lead must cover a step and a save of its smallest shape
+    lead_s = step_s * profile.nodes / fewest + save_seconds(parameters, fewest * profile.launch.tasks_per_node)
     if scheduler.sizes_signal_delay:
-        signal_delay = max(signal_delay, math.ceil(2 * (step_s + save_s)) + SIGNAL_SLACK_S)
-    usable = profile.time_limit_min - STARTUP_MIN - signal_delay / 60
+        signal_delay = max(signal_delay, math.ceil(2 * lead_s) + SIGNAL_SLACK_S)
+    usable = shortest_limit_min(profile) - STARTUP_MIN - signal_delay / 60
     return Plan(
         steps=steps,
         nodes=profile.nodes,
@@ -339,4 +340,74 @@ def check_time_limit(profile: Profile, path: Path | str, plan: Plan) -> None:
             f"warning signal's lead time ({plan.stop_before_end_s} s before the limit) plus one step "
             f"({plan.step_s:.0f} s) and one save ({plan.save_s:.0f} s): no step could finish and be saved in it. "
             f"Allowed: more than {needed_s:.0f} s, e.g. --time {math.floor(needed_s / 60) + 1}."
+        )
+
+
+# --- node ranges and minimum times (sbatch --nodes=MIN-MAX --time-min; docs/goodput.md#backfill-shaped-jobs) ---------
+
+
+def fewest_nodes(profile: Profile) -> int:
+    """The fewest nodes a job of the profile may start on: its `slurm.nodes_min`, else its nodes."""
+    given = profile.slurm.nodes_min if profile.slurm else None
+    return min(given, profile.nodes) if given else profile.nodes
+
+
+def shortest_limit_min(profile: Profile) -> float:
+    """The shortest time limit a job of the profile may be granted: its `slurm.time_min_min`, else its limit."""
+    given = profile.slurm.time_min_min if profile.slurm else None
+    return min(given, profile.time_limit_min) if given else profile.time_limit_min
+
+
+def granted(profile: Profile, world_size: int) -> Profile:
+    """The profile of the shape a job was granted (`world_size` ranks: any count of its node range), for which the
+    job makes its plan: ranks, gradient accumulation and per-job figures follow the allocation, not the request."""
+    nodes = world_size // profile.launch.tasks_per_node
+    return profile if nodes == profile.nodes else profile.model_copy(update={"nodes": nodes})
+
+
+def shape_plans(profile: Profile, plan: Plan) -> dict[int, Plan]:
+    """The plan of each node count of the profile's range, with the train settings `plan` decided (what the run's
+    recipe.yaml keeps, whichever count a job is granted)."""
+    return {
+        nodes: make_plan(granted(profile, nodes * profile.launch.tasks_per_node), plan.recipe, plan.steps)
+        for nodes in range(fewest_nodes(profile), profile.nodes + 1)
+    }
+
+
+def check_range(profile: Profile, path: Path | str, plan: Plan) -> None:
+    """A node range whose every count trains the same global batch with a whole gradient accumulation, within the GPU's
+    memory, and a minimum time in which a step and a save fit before the job stops (as `check_time_limit`)."""
+    fewest, tasks, batch = fewest_nodes(profile), profile.launch.tasks_per_node, plan.recipe.train.global_batch_size
+    uneven = [n for n in range(fewest, profile.nodes + 1) if batch % (plan.micro_batch * tasks * n)]
+    if uneven:
+        dividing = [n for n in range(profile.nodes, 0, -1) if batch % (plan.micro_batch * tasks * n) == 0]
+        lowest = next(n for i, n in enumerate(dividing) if i + 1 == len(dividing) or dividing[i + 1] != n - 1)
+        raise OrchError(
+            f"{path}: field 'slurm.nodes_min' (--nodes {fewest}-{profile.nodes}) lets the job start on "
+            f"{', '.join(map(str, uneven))} node(s), where global batch {batch} is not a multiple of micro batch "
+            f"{plan.micro_batch} × {tasks} ranks per node × the nodes: every count in the range must give a whole "
+            f"gradient accumulation (counts that do: {', '.join(map(str, sorted(dividing)))}). Allowed: a range of "
+            "such counts only, e.g. --nodes "
+            + (f"{lowest}-{profile.nodes}." if lowest < profile.nodes else f"{lowest}, no range.")
+        )
+    shapes = shape_plans(profile, plan) if fewest < profile.nodes else {profile.nodes: plan}
+    memory_gb = profile.node.gpu_memory_gb
+    too_big = {n: p.peak_memory_gb for n, p in shapes.items() if memory_gb and p.peak_memory_gb > memory_gb}
+    if too_big:
+        nodes, peak = next(iter(too_big.items()))
+        raise OrchError(
+            f"{path}: field 'slurm.nodes_min' (--nodes {fewest}-{profile.nodes}) lets the job start on {nodes} "
+            f"node(s), where micro batch {plan.micro_batch} needs an estimated {peak:.1f} GB per GPU, above the "
+            f"{memory_gb:g} GB of {profile.node.gpu_model}. Allowed: a range from {max(too_big) + 1} nodes up, e.g. "
+            f"--nodes {max(too_big) + 1}-{profile.nodes}."
+        )
+    slowest = shapes[fewest]
+    limit_s, needed_s = shortest_limit_min(profile) * 60, slowest.stop_before_end_s + slowest.step_s + slowest.save_s
+    if limit_s <= needed_s:
+        raise OrchError(
+            f"{path}: field 'slurm.time_min_min' (--time-min) is {limit_s / 60:g} min ({limit_s:g} s), not longer "
+            f"than the time the job stops before its limit ({slowest.stop_before_end_s} s) plus one step "
+            f"({slowest.step_s:.0f} s at {fewest} node(s)) and one save ({slowest.save_s:.0f} s): a job granted it "
+            f"could not finish and save a step. Allowed: more than {needed_s:.0f} s, e.g. --time-min "
+            f"{math.floor(needed_s / 60) + 1}."
         )

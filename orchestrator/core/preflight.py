@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.corpus import cannot_validate
@@ -15,6 +14,7 @@ from orchestrator.core.errors import OrchError
 from orchestrator.core.files import file_sha256, read_json
 from orchestrator.core.plan import Plan, check_time_limit, make_plan
 from orchestrator.core.schedulers.base import PartitionFacts
+from orchestrator.core.shard_index import ShardIndex, find_index
 
 
 def checked_plan(profile: Profile, profile_path: Path, recipe: Recipe, recipe_path: Path, steps: int) -> Plan:
@@ -72,7 +72,8 @@ def source_uses(recipe: Recipe, plan: Plan) -> list[SourceUse]:
 
 def split_tokens(folder: Path, split: str) -> int:
     """The tokens of a prepared split, as its index.json counts them."""
-    return (read_json(folder / split / "index.json") or {}).get("tokens", 0)
+    index = find_index(folder / split)
+    return index.tokens if index else 0
 
 
 def data_warnings(recipe: Recipe, recipe_path: Path | str, plan: Plan) -> list[str]:
@@ -151,10 +152,10 @@ def check_data(recipe: Recipe, recipe_path: Path) -> None:
         check_init_from(recipe, recipe_path)
 
 
-def prepared_index(recipe_path: Path, field: str, source: str) -> dict[str, Any]:
+def prepared_index(recipe_path: Path, field: str, source: str) -> ShardIndex:
     """The train split's index of a folder made by `orch data prepare`."""
-    index = read_json(Path(source) / "train" / "index.json")
-    if not isinstance(index, dict):
+    index = find_index(Path(source) / "train")
+    if index is None:
         raise OrchError(
             f"{recipe_path}: field '{field}' names {source!r}, which holds no prepared token shards "
             "(train/index.json). Allowed: 'demo' (one source only), or the output folder of `orch data prepare "
@@ -163,24 +164,24 @@ def prepared_index(recipe_path: Path, field: str, source: str) -> dict[str, Any]
     return index
 
 
-def check_prepared_data(recipe: Recipe, recipe_path: Path, field: str, source: str, index: dict[str, Any]) -> None:
+def check_prepared_data(recipe: Recipe, recipe_path: Path, field: str, source: str, index: ShardIndex) -> None:
     """Shards from `orch data prepare` name their vocabulary size and tokenizer: both must match the recipe, and the
     train split must hold at least one block."""
-    if index["vocab_size"] > recipe.model.vocab_size:
+    if index.vocab_size > recipe.model.vocab_size:
         raise OrchError(
             f"{recipe_path}: field 'model.vocab_size' is {recipe.model.vocab_size}, but {source} ({field}) was "
-            f"tokenized with {index['vocab_size']} token ids. Allowed: at least {index['vocab_size']}."
+            f"tokenized with {index.vocab_size} token ids. Allowed: at least {index.vocab_size}."
         )
     tokenizer = Path(recipe.data.tokenizer) / "tokenizer.json"
-    if not tokenizer.is_file() or file_sha256(tokenizer) != index["tokenizer"]["sha256"]:
+    if not tokenizer.is_file() or file_sha256(tokenizer) != index.tokenizer_sha256:
         raise OrchError(
             f"{recipe_path}: field 'data.tokenizer' ({recipe.data.tokenizer}) is not the tokenizer {source} "
             f"({field}) was prepared with. Allowed: that tokenizer, e.g. {source}/tokenizer; the sources of a "
             "mixture must all be prepared with the same one."
         )
-    if index.get("tokens", 0) < recipe.data.max_seq_len:
+    if index.tokens < recipe.data.max_seq_len:
         raise OrchError(
-            f"{recipe_path}: {source} ({field}) has {index.get('tokens', 0)} training tokens, fewer than one "
+            f"{recipe_path}: {source} ({field}) has {index.tokens} training tokens, fewer than one "
             f"block of data.max_seq_len {recipe.data.max_seq_len}. Allowed: a corpus of at least one block."
         )
 

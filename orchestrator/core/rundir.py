@@ -61,7 +61,6 @@ BEAT_PHASES = {
 RUN_FILES = ("run.json", "profile.yaml", "recipe.yaml")  # what every run directory holds from its creation
 CODE_FOLDERS = ("orchestrator", "jobs", "envs")  # what a job imports or sources
 CODE_MANIFEST = "manifest.json"  # in code/: its every file, with size and SHA-256, written when it is frozen
-LOCAL_STARTS = 6  # submitit's local controller starts a job at most this often (its Controller.run's max_retry)
 LOCK = ".orch.lock"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # safe as a folder, a job name and an MLflow run name
 
@@ -391,15 +390,18 @@ class Run:
         finally:
             os.close(fd)
 
-    def summary(self, alive: bool | None = None) -> dict[str, Any]:
-        """What `orch status` shows; a damaged run file gives state "damaged" with the file and why."""
+    def summary(
+        self, alive: bool | None = None, read: tuple[list[JobRecord], Progress | None] | None = None
+    ) -> dict[str, Any]:
+        """What `orch status` shows; a damaged run file gives state "damaged" with the file and why. `read`: jobs.json
+        and progress.json where the caller has read them already (`orch status` reads each file of a run once)."""
         try:
-            return self._summary(alive)
+            return self._summary(alive, read or (self.jobs, self.progress))
         except DamagedFile as damage:
             return {**empty_summary(self), "state": "damaged", "error": str(damage)}
 
-    def _summary(self, alive: bool | None) -> dict[str, Any]:
-        info, progress, jobs, attempts = self.info, self.progress, self.jobs, self.attempts
+    def _summary(self, alive: bool | None, read: tuple[list[JobRecord], Progress | None]) -> dict[str, Any]:
+        (jobs, progress), info, attempts = read, self.info, self.attempts
         state = self.state_of(jobs, progress, alive)
         step = progress.step if progress else 0
         step_time = progress.step_time_s if progress else None
@@ -412,7 +414,7 @@ class Run:
             error = error or f"no step finished for {stall[0]:.0f} s, beyond the bound of {stall[1]:.0f} s"
         if state == "failed" and alive is None and (owner := foreign_owner(self.job(jobs[-1]))):
             error = foreign(self.job(jobs[-1]), owner)  # a copy of a run directory whose job trains the original
-        error = error or (progress.error if progress else None) or why_stopped(self, state, jobs, progress, attempts)
+        error = error or (progress.error if progress else None) or why_stopped(self, state, progress)
         return {
             **empty_summary(self),
             "state": state,
@@ -436,26 +438,20 @@ class Run:
         }
 
 
-def why_stopped(
-    run: Run, state: str, jobs: list[JobRecord], progress: Progress | None, attempts: list[Attempt]
-) -> str | None:
-    """What a run that stopped without a report of its own is: one whose submission never queued a job, or a local
-    job that asked for a requeue its controller would not give (LOCAL_STARTS)."""
+def why_stopped(run: Run, state: str, progress: Progress | None) -> str | None:
+    """What a run that stopped without a report of its own is: one whose submission never queued a job, or one whose
+    job asked to be queued again after its requeues ran out."""
     if state == "unsubmitted":
         return (
             f"its submission stopped before a job was queued (`orch submit` was killed): `orch resume {run.id}` "
             f"submits it, or delete {run.dir}"
         )
-    job = jobs[-1] if state == "failed" else None
-    if not (job and job.executor == "local" and progress and progress.state == "requeued"):
-        return None
-    starts = sum(a.job_id == job.job_id for a in attempts)
-    if starts < LOCAL_STARTS:
+    if state != "failed" or not progress or progress.state != "requeued":
         return None
     kept = f"the checkpoint at step {progress.last_checkpoint_step}" if progress.last_checkpoint_step else "it"
     return (
-        f"stopped after {starts} starts of local job {job.job_id}: submitit's local controller starts a job at most "
-        f"{LOCAL_STARTS} times, whatever requeues the plan allows. `orch resume {run.id}` continues from {kept}."
+        f"its job asked to be queued again after the last of the requeues its plan allows. `orch resume {run.id}` "
+        f"continues from {kept}."
     )
 
 

@@ -45,10 +45,11 @@ import pyarrow.parquet as pq
 import zstandard
 from tokenizers import Tokenizer
 
-from jobs.shards import DTYPES, Shard, ShardWriter, read_index, token_dtype
+from jobs.shards import DTYPES, ShardWriter, token_dtype
 from orchestrator.core.corpus import FORMATS_HELP, SEED_EVAL_PASS
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import file_sha256, library_writes, read_json, write_json_atomic
+from orchestrator.core.shard_index import Shard, ShardIndex, read_index
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
@@ -58,6 +59,7 @@ BATCH_CHARS = 1 << 20  # text tokenized in one call of the tokenizer
 SLICE_CHARS = 1 << 16  # a longer document is tokenized in slices of about this many characters, cut before a space
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
+SAMPLE_RECORD = "orch-sample.json"  # in a tokenizer folder: how much of the corpus it was trained on
 MAX_ALPHABET = 1000  # characters kept as base tokens; rarer ones are spelled with byte tokens
 
 EMPTY_FILE, EMPTY_TEXT, INVALID_UTF8 = "empty file", "empty text", "invalid UTF-8"
@@ -298,10 +300,17 @@ def document_text(kind: str, record: Any) -> tuple[str | None, str | None]:
     return record, None
 
 
-def read_texts(files: list[InputFile], skipped: Counter[str]) -> Iterator[str]:
-    """Every usable document of the files in order, counting the skipped records by reason into `skipped`."""
+def read_texts(files: list[InputFile], skipped: Counter[str], sample_bytes: int | None = None) -> Iterator[str]:
+    """Every usable document of the files in order, counting the skipped records by reason into `skipped`. With
+    `sample_bytes` below the input's size, only the start of each file, its share of the sample by size."""
+    total = sum(file.size for file in files)
     for file_no, file in enumerate(files):
+        budget = file.size if sample_bytes is None or total <= sample_bytes else file.size * sample_bytes // total
+        read = 0
         for chunk in read_chunks(file, file_no, 0, CHUNK_BYTES):
+            if read >= budget and budget < file.size:
+                break
+            read += chunk.input_bytes
             if chunk.empty_file:
                 skipped[EMPTY_FILE] += 1
             for record in chunk.records:
@@ -315,13 +324,16 @@ def read_texts(files: list[InputFile], skipped: Counter[str]) -> Iterator[str]:
 # --- tokenizer ----------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path, show_progress: bool = False) -> int:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, output: Path, show_progress: bool = False, record: dict | None = None
+) -> int:
     """Train a byte-fallback BPE like Llama's and save it where `AutoTokenizer.from_pretrained` loads it.
 
     SentencePiece style: spaces become `▁` (Metaspace), characters outside the kept alphabet are spelled with the
     256 byte tokens `<0x00>`..`<0xFF>`, so any text encodes without `<unk>`. Ids: `<unk>` 0, `<s>` 1, `</s>` 2
     (eos), the byte tokens 3..258, then the learned pieces. The folder appears complete or not at all; returns the
-    number of tokens (at most `vocab_size`, fewer when the corpus has no more merges to learn).
+    number of tokens (at most `vocab_size`, fewer when the corpus has no more merges to learn). `record`, where
+    given, is kept as `orch-sample.json` in the folder: how the corpus was sampled.
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -356,6 +368,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path, show_pr
     shutil.rmtree(staging, ignore_errors=True)
     with library_writes(staging):
         fast.save_pretrained(staging)
+    if record is not None:
+        write_json_atomic(staging / SAMPLE_RECORD, record)
     staging.rename(output)
     return len(vocab)
 
@@ -550,19 +564,35 @@ def _tokenize(chunk: Chunk) -> TokenizedChunk:
     return _worker(chunk)
 
 
-def tokenized(chunks: Iterator[Chunk], worker_args: tuple, workers: int) -> Iterator[TokenizedChunk]:
-    """Chunks tokenized in order: in this process for one worker, else by a pool with a bounded backlog."""
+Tokenize = Callable[[Iterator[Chunk]], Iterator[TokenizedChunk]]
+
+
+@contextmanager
+def tokenizer_pool(worker_args: tuple, workers: int) -> Iterator[Tokenize]:
+    """A function that tokenizes chunks in order: in this process for one worker, else by a pool of worker processes
+    (started once, for every call) with a bounded backlog."""
     if workers == 1:
-        yield from map(ChunkTokenizer(*worker_args), chunks)
+        tokenize = ChunkTokenizer(*worker_args)
+        yield lambda chunks: map(tokenize, chunks)
         return
     with multiprocessing.get_context("spawn").Pool(workers, _start_worker, worker_args) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_tokenize, (chunk,)))
-            if len(pending) >= 2 * workers:
+
+        def in_order(chunks: Iterator[Chunk]) -> Iterator[TokenizedChunk]:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_tokenize, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+
+        yield in_order
+
+
+def tokenized(chunks: Iterator[Chunk], worker_args: tuple, workers: int) -> Iterator[TokenizedChunk]:
+    """Chunks tokenized in order, by a pool of `workers` started for them."""
+    with tokenizer_pool(worker_args, workers) as tokenize:
+        yield from tokenize(chunks)
 
 
 # --- prepare --------------------------------------------------------------------------------------------------------
@@ -690,16 +720,16 @@ class Report:
     with what reading each found (by file number; a file read by a prepare before this version has none), and the
     files it ignored."""
 
-    indexes: dict[str, dict[str, Any]]
+    indexes: dict[str, ShardIndex]
     files: list[InputFile]
     tallies: dict[int, FileTally]
     ignored: list[Path]
 
     def skipped(self) -> Counter[str]:
-        return sum((Counter(index["skipped"]) for index in self.indexes.values()), Counter())
+        return sum((Counter(index.skipped) for index in self.indexes.values()), Counter())
 
     def documents_read(self) -> int:
-        return sum(index["documents"] for index in self.indexes.values()) + self.skipped().total()
+        return sum(index.documents for index in self.indexes.values()) + self.skipped().total()
 
     def files_read(self) -> str:
         """Every file read: named with its records when a handful (a LICENSE.txt read as a document shows), else
@@ -741,9 +771,9 @@ class Report:
             f"{ranks} × {micro_batch} × {block:,} = {ranks * micro_batch * block:,} for the seed recipe on one "
             "Karolina node"
         )
-        tokens = self.indexes["val"]["tokens"]
+        tokens = self.indexes["val"].tokens
         if not tokens:
-            documents = self.indexes["train"]["documents"]
+            documents = self.indexes["train"].documents
             see_note = " (see the note on .txt files above)" if self.single_document_note() else ""
             return (
                 f"Warning: the val split is empty: none of the {counted(documents, 'document')} fell into it at "
@@ -897,7 +927,7 @@ def empty_result(
             tokens[split] = sum(s.tokens for s in shards) + writer.filled
         else:
             index = read_index(output / split)
-            documents[split], tokens[split] = index["documents"], index["tokens"]
+            documents[split], tokens[split] = index.documents, index.tokens
     reasons = sum((Counter(counts) for counts in skipped.values()), Counter())
     counts = f"{reading_counts(len(files), len(ignored), documents.total(), reasons)}; tokens: {tokens.total():,}."
     if not documents.total() or not tokens.total():

@@ -180,8 +180,8 @@ def bench(
         indexes = [part.index for part in source_splits(folder, "train").values()]
         results = run_benchmark(list(recipes.items()), where, steps, warmup, folder)
     console.print(
-        f"data: {sum(i['tokens'] for i in indexes):,} training tokens, token ids below "
-        f"{max(i['vocab_size'] for i in indexes)} "
+        f"data: {sum(i.tokens for i in indexes):,} training tokens, token ids below "
+        f"{max(i.vocab_size for i in indexes)} "
         f"(model vocabulary {base.model.vocab_size})"
     )
     table_console = console if console.is_terminal else Console(width=150)  # a log keeps every column whole

@@ -43,6 +43,23 @@ class PartitionFacts:
     state: str
 
 
+@dataclass(frozen=True)
+class StartHint:
+    """When the scheduler says a job submitted now would start, asked without queueing it: a hint, not a promise."""
+
+    start: float | None  # seconds since the epoch; None: the scheduler gave none
+    note: str  # where it would run, or why there is no hint
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the scheduler's accounting charged an account since a time: every job of the account, not only orch's."""
+
+    node_hours: float | None  # allocated nodes × elapsed hours; None: the accounting did not answer
+    jobs: int
+    note: str  # what was counted, or why there is no answer
+
+
 class ForeignJob(OrchError):
     """A live job that a run directory names but that keeps its files elsewhere: never signalled on its behalf."""
 
@@ -60,6 +77,15 @@ def foreign(job: Job, owner: Path) -> str:
 def same_folder(found: Path, expected: Path) -> bool:
     """One folder, whichever links lead to it (ORCH_HOME's runs folder links to a profile's `paths.runs`)."""
     return os.path.realpath(found) == os.path.realpath(expected)
+
+
+@dataclass(frozen=True)
+class Ends:
+    """What a scheduler says will end a running job: its end time as it stands now (a changed time limit included)
+    and the earliest reservation on its nodes that it is not part of (sites end jobs where one starts)."""
+
+    end: float | None  # seconds since the epoch; None: the scheduler gave none
+    reservation: tuple[str, float] | None  # its name and start
 
 
 def log_files(folder: Path, job_id: str, rank: int) -> list[Path]:
@@ -83,8 +109,9 @@ class Scheduler(Protocol):
         """A configured submitit executor whose jobs keep their files under `folder`, requeued at their time limit
         up to `max_requeues` times, warned `signal_delay_s` before it (submitit is imported here, not before)."""
 
-    def submission(self, profile: Profile, log: Path) -> AbstractContextManager[None]:
-        """The context in which the executor's `submit` is called."""
+    def submission(self, profile: Profile, log: Path, max_requeues: int) -> AbstractContextManager[None]:
+        """The context in which the executor's `submit` is called, for a job that may requeue itself `max_requeues`
+        times."""
 
     def script(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> str | None:
         """The job script the scheduler would receive, where there is one."""
@@ -94,6 +121,16 @@ class Scheduler(Protocol):
 
     def excluding(self, profile: Profile, hosts: list[str]) -> Profile:
         """The profile whose jobs keep off `hosts`, where the scheduler can do that."""
+
+    # Planning and accounting, on a login node or a laptop.
+    def start_hint(self, script: str | None) -> StartHint:
+        """When a job of this script (`script`) would start if submitted now; nothing is queued."""
+
+    def usage(self, account: str, since: float) -> Usage:
+        """Node-hours its accounting charged `account` since `since` (seconds since the epoch), every job of it."""
+
+    def accounts(self) -> set[str] | None:
+        """The accounts its accounting knows, lower-case; None where it has none or cannot say."""
 
     # Asking about jobs and stopping them.
     def folders(self, jobs: Sequence[Job]) -> dict[str, Path | None]:
@@ -116,3 +153,7 @@ class Scheduler(Protocol):
 
     def requeue_preempted(self, job_id: str) -> None:
         """Queue this job again after it saved on a preemption, where the scheduler would not."""
+
+    def ends(self, job_id: str) -> Ends | None:
+        """What will end this running job, asked now (jobs/deadline.py follows it); None where the scheduler cannot
+        say (the job then keeps its own clock)."""

@@ -14,12 +14,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.core.compat import LOCAL_REQUEUE_RETURN_CODE, SUBMITIT_CONTROLLER_MODULE, SUBMITIT_TASK_MODULE
+from orchestrator.core.compat import (
+    LOCAL_CONTROLLER_PROGRAM,
+    LOCAL_REQUEUE_RETURN_CODE,
+    SUBMITIT_CONTROLLER_MODULE,
+    SUBMITIT_TASK_MODULE,
+)
 from orchestrator.core.config import Profile
-from orchestrator.core.schedulers.base import Job, PartitionFacts, same_folder
+from orchestrator.core.schedulers.base import Ends, Job, PartitionFacts, StartHint, Usage, same_folder
 
 if TYPE_CHECKING:
     import psutil
@@ -54,13 +60,13 @@ class Local:
         return executor
 
     @contextmanager
-    def submission(self, profile: Profile, log: Path) -> Iterator[None]:
+    def submission(self, profile: Profile, log: Path, max_requeues: int) -> Iterator[None]:
         """A local job inherits this process's environment, open files and signal dispositions while it starts: give
         it the profile's variables (setup lines would put a shell between the job id and the job, which signals must
         reach) and a log file instead of our stdout and stderr (a pipe reading them would otherwise wait for the
         job). It starts in a session of its own, which neither Ctrl-C nor the terminal's hang-up (SIGHUP: an SSH
         connection that drops) reaches, and with SIGINT ignored: `--wait` stops following, the job trains on
-        (`orch cancel` stops it)."""
+        (`orch cancel` stops it). Its controller starts it once and again for each of the `max_requeues`."""
         saved_env, saved_fds = dict(os.environ), (os.dup(1), os.dup(2))
         saved_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
         saved_popen = subprocess.Popen
@@ -71,7 +77,7 @@ class Local:
         with log.open("a") as sink:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
-        subprocess.Popen = SessionLeader  # type: ignore[misc]
+        subprocess.Popen = partial(SessionLeader, max_starts=max_requeues + 1)  # type: ignore[misc]
         try:
             yield
         finally:
@@ -84,6 +90,15 @@ class Local:
             signal.signal(signal.SIGINT, saved_interrupt)
 
     def script(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> str | None:
+        return None
+
+    def start_hint(self, script: str | None) -> StartHint:
+        return StartHint(time.time(), "no queue: the local executor starts a job at once")
+
+    def usage(self, account: str, since: float) -> Usage:
+        return Usage(None, 0, "the local executor keeps no accounting")
+
+    def accounts(self) -> set[str] | None:
         return None
 
     def partitions(self) -> dict[str, PartitionFacts] | None:
@@ -151,22 +166,31 @@ class Local:
         """No scheduler preempts a local job: a SIGTERM that stopped it came from someone on this machine, and
         `orch resume` continues the run."""
 
+    def ends(self, job_id: str) -> Ends | None:
+        """The controller signals at the profile's time: the job keeps its own clock."""
+        return None
+
 
 class SessionLeader(subprocess.Popen):
-    """A child process that starts a session of its own (setsid). submitit's LocalExecutor starts its controller
-    with `subprocess.Popen` and no way to ask for that, so `Local.submission` puts this class in its place while a
-    job is submitted."""
+    """A job controller in a session of its own (setsid) that starts the job up to `max_starts` times, where
+    submitit's stops at six (`LOCAL_CONTROLLER_PROGRAM`). submitit's LocalExecutor starts its controller with
+    `subprocess.Popen` and no way to ask for either, so `Local.submission` puts this class in its place while a job is
+    submitted."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{**kwargs, "start_new_session": True})
+    def __init__(self, command: Any, *args: Any, max_starts: int, **kwargs: Any) -> None:
+        if isinstance(command, list) and named_folder(command, SUBMITIT_CONTROLLER_MODULE) is not None:
+            at = command.index(SUBMITIT_CONTROLLER_MODULE)
+            command = [*command[: at - 1], "-c", LOCAL_CONTROLLER_PROGRAM, command[at + 1], str(max_starts)]
+        super().__init__(command, *args, **{**kwargs, "start_new_session": True})
 
 
-def named_folder(command: list[str], module: str) -> Path | None:
-    """The folder a controller's or a rank's command line names after its module (submitit's `FOLDER/%j`, whose
-    parent is the folder the job was queued with); None for any other command line."""
-    if module not in command[:-1]:
+def named_folder(command: list[str], *markers: str) -> Path | None:
+    """The folder a controller's or a rank's command line names after its module or program (submitit's
+    `FOLDER/%j`, whose parent is the folder the job was queued with); None for any other command line."""
+    marker = next((word for word in markers if word in command[:-1]), None)
+    if marker is None:
         return None
-    return Path(command[command.index(module) + 1]).parent
+    return Path(command[command.index(marker) + 1]).parent
 
 
 def controller_of(job: Job) -> tuple[psutil.Process, Path] | None:
@@ -179,7 +203,7 @@ def controller_of(job: Job) -> tuple[psutil.Process, Path] | None:
         with process.oneshot():
             if process.status() == psutil.STATUS_ZOMBIE or process.create_time() > job.submitted + START_SLACK_S:
                 return None
-            folder = named_folder(process.cmdline(), SUBMITIT_CONTROLLER_MODULE)
+            folder = named_folder(process.cmdline(), LOCAL_CONTROLLER_PROGRAM, SUBMITIT_CONTROLLER_MODULE)
     except psutil.Error:
         return None
     return (process, folder) if folder is not None else None

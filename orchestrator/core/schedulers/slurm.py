@@ -13,13 +13,14 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.compat import sbatch_script
 from orchestrator.core.config import PROJECT_ROOT, Profile
 from orchestrator.core.errors import OrchError
-from orchestrator.core.schedulers.base import Job, PartitionFacts
+from orchestrator.core.schedulers.base import Ends, Job, PartitionFacts, StartHint, Usage
 from orchestrator.core.settings import fill_path
 
 log = logging.getLogger("orch.slurm")
@@ -45,6 +46,11 @@ LIVE_SLURM_STATES = frozenset(
 # id, state and the StdOut path submitit gave the job (FOLDER/%j/%j_%t_log.out), which says whose job it is
 SQUEUE_FORMAT = "--Format=JobID:|,State:|,STDOUT:"
 TIMEOUT_S = 60
+# what `sbatch --test-only` says: "sbatch: Job 82 to start at 2026-12-06T17:15:25 using 2 processors on nodes n[1-2]
+# in partition qgpu"
+TEST_ONLY = re.compile(
+    r"to start at (?P<start>\S+) using \d+ processors on nodes (?P<nodes>\S+) in partition (?P<partition>\S+)"
+)
 
 
 class Slurm:
@@ -80,7 +86,7 @@ class Slurm:
             # instead of leaving the others blocked in a collective until the timeout.
             "srun_args": [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"],
             # requeue after a timeout or preemption, whatever the site's default
-            "additional_parameters": {"requeue": True, **slurm.extra_sbatch},
+            "additional_parameters": {"requeue": True, **slurm.extra_sbatch, **ranges(profile)},
         }
         if profile.node.gpus:
             parameters["gpus_per_node"] = profile.node.gpus
@@ -92,7 +98,7 @@ class Slurm:
         return executor
 
     @contextmanager
-    def submission(self, profile: Profile, log: Path) -> Iterator[None]:
+    def submission(self, profile: Profile, log: Path, max_requeues: int) -> Iterator[None]:
         """sbatch runs the setup lines on the node: nothing to change here."""
         yield
 
@@ -107,6 +113,46 @@ class Slurm:
             return None
         facts = [partition_facts(line) for line in shown.splitlines() if line.startswith("PartitionName=")]
         return {f.name: f for f in facts}
+
+    def start_hint(self, script: str | None) -> StartHint:
+        """`sbatch --test-only`: Slurm's own guess of the start, from its queue and reservations now."""
+        try:
+            out = subprocess.run(["sbatch", "--test-only"], input=script or "", capture_output=True, text=True,
+                                 timeout=TIMEOUT_S)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return StartHint(None, f"no Slurm answered here (sbatch: {err})")
+        said = " ".join(f"{out.stderr} {out.stdout}".split())
+        found = TEST_ONLY.search(said)
+        if out.returncode != 0 or found is None:
+            return StartHint(None, f"sbatch --test-only: {said[:300] or f'exit status {out.returncode}'}")
+        start = datetime.fromisoformat(found["start"]).timestamp()  # the controller's local time, as this machine's
+        return StartHint(start, f"on {found['nodes']} in partition {found['partition']}")
+
+    def usage(self, account: str, since: float) -> Usage:
+        """sacct's allocations of every user of the account that ran since `since`: nodes × elapsed time."""
+        start = datetime.fromtimestamp(since).strftime("%Y-%m-%dT%H:%M:%S")
+        asked = ["sacct", "--allusers", "--allocations", "--noheader", "--parsable2", f"--accounts={account}",
+                 f"--starttime={start}", "--endtime=now", "--format=JobIDRaw,AllocNodes,ElapsedRaw"]  # fmt: skip
+        try:
+            out = subprocess.run(asked, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return Usage(None, 0, f"sacct cannot be run here ({err})")
+        if out.returncode != 0:
+            said = " ".join(out.stderr.split())[:300] or f"exit status {out.returncode}"
+            return Usage(None, 0, f"Slurm accounting does not answer here (sacct: {said})")
+        rows = [line.split("|") for line in out.stdout.splitlines()]
+        charged = [int(row[1]) * int(row[2]) for row in rows if len(row) == 3 and row[1].isdigit() and row[2].isdigit()]
+        return Usage(sum(charged) / 3600, len(charged), f"sacct: every job of account {account} since {start}")
+
+    def accounts(self) -> set[str] | None:
+        try:
+            out = subprocess.run(["sacctmgr", "--noheader", "--parsable2", "show", "account", "format=Account"],
+                                 capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode != 0:
+            return None
+        return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()}
 
     def excluding(self, profile: Profile, hosts: list[str]) -> Profile:
         return excluding(profile, hosts)
@@ -167,6 +213,25 @@ class Slurm:
             return
         log.info("preempted: requeued job %s (%s)", job_id, done.stderr.strip() or "accepted")
 
+    def ends(self, job_id: str) -> Ends | None:
+        """The job's end time (`squeue %e`: it follows `scontrol update` of its limit) and the earliest reservation on
+        its nodes that it does not run in (`scontrol show reservation`, node lists through `scontrol show
+        hostnames`); None where squeue does not answer for the job."""
+        out = run(["squeue", "--noheader", "--jobs", job_id, "--format", "%e|%N|%v"], [job_id])
+        end_text, nodelist, own = [*out.stdout.strip().split("|"), "", "", ""][:3]
+        if out.returncode != 0 or not end_text:
+            return None
+        hosts = hostnames(nodelist)
+        shown = scontrol("show", "reservation", "--oneliner") or ""
+        starts = [
+            (fields["ReservationName"], start)
+            for fields in map(scontrol_fields, shown.splitlines())
+            if "ReservationName" in fields and fields["ReservationName"] != own
+            if (start := slurm_time(fields.get("StartTime", ""))) is not None
+            if hosts & hostnames(fields.get("Nodes", ""))
+        ]
+        return Ends(slurm_time(end_text), min(starts, key=lambda found: found[1], default=None))
+
 
 def run(command: list[str], job_ids: list[str]) -> subprocess.CompletedProcess[str]:
     try:
@@ -182,6 +247,22 @@ def scontrol(*arguments: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return shown.stdout if shown.returncode == 0 else None
+
+
+def slurm_time(text: str) -> float | None:
+    """Slurm's `YYYY-MM-DDTHH:MM:SS` (the controller's local time, as this machine's) in seconds since the epoch; None
+    for N/A, Unknown, NONE and the like."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def hostnames(nodelist: str) -> set[str]:
+    """A Slurm node list (`acn[01-04],acn07`) as host names, through `scontrol show hostnames`; empty for none."""
+    if not nodelist.strip() or nodelist.strip() in ("(null)", "n/a"):
+        return set()
+    return set((scontrol("show", "hostnames", nodelist.strip()) or "").split())
 
 
 def scontrol_fields(text: str) -> dict[str, str]:
@@ -260,6 +341,19 @@ def excluding(
         return profile
     extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(excluded)}
     return profile.model_copy(update={"slurm": profile.slurm.model_copy(update={"extra_sbatch": extra})})
+
+
+def ranges(profile: Profile) -> dict[str, str | int]:
+    """sbatch's `--nodes=MIN-MAX` (in place of submitit's `--nodes=MAX`, which still sizes its list of tasks) and
+    `--time-min`, where the profile asks for a range: Slurm may then start the job earlier on fewer nodes or with a
+    shorter limit (docs/goodput.md#backfill-shaped-jobs)."""
+    slurm = profile.slurm
+    asked: dict[str, str | int] = {}
+    if slurm and slurm.nodes_min is not None and slurm.nodes_min < profile.nodes:
+        asked["nodes"] = f"{slurm.nodes_min}-{profile.nodes}"
+    if slurm and slurm.time_min_min is not None and slurm.time_min_min < profile.time_limit_min:
+        asked["time-min"] = int(slurm.time_min_min)
+    return asked
 
 
 def setup_lines(profile: Profile) -> list[str]:
