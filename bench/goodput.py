@@ -6,8 +6,8 @@ cstinyllama-1.2b on Karolina (the seed's 2 nodes, 16 A100s), figures from the pl
 - step: `Plan.step_s` (the planner's tokens/s at the profile's 45 % MFU);
 - save stall: `Plan.save_s` (a synchronous write at the planner's 1 GB/s per rank) / 13.8, the stall of an async
   save against a sync one measured by bench.checkpoint_stall (80 ms against 1,099 ms); the recipe saves async;
-- commit: `Plan.save_s` plus rank 0's SHA-256 of the whole checkpoint (8 bytes per parameter) at 1.4 GB/s; a failure
-  before the commit loses that checkpoint;
+- commit: `Plan.save_s` plus each rank's SHA-256 of its own share of the checkpoint (8 bytes per parameter over the
+  ranks) at 1.4 GB/s, as it writes it; a failure before the commit loses that checkpoint;
 - evaluation: `eval.blocks` × sequence tokens forward only, a third of a training step's compute per token;
 - data wait: 0.3 % of each step (`orch bench`'s data wait on this machine: 0.1-0.3 %);
 - start-up: the planner's STARTUP_MIN per allocation; restart: 5 minutes from a failure to the next start;
@@ -89,7 +89,7 @@ def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float,
     at the plan's fixed one."""
     plan = make_plan(profile, recipe, recipe.schedule.total_steps)
     eval_tokens = recipe.eval.blocks * recipe.data.max_seq_len
-    commit_s = plan.save_s + 8 * plan.parameters / HASH_BYTES_PER_S
+    commit_s = plan.save_s + 8 * plan.parameters / plan.world_size / HASH_BYTES_PER_S
     lead_s = plan.step_s + commit_s + deadline.SAFETY_MARGIN_S if exact else plan.stop_before_end_s
     return Chain(
         step_s=plan.step_s / scale,

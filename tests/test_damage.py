@@ -37,6 +37,7 @@ from jobs.entry import check_frozen_code
 from jobs.shards import check_fingerprint, source_data
 from orchestrator.cli import submit
 from orchestrator.cli.app import app
+from orchestrator.core.deadline import DeadlineRecord
 from orchestrator.core.errors import OrchError
 from orchestrator.core.evals import CheckpointEval, EvalsSent, TaskScores
 from orchestrator.core.runfiles import Failure, Hang, MixChange, RankBeat, Recovery, Skip
@@ -56,6 +57,17 @@ def documented_run_files() -> list[str]:
 
 
 RUN_FILES = documented_run_files()
+
+
+def test_the_readme_lists_every_run_file_of_the_run_directory_page():
+    """The README's "Where things live" table says who writes each file; it names every file (or its folder) of the
+    table this module fuzzes, so that a new run file cannot be added to one and not the other."""
+    readme = (DOC.parent.parent / "README.md").read_text()
+    section = readme.split("\n## Where things live\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for cell in cells for name in re.findall(r"`([^`]+)`", cell)}
+    missing = [name for name in RUN_FILES if name not in listed and name.split("/")[0] + "/" not in listed]
+    assert not missing, f"in docs/run-directory.md but not in the README's table: {missing}"
 DAMAGE = {
     "truncated": lambda data: data[: len(data) // 2],
     "garbled": lambda data: bytes(b ^ 0x5A for b in data[:64]) + data[64:],
@@ -129,6 +141,13 @@ def valid(pattern: str, job: str) -> bytes:
             time=now,
         ),
         "stragglers.json": Stragglers(job_id=job, step=10, window=20, scores=[]),
+        "deadline.json": [
+            DeadlineRecord(
+                job_id=job, chosen=now, end=now + 600, source="limit", stop_at=now + 580, lead_s=20, step_s=5,
+                save_s=5, save_measured=True, margin_s=10, why="p95 step 5 s + save 5 s + 10 s", stopped_step=10,
+                committed=now + 590,
+            )
+        ],
         "hangs/<job>.<time>.json": Hang(job_id=job, detected_by=0, time=now, bound_s=60, stuck=[0], ranks=[beat]),
         "evals/step_<step>.json": CheckpointEval(
             step=10,

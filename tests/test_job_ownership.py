@@ -16,12 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.core.compat import SUBMITIT_CONTROLLER_MODULE, SUBMITIT_TASK_MODULE
+from orchestrator.core.compat import SUBMITIT_TASK_MODULE
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.runfiles import RunInfo
 from orchestrator.core.schedulers import cancel_job, foreign_owner, job_alive
 from orchestrator.core.schedulers.base import ForeignJob, Job
-from orchestrator.core.schedulers.local import JOB_ID_VARIABLE
+from orchestrator.core.schedulers.local import CONTROLLER_MARKERS, JOB_ID_VARIABLE, named_folder
 from tests.conftest import (
     ROOT,
     module_home,
@@ -124,7 +124,8 @@ def run_processes(run_dir: Path) -> list[psutil.Process]:
 
 def job_of(process: psutil.Process) -> str:
     """The job a controller (its PID) or a rank (its environment) belongs to."""
-    return str(process.pid) if SUBMITIT_CONTROLLER_MODULE in process.cmdline() else process.environ()[JOB_ID_VARIABLE]
+    controller = named_folder(process.cmdline(), *CONTROLLER_MARKERS) is not None
+    return str(process.pid) if controller else process.environ()[JOB_ID_VARIABLE]
 
 
 def gone(process: psutil.Process) -> bool:

@@ -324,6 +324,20 @@ def read_texts(files: list[InputFile], skipped: Counter[str], sample_bytes: int 
 # --- tokenizer ----------------------------------------------------------------------------------------------------
 
 
+class SampledTexts:
+    """The documents `read_texts` yields, counted as they pass: tokenizer training reports how many it read."""
+
+    def __init__(self, files: list[InputFile], sample_bytes: int | None) -> None:
+        self.files, self.sample_bytes = files, sample_bytes
+        self.skipped: Counter[str] = Counter()
+        self.used = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in read_texts(self.files, self.skipped, self.sample_bytes):
+            self.used += 1
+            yield text
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, output: Path, show_progress: bool = False, record: dict | None = None
 ) -> int:

@@ -373,22 +373,13 @@ def report(output: Path) -> Report:
 
 def train_tokenizer_job(inputs: list[str], vocab_size: int, output: str, sample_bytes: int) -> str:
     """The tokenizer job: `orch tokenizer train` on one node, on a sample of the corpus."""
-    from collections import Counter
-
-    from orchestrator.tools.prepare import read_texts, train_tokenizer
+    from orchestrator.tools.prepare import SampledTexts, train_tokenizer
 
     files, _ = list_inputs([Path(p) for p in inputs])
-    skipped: Counter[str] = Counter()
-    used = [0]
-
-    def texts() -> Iterator[str]:
-        for text in read_texts(files, skipped, sample_bytes):
-            used[0] += 1
-            yield text
-
+    texts = SampledTexts(files, sample_bytes)
     record = {"sample_bytes": sample_bytes, "input_bytes": sum(f.size for f in files)}
-    size = train_tokenizer(texts(), vocab_size, Path(output), record=record)
-    return f"{size:,} tokens from {used[0]:,} documents; skipped {dict(skipped)}"
+    size = train_tokenizer(iter(texts), vocab_size, Path(output), record=record)
+    return f"{size:,} tokens from {texts.used:,} documents; skipped {dict(texts.skipped)}"
 
 
 def submit_tokenizer(profile: Profile, inputs: list[Path], vocab_size: int, output: Path, sample_bytes: int) -> Job:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -299,7 +298,7 @@ def train(
     wait: Wait = False,
 ) -> None:
     """Train a byte-fallback BPE like Llama's: <unk> <s> </s>, 256 byte tokens, Metaspace (▁) pieces."""
-    from orchestrator.tools.prepare import NO_DOCUMENT, list_inputs, read_texts, reading_counts, train_tokenizer
+    from orchestrator.tools.prepare import NO_DOCUMENT, SampledTexts, list_inputs, reading_counts, train_tokenizer
 
     if output.exists():
         raise OrchError(f"--output {output}: already exists. Allowed: a folder that does not exist yet.")
@@ -308,25 +307,19 @@ def train(
         train_as_job(inputs, output, vocab_size, (sample_mb or JOB_SAMPLE_MB) << 20, profile, account, minutes, wait)
         return
     sample_bytes = sample_mb << 20 if sample_mb else None
-    skipped: Counter[str] = Counter()
-    used = [0]
-
-    def texts() -> Iterator[str]:
-        for text in read_texts(files, skipped, sample_bytes):
-            used[0] += 1
-            yield text
-
-    documents = texts()
+    texts = SampledTexts(files, sample_bytes)
+    documents = iter(texts)
     first = next(documents, None)  # all the input is read when it holds no document: then nothing is trained
     if first is None:
         raise OrchError(
             f"--input {', '.join(map(str, inputs))}: nothing to train a tokenizer on, no document holds text. "
-            f"{reading_counts(len(files), len(ignored), 0, skipped)}. --output {output} was not created. {NO_DOCUMENT}"
+            f"{reading_counts(len(files), len(ignored), 0, texts.skipped)}. --output {output} was not created. "
+            f"{NO_DOCUMENT}"
         )
     record = {"sample_bytes": sample_bytes, "input_bytes": sum(f.size for f in files)} if sample_bytes else None
     size = train_tokenizer(chain([first], documents), vocab_size, output, show_progress=True, record=record)
-    console.print(f"Trained a tokenizer of {size:,} tokens on {used[0]:,} documents into {output}")
-    show_skipped(used[0] + skipped.total(), skipped, ignored)
+    console.print(f"Trained a tokenizer of {size:,} tokens on {texts.used:,} documents into {output}")
+    show_skipped(texts.used + texts.skipped.total(), texts.skipped, ignored)
 
 
 JOB_SAMPLE_MB = 2048  # a tokenizer job's sample where --sample-mb is not given

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 JOB_ID_VARIABLE = "SUBMITIT_LOCAL_JOB_ID"  # the job id (its controller's PID) in every rank's environment
 START_SLACK_S = 5.0  # a controller starts just before its job is recorded; a later start is another process
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CONTROLLER_MARKERS = (LOCAL_CONTROLLER_PROGRAM, SUBMITIT_CONTROLLER_MODULE)  # orch's, and earlier versions' jobs'
 
 
 class Local:
@@ -203,7 +204,7 @@ def controller_of(job: Job) -> tuple[psutil.Process, Path] | None:
         with process.oneshot():
             if process.status() == psutil.STATUS_ZOMBIE or process.create_time() > job.submitted + START_SLACK_S:
                 return None
-            folder = named_folder(process.cmdline(), LOCAL_CONTROLLER_PROGRAM, SUBMITIT_CONTROLLER_MODULE)
+            folder = named_folder(process.cmdline(), *CONTROLLER_MARKERS)
     except psutil.Error:
         return None
     return (process, folder) if folder is not None else None
