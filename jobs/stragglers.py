@@ -112,7 +112,10 @@ class StragglerWatch:
 
     def observe(self, step: int, phases: Phases, step_s: float, stall_s: float) -> dict[str, float]:
         """Collective: every rank's phases of training step `step` to rank 0, which returns the per-host metrics
-        (`straggler/HOST/...`) and decides; {} elsewhere. `stall_s`: the previous step's save stall, if any."""
+        (`straggler/HOST/...`; MLflow's system/straggler/HOST/...) and decides; {} elsewhere and in a one-host job.
+        `stall_s`: the previous step's save stall, if any."""
+        if len(set(self.hosts)) < 2:
+            return {}  # one host: nothing to compare it with
         mine = torch.tensor(astuple(phases), dtype=torch.float64, device=self.ranks.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.ranks.world)]
         dist.all_gather(gathered, mine)

@@ -52,6 +52,7 @@ JOB_FIGURES = frozenset(
         "peak_memory_gb", "skipped_steps",
     }
 )  # fmt: skip
+STRAGGLER = "straggler/"  # per-host step phases (jobs/stragglers.py): how the job ran, to the System metrics tab
 SUMMARY = "goodput/"
 
 # A tracking server that is down must fail fast: training must not wait on it.
@@ -111,15 +112,15 @@ class MetricSpool:
 
 
 def mlflow_key(key: str) -> str:
-    """A spooled metric's name in MLflow (see JOB_FIGURES)."""
-    return f"system/{key}" if key in JOB_FIGURES else key
+    """A spooled metric's name in MLflow (see JOB_FIGURES and STRAGGLER)."""
+    return f"system/{key}" if key in JOB_FIGURES or key.startswith(STRAGGLER) else key
 
 
 def spooled_key(key: str) -> str | None:
     """A metric of the MLflow run by its name in metrics.jsonl; None for the nodes' own (system/NODE/FIELD)."""
     if key.startswith("system/"):
         name = key.removeprefix("system/")
-        return name if name in JOB_FIGURES else None
+        return name if name in JOB_FIGURES or name.startswith(STRAGGLER) else None
     return key
 
 

@@ -71,7 +71,12 @@ def test_a_job_slurm_has_forgotten_is_gone_and_a_failing_squeue_is_an_error(tmp_
 def fake_controller(folder: Path = FOLDER) -> subprocess.Popen:
     """A process whose command line is that of submitit's local job controller for jobs queued with `folder`."""
     sleep = "import time; time.sleep(60)"
-    return subprocess.Popen([sys.executable, "-c", sleep, SUBMITIT_CONTROLLER_MODULE, str(folder / "%j")])
+    controller = subprocess.Popen([sys.executable, "-c", sleep, SUBMITIT_CONTROLLER_MODULE, str(folder / "%j")])
+    command = Path(f"/proc/{controller.pid}/cmdline")
+    deadline = time.monotonic() + 30  # until the process table shows the new command line, however busy the machine
+    while SUBMITIT_CONTROLLER_MODULE.encode() not in command.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return controller
 
 
 def local_job(pid: int, submitted: float | None = None, folder: Path = FOLDER) -> Job:

@@ -199,8 +199,8 @@ def test_mlflow_gets_every_hosts_figures(runs: dict[str, Run]):
     client = mlflow.MlflowClient(f"sqlite:///{run.dir.parent.parent / 'mlflow.db'}")
     slowdowns = {
         step.step: step.value
-        for step in client.get_metric_history(run.mlflow.run_id, f"straggler/{SLOW_HOST}/slowdown")
+        for step in client.get_metric_history(run.mlflow.run_id, f"system/straggler/{SLOW_HOST}/slowdown")
     }
     assert min(slowdowns) <= SLOW_FROM and slowdowns[SLOW_FROM + WINDOW_E2E] > 1  # 5 s on top of a sub-second step
     for field in ("data_s", "forward_backward_s", "sync_s", "optimizer_s", "compute_s"):
-        assert client.get_metric_history(run.mlflow.run_id, f"straggler/orch-n1/{field}")
+        assert client.get_metric_history(run.mlflow.run_id, f"system/straggler/orch-n1/{field}")
