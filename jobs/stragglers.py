@@ -54,14 +54,15 @@ class Phases:
 
 class PhaseClock:
     """Lap times of a step's phases; on a GPU the device is synchronized first, so that a lap is the kernels' time,
-    not their launch's."""
+    not their launch's. Untimed (a job with no other host to compare with), it neither synchronizes nor adds the
+    sync's collective: its laps are launch times, which nothing reads."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, timed: bool) -> None:
+        self.device, self.timed = device, timed
         self.last = self.now()
 
     def now(self) -> float:
-        if self.device.type == "cuda":
+        if self.timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
@@ -73,7 +74,8 @@ class PhaseClock:
     def sync(self) -> float:
         """The step's sync: an all-reduce of nothing, timed. A rank waits here for the slowest rank's backward."""
         self.lap()
-        dist.all_reduce(torch.zeros(1, device=self.device))
+        if self.timed:
+            dist.all_reduce(torch.zeros(1, device=self.device))
         return self.lap()
 
 
@@ -90,6 +92,7 @@ class StragglerWatch:
         self.acting = scheduler.excludes_hosts and self.spec.act is not False
         self.hosts: list[str] = [""] * ranks.world
         dist.all_gather_object(self.hosts, node_name())
+        self.compares = len(set(self.hosts)) > 1  # one host: nothing to compare it with, no phase to time
         self.window: deque[dict[str, float]] = deque(maxlen=self.spec.window_steps)
         self.step_times: deque[float] = deque(maxlen=self.spec.window_steps)
         self.saves: list[float] = []
@@ -114,8 +117,8 @@ class StragglerWatch:
         """Collective: every rank's phases of training step `step` to rank 0, which returns the per-host metrics
         (`straggler/HOST/...`; MLflow's system/straggler/HOST/...) and decides; {} elsewhere and in a one-host job.
         `stall_s`: the previous step's save stall, if any."""
-        if len(set(self.hosts)) < 2:
-            return {}  # one host: nothing to compare it with
+        if not self.compares:
+            return {}
         mine = torch.tensor(astuple(phases), dtype=torch.float64, device=self.ranks.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.ranks.world)]
         dist.all_gather(gathered, mine)

@@ -223,7 +223,7 @@ def loop(
     while state.step < plan.steps:
         step = position.step = state.step
         started = time.perf_counter()
-        result = trainer.step(step)
+        result = trainer.step(step, timed=watch.compares)
         if guard and guard.spiked(step, result.loss) and (restored := roll_back(trainer, checkpointer, state, guard)):
             state = restored
             continue
@@ -391,11 +391,12 @@ class Trainer:
         """Skip these data steps from now on (`skipped_data` of the run's skip list)."""
         self.loader.reorder(replace(self.order, skipped=skipped))
 
-    def step(self, step: int) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches of the global batch of `step`."""
+    def step(self, step: int, timed: bool = False) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches of the global batch of `step`; `timed`: its phases
+        measured on the device for the straggler watch (`PhaseClock`)."""
         loss, data_wait = torch.zeros((), device=self.device), 0.0
         chaos.fail(step, self.ranks.rank, self.ranks.world, self.chaos_dir)
-        clock = PhaseClock(self.device)
+        clock = PhaseClock(self.device, timed)
         for micro_step in range(self.grad_accum):
             watchdog.note("data", step)
             fetch = time.perf_counter()
