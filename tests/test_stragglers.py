@@ -4,6 +4,7 @@ kept."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -126,8 +127,14 @@ CONF = "/etc/slurm-two-node/slurm.conf"
 WINDOW_E2E, STEPS = 3, 40  # the tiny recipe commits at 10, 20, 30, 40
 SLOW_HOST = "orch-n2"  # the first allocation's second node (Slurm fills orch-n1, orch-n2 first)
 BRIEF_FROM, SLOW_FROM = 2, 6  # training steps (0-based) where each slowdown begins
-# 5 s more per step over the 31 steps left outweighs a start-up of up to 150 s (70 s measured on a loaded machine)
-PLANTED = f"hiccup@{BRIEF_FROM}:host={SLOW_HOST}:1.0:{WINDOW_E2E - 1},slow@{SLOW_FROM}:host={SLOW_HOST}:5.0"
+STEPS_LEFT = STEPS - SLOW_FROM - WINDOW_E2E - 1  # at the decision: what keeping the slow host would cost, per step
+
+
+def planted(startup_s: float) -> str:
+    """The hiccup, then a slowdown that makes leaving pay three times over against a start-up as long as the one
+    measured on this machine now (at least 5 s a step: a clear straggler whatever the step time)."""
+    seconds = max(5.0, round(3 * startup_s / STEPS_LEFT, 1))
+    return f"hiccup@{BRIEF_FROM}:host={SLOW_HOST}:1.0:{WINDOW_E2E - 1},slow@{SLOW_FROM}:host={SLOW_HOST}:{seconds}"
 
 
 def two_node_cluster() -> bool:
@@ -140,17 +147,21 @@ def two_node_cluster() -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
-    """A run on partition `two` (three nodes, the job takes two) whose host orch-n2 is slowed first for fewer steps
-    than the window, then for good; and beside it, on the LocalExecutor, the undisturbed reference with as many ranks
-    (the reduction order, and so every loss's last bit, depends on the world size)."""
+    """First, on the LocalExecutor, the undisturbed reference with as many ranks (the reduction order, and so every
+    loss's last bit, depends on the world size), whose start-up sizes the slowdown; then a run on partition `two`
+    (three nodes, the job takes two) whose host orch-n2 is slowed first for fewer steps than the window, then for
+    good."""
     if not two_node_cluster():
         pytest.skip("no two-node cluster (run: bash envs/slurm-two-node.sh)")
     with module_home(tmp_path_factory, "stragglers", SLURM_CONF=CONF) as home:
+        reference = orch("submit", "--profile", "local", "--steps", str(STEPS), "--set", "launch.tasks_per_node=4",
+                         "--set", "node.cores=4", "--wait")  # fmt: skip
+        reference_dir = run_dir_of(home, submitted_run_id(reference))
+        submitted = json.loads((reference_dir / "jobs.json").read_text())[0]["submitted"]
+        first_step = json.loads((reference_dir / "metrics.jsonl").read_text().splitlines()[0])["time_ms"] / 1000
         slowed = orch("submit", "--profile", "local-slurm-2node", "--steps", str(STEPS), "--set", "stragglers.act=true",
                       "--set", f"stragglers.window_steps={WINDOW_E2E}", "--set", "stragglers.queue_wait_s=0",
-                      ORCH_CHAOS=PLANTED)  # fmt: skip
-        reference = orch("submit", "--profile", "local", "--steps", str(STEPS), "--set", "launch.tasks_per_node=4",
-                         "--set", "node.cores=4")  # fmt: skip
+                      ORCH_CHAOS=planted(first_step - submitted))  # fmt: skip
         found = {name: Run(run_dir_of(home, submitted_run_id(result))) for name, result in
                  (("slowed", slowed), ("reference", reference))}  # fmt: skip
         try:
