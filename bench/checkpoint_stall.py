@@ -1,6 +1,6 @@
 """How long training stalls per checkpoint, async against sync saves, and how fast checkpoints reach the disk.
 
-Usage: python -m bench.checkpoint_stall [--saves 4] [--steps-between 3] [--folder DIR] [--dd-megabytes 1024]
+Usage: python -m bench.checkpoint_stall [--saves 4] [--steps-between 3] [--folder DIR]
 
 On the local profile's ranks (2, gloo, OMP_NUM_THREADS=1) and two models: the tiny recipe, and the tiny recipe with a
 larger model (hidden 512, 8 layers, vocabulary 32000: 56M parameters, 450 MB of fp32 weights and Lion state) where
@@ -10,7 +10,8 @@ saves alternately (async, sync, async, ...), a few training steps apart. Per sav
   as the part of an async write the steps in between did not hide);
 - commit: from calling `save()` until the checkpoint is committed (renamed, with its manifest);
 - write rate: the committed checkpoint's bytes / commit time, against the disk's own sequential rate from
-  `dd if=/dev/zero of=FOLDER/ddtest bs=1M count=N oflag=direct` in the same folder.
+  `dd if=/dev/zero of=FOLDER/ddtest bs=1M count=N oflag=direct` in the same folder, N MiB being the checkpoint's size
+  (the median of 3, right after the model's saves: dd's rate moves with what else the disk does).
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ LARGER_MODEL = {
 }
 
 
-def disk_rate(folder: Path, megabytes: int) -> float:
-    """Bytes per second of one sequential write that reaches the disk (direct I/O, else flushed at the end)."""
+def disk_rate(folder: Path, size: int) -> float:
+    """Bytes per second of sequential writes of `size` bytes (to the MiB) that reach the disk (direct I/O, else
+    flushed at the end): the median of 3."""
+    return statistics.median(dd_rate(folder, max(1, round(size / 2**20))) for _ in range(3))
+
+
+def dd_rate(folder: Path, megabytes: int) -> float:
     target = folder / "ddtest"
     for flag in ("oflag=direct", "conv=fdatasync"):
         started = time.perf_counter()
@@ -127,8 +133,8 @@ def measure(recipe: Recipe, data_dir: Path, folder: Path, saves: int, steps_betw
     return json.loads(output.read_text())
 
 
-def report(name: str, parameters: int, result: dict[str, Any], dd_rate: float) -> None:
-    print(f"\n{name}: {parameters / 1e6:.1f}M parameters")
+def report(name: str, parameters: int, result: dict[str, Any], disk: float) -> None:
+    print(f"\n{name}: {parameters / 1e6:.1f}M parameters; dd of the checkpoint's size: {disk / 1e6:.0f} MB/s")
     header = ("saves", "stall ms", "max ms", "wait ms", "commit s", "MB", "MB/s", "of dd")
     print("save  " + "".join(f"{title:>9}" for title in header))
     for kind, records in result["records"].items():
@@ -138,7 +144,7 @@ def report(name: str, parameters: int, result: dict[str, Any], dd_rate: float) -
         print(
             f"{kind:<6}{len(records):>9}{statistics.mean(stalls):>9.1f}{max(stalls):>9.1f}"
             f"{statistics.mean(r['wait_s'] for r in records) * 1e3:>9.1f}{commit:>9.2f}{size / 1e6:>9.1f}"
-            f"{size / commit / 1e6:>9.1f}{size / commit / dd_rate:>9.0%}"
+            f"{size / commit / 1e6:>9.1f}{size / commit / disk:>9.0%}"
         )
 
 
@@ -147,7 +153,6 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=4, help="saves of each kind per model")
     parser.add_argument("--steps-between", type=int, default=3, help="training steps before each save")
     parser.add_argument("--folder", type=Path, default=None, help="where checkpoints (and dd's file) are written")
-    parser.add_argument("--dd-megabytes", type=int, default=1024)
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,12 +160,12 @@ def main() -> None:
     data_dir = folder / "data"
     attach_data(tiny.data, tiny.model.vocab_size, tiny.train.seed, data_dir)
     larger = validate(path, Recipe, merge_all(tiny.model_dump(), [LARGER_MODEL]))
-    dd_rate = disk_rate(folder, args.dd_megabytes)
-    print(f"dd, {args.dd_megabytes} MiB to {folder}: {dd_rate / 1e6:.0f} MB/s")
+    print(f"checkpoints and dd's file in {folder}")
     for name, recipe in (("tiny", tiny), ("larger", larger)):
         work = folder / name
         result = measure(recipe, data_dir, work, args.saves, args.steps_between)
-        report(name, sum(parameter_count(recipe.model).values()), result, dd_rate)
+        disk = disk_rate(folder, max(result["bytes"].values()))
+        report(name, sum(parameter_count(recipe.model).values()), result, disk)
         shutil.rmtree(work)
 
 

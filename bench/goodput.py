@@ -6,11 +6,14 @@ cstinyllama-1.2b on Karolina (the seed's 2 nodes, 16 A100s), figures from the pl
 - step: `Plan.step_s` (the planner's tokens/s at the profile's 45 % MFU);
 - save stall: `Plan.save_s` (a synchronous write at the planner's 1 GB/s per rank) / 13.8, the stall of an async
   save against a sync one measured by bench.checkpoint_stall (80 ms against 1,099 ms); the recipe saves async;
-- commit: `Plan.save_s` plus each rank's SHA-256 of its own share of the checkpoint (8 bytes per parameter over the
-  ranks) at 1.4 GB/s, as it writes it; a failure before the commit loses that checkpoint;
+- commit: `Plan.save_s` plus each rank's XXH3-128 of its own share of the checkpoint (8 bytes per parameter over
+  the ranks) at `HASH_GB_S`, as it writes it; a failure before the commit loses that checkpoint;
 - evaluation: `eval.blocks` × sequence tokens forward only, a third of a training step's compute per token;
-- data wait: 0.3 % of each step (`orch bench`'s data wait on this machine: 0.1-0.3 %);
-- start-up: the planner's STARTUP_MIN per allocation; restart: 5 minutes from a failure to the next start;
+- data wait: `DATA_READ_S` per micro-batch: the loader reads the next micro-batch in the background while the step
+  computes (`jobs.data.BlockLoader`), and at most its whole read (bench.data_wait, a 8 × 2,048-token micro-batch)
+  is taken from the step;
+- start-up: `plan.startup_parts`, the first allocation with empty compile caches, the later ones with the caches
+  the first left in the run's `cache/`; restart: 5 minutes from a failure to the next start;
 - one failure per allocation, at a time drawn uniformly over its 48 h time limit (seeded): every allocation ends
   in a failure, an observed MTBF near 24 h.
 
@@ -52,14 +55,13 @@ from orchestrator.core.checkpoints import write_latest
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.files import write_json_atomic
 from orchestrator.core.loading import load_profile, load_recipe
-from orchestrator.core.plan import STARTUP_MIN, make_plan
+from orchestrator.core.plan import HASH_GB_S, make_plan, startup_parts
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import Attempt
 from orchestrator.core.yamlio import dump_yaml
 
 ASYNC_STALL_RATIO = 1099.1 / 79.8  # docs/performance.md, "Checkpoint stall": sync against async stall, 56M model
-HASH_BYTES_PER_S = 1.4e9  # docs/performance.md: SHA-256 on this CPU
-DATA_WAIT = 0.003
+DATA_READ_S = 156e-6  # bench.data_wait: the median read of one micro-batch in the calling thread
 RESTART_S = 5 * 60
 SCRATCH_WRITE_BYTES_PER_S = 730e9  # Karolina's /scratch, aggregate (karolina.md, "medium")
 WRITE_BUDGET = 0.01  # the share of it one run's checkpoints may use on average
@@ -75,7 +77,9 @@ class Chain:
     commit_s: float
     eval_s: float
     eval_every: int
-    startup_s: float
+    data_wait: float  # share of each step
+    startup_cold_s: float  # the chain's first allocation: compile caches empty
+    startup_warm_s: float  # every later one
     restart_s: float
     limit_s: float
     horizon_s: float
@@ -89,7 +93,7 @@ def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float,
     at the plan's fixed one."""
     plan = make_plan(profile, recipe, recipe.schedule.total_steps)
     eval_tokens = recipe.eval.blocks * recipe.data.max_seq_len
-    commit_s = plan.save_s + 8 * plan.parameters / plan.world_size / HASH_BYTES_PER_S
+    commit_s = plan.save_s + 8 * plan.parameters / plan.world_size / (HASH_GB_S * 1e9)
     lead_s = plan.step_s + commit_s + deadline.SAFETY_MARGIN_S if exact else plan.stop_before_end_s
     return Chain(
         step_s=plan.step_s / scale,
@@ -97,7 +101,9 @@ def karolina_chain(profile: Profile, recipe: Recipe, hours: float, scale: float,
         commit_s=commit_s / scale,
         eval_s=eval_tokens / plan.tokens_per_step * plan.step_s / 3 / scale,
         eval_every=recipe.eval.every_steps,
-        startup_s=STARTUP_MIN * 60 / scale,
+        data_wait=DATA_READ_S * plan.grad_accum / plan.step_s,
+        startup_cold_s=sum(part.seconds for part in startup_parts(plan, warm_cache=False)) / scale,
+        startup_warm_s=sum(part.seconds for part in startup_parts(plan, warm_cache=True)) / scale,
         restart_s=RESTART_S / scale,
         limit_s=profile.time_limit_min * 60 / scale,
         horizon_s=hours * 3600,
@@ -135,13 +141,14 @@ def simulate(
         attempts.append(Attempt(job_id=str(1000 + job), start_step=committed, started=start, nodes=chain.nodes))
         stops = share is None
         end = min(start + (chain.limit_s - chain.lead_s if stops else share * chain.limit_s), horizon)
-        clock, step, stall, lines = start + chain.startup_s, committed, 0.0, []
+        startup_s = chain.startup_warm_s if job else chain.startup_cold_s
+        clock, step, stall, lines = start + startup_s, committed, 0.0, []
         while True:
             evaluation = {"eval_s": chain.eval_s} if (step + 1) % chain.eval_every == 0 else {}
             if clock + chain.step_s + evaluation.get("eval_s", 0.0) > end:
                 break
             clock, step = clock + chain.step_s + evaluation.get("eval_s", 0.0), step + 1
-            metrics = {"step_time_s": chain.step_s, "data_wait_fraction": DATA_WAIT, "checkpoint_stall_s": stall}
+            metrics = {"step_time_s": chain.step_s, "data_wait_fraction": chain.data_wait, "checkpoint_stall_s": stall}
             lines.append({"step": step, "time_ms": round(clock * 1000), "metrics": {**metrics, **evaluation}})
             stall = 0.0
             if step % every == 0:
@@ -170,6 +177,16 @@ def report(name: str, result: goodput.Goodput, scale: float) -> None:
         if hours and abs(hours / result.allocated_h) >= 5e-5:  # leaves out parts that round to 0.00 %
             print(f"  {part:<17} {100 * hours / result.allocated_h:6.2f} %")
     print(f"  steps counted {result.steps['counted']:,}, rolled back {result.steps['rolled_back']:,}")
+
+
+def show_startup(profile: Profile, recipe: Recipe) -> None:
+    """Each part of an allocation's start-up (Karolina seconds) and where its figure comes from."""
+    plan = make_plan(profile, recipe, recipe.schedule.total_steps)
+    cold, warm = startup_parts(plan, warm_cache=False), startup_parts(plan, warm_cache=True)
+    print("start-up, cold compile caches / warm:")
+    for first, then in zip(cold, warm, strict=True):
+        print(f"  {first.name:<18}{first.seconds:7.1f} s{then.seconds:7.1f} s  {then.source}")
+    print(f"  {'total':<18}{sum(p.seconds for p in cold):7.1f} s{sum(p.seconds for p in warm):7.1f} s")
 
 
 def draws(seed: int, count: int, fail_share: float) -> list[float | None]:
@@ -218,10 +235,13 @@ def main() -> None:
         f"simulated chain: {args.hours:g} h at 1/{args.scale:g} of Karolina's durations ({args.nodes} nodes): step "
         f"{chain.step_s * args.scale:.3f} s, save stall {chain.stall_s * args.scale:.3f} s, commit "
         f"{chain.commit_s * args.scale:.1f} s, evaluation {chain.eval_s * args.scale:.2f} s every "
-        f"{chain.eval_every} steps, start-up {chain.startup_s * args.scale / 60:.0f} min, restart "
+        f"{chain.eval_every} steps, data wait {chain.data_wait:.3%} of a step, start-up "
+        f"{chain.startup_cold_s * args.scale / 60:.1f} min (then {chain.startup_warm_s * args.scale / 60:.1f} min "
+        f"with warm compile caches), restart "
         f"{chain.restart_s * args.scale / 60:.0f} min, {args.fail_share:.0%} of the "
         f"{chain.limit_s * args.scale / 3600:.0f} h allocations fail (uniform over it)"
     )
+    show_startup(profile, recipe)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="goodput-"))
     every = recipe.checkpoint.every_steps
     run, _ = simulate(folder / "recipe-interval", chain, profile, recipe, every, failures)

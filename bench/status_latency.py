@@ -2,8 +2,10 @@
 
 Creates N run directories shaped like real ones (half completed, half running under a Slurm job id that the
 scheduler no longer knows, so `squeue` is asked once for all of them), then times the real command.
-Each row is compared with `python -c "import submitit"` timed in the same invocation (machines are noisy).
-Usage: python bench/status_latency.py [--runs 1000] [--repeat 7]
+Each row is compared with `python -c "import submitit"` timed in the same invocation (machines are noisy); with
+--candidate, the same commands of another checkout (e.g. `git worktree add /tmp/before HEAD`) are timed too. Every
+command runs once per round, in turn, so that load from elsewhere falls on all alike.
+Usage: python bench/status_latency.py [--runs 1000] [--repeat 7] [--candidate CHECKOUT]
 """
 
 from __future__ import annotations
@@ -55,40 +57,48 @@ def make_runs(home: Path, count: int) -> None:
             (run_dir / name).write_text(json.dumps(data))
 
 
-def time_command(args: list[str], env: dict[str, str], repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, *args], env=env, cwd=ROOT, check=True, capture_output=True)
-        times.append(time.perf_counter() - started)
-    return times
+COMMANDS = (["--help"], ["status"], ["status", "--json"], ["ls"])
+
+
+def time_once(args: list[str], env: dict[str, str], cwd: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *args], env=env, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--candidate", type=Path, default=None, help="another checkout of orch, timed alike")
     options = parser.parse_args()
+    checkouts = {"": ROOT} | ({" (candidate)": options.candidate.resolve()} if options.candidate else {})
+    rows = {"python -c 'import submitit'": (["-c", "import submitit"], ROOT)}
+    for args in COMMANDS:
+        for label, checkout in checkouts.items():
+            rows[f"orch {' '.join(args)}{label}"] = (["-m", "orchestrator", *args], checkout)
+    times: dict[str, list[float]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as home:
         make_runs(Path(home), options.runs)
         env = {**os.environ, "ORCH_HOME": home}
-        baseline = time_command(["-c", "import submitit"], env, options.repeat)
-        show("python -c 'import submitit'", baseline, baseline, options)
-        for args in (["--help"], ["status"], ["status", "--json"], ["ls"]):
-            show(
-                f"orch {' '.join(args)}",
-                time_command(["-m", "orchestrator", *args], env, options.repeat),
-                baseline,
-                options,
-            )
+        for args, cwd in rows.values():  # untimed: a checkout's first run compiles its bytecode
+            time_once(args, env, cwd)
+        for _ in range(options.repeat):
+            for name, (args, cwd) in rows.items():
+                times[name].append(time_once(args, env, cwd))
+    baseline = statistics.median(times["python -c 'import submitit'"])
+    for name, taken in times.items():
+        show(name, taken, baseline, options, times.get(name.removesuffix(" (candidate)")))
 
 
-def show(name: str, times: list[float], baseline: list[float], options: argparse.Namespace) -> None:
-    """One row: the median, its spread, and its ratio to importing submitit measured in the same invocation."""
+def show(name: str, times: list[float], baseline: float, options: argparse.Namespace, ours: list[float] | None) -> None:
+    """One row: the median, its spread, its ratio to importing submitit measured in the same invocation, and for a
+    candidate's row, this checkout's median over the candidate's."""
     median = statistics.median(times)
+    versus = f"; this checkout / candidate {statistics.median(ours) / median:.2f}" if "(candidate)" in name else ""
     print(
-        f"{name:28s} {options.runs} runs: median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f}; "
-        f"{median / statistics.median(baseline):.2f}x import submitit; {options.repeat} runs, {os.cpu_count()} cores)"
+        f"{name:40s} {options.runs} runs: median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f}; "
+        f"{median / baseline:.2f}x import submitit; {options.repeat} runs, {os.cpu_count()} cores{versus})"
     )
 
 

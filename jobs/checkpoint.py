@@ -1,28 +1,27 @@
 """Sharded checkpoints that survive a kill at any moment.
 
 A checkpoint holds the model and LionW state as torch.distributed.checkpoint shards (one per rank, reshardable to
-any world size), each rank's RNG state, and the train state (`jobs.train.TrainState`: step, samples consumed, seed,
-world size, recipe hash, MLflow run id; and the learning-rate schedule's state). Its folder layout, commit marker and
-`latest.json` are `orchestrator.core.checkpoints`': nothing counts before its commit, and nothing older is deleted
-before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
+any world size), each rank's RNG state (`jobs.state.RngState`), and the train state (`jobs.state.SavedState`: step,
+data position, world size, recipe hash, MLflow run id, the learning-rate schedule's state). Its folder layout, commit
+marker and `latest.json` are `orchestrator.core.checkpoints`': nothing counts before its commit, and nothing older is
+deleted before that. `maybe_save` owns the cadence: every `checkpoint.every_steps`, the last step, and a stop.
 
 With `async_save`, training waits only while the state is copied off the accelerator, into host buffers that one
 stager keeps from save to save (pinned where there is CUDA); the write, the manifest and the commit go on in a
 background thread, on a gloo group of their own.
 
-Every file is hashed as it is written (`HashingWriter`, and the bytes of the files written here): each rank hashes
+Every file is hashed as it is written (`HashingWriter`, and the bytes of the files written here), with XXH3-128 at
+many GB/s a core (`orchestrator.core.checkpoints.hasher`: SHA-256 took as long as the disk's write): each rank hashes
 its own, the digests reach rank 0 with torch's write results, and the commit marker is made from them without reading
 the checkpoint back. Loading checks them (`orchestrator.core.checkpoints.damage`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
-import random
 import shutil
 import threading
 import time
@@ -32,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -41,53 +39,34 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 from torch.utils.serialization import config as serialization
 
+from jobs.state import RngState
 from orchestrator.core import checkpoints as layout
 from orchestrator.core.config import CheckpointSpec
 from orchestrator.core.errors import machine_fault
 from orchestrator.core.files import fault_behind, write_atomic
-from orchestrator.core.runfiles import ManifestEntry
 
 log = logging.getLogger(__name__)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def digest(data: bytes | memoryview) -> ManifestEntry:
-    """The manifest entry of a file whose whole content is `data`."""
-    return ManifestEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 WRITEBACK_BYTES = 32 << 20  # what a file being written may hold in memory before the disk is asked to start on it
 
 
 class HashingFile:
-    """A binary file open for writing whose bytes go through SHA-256 on their way into it (written in order, never
-    sought back: what torch's writer does). Every `WRITEBACK_BYTES` it asks the kernel to start writing them out
-    (`posix_fadvise(DONTNEED)` starts writeback without waiting for it): the disk then works while the CPU serialises
-    and hashes the rest, and the fsync at the end finds little left to write."""
+    """A binary file open for writing whose bytes go through the checkpoint's hash on their way into it (written in
+    order, never sought back: what torch's writer does). Every `WRITEBACK_BYTES` it asks the kernel to start writing
+    them out (`posix_fadvise(DONTNEED)` starts writeback without waiting for it): the disk then works while the CPU
+    serialises and hashes the rest, and the fsync at the end finds little left to write."""
 
     def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.sha256, self.size, self.handed = raw, hashlib.sha256(), 0, 0
+        self.raw, self.hashed, self.size, self.handed = raw, layout.hasher(), 0, 0
 
     def write(self, data: bytes | memoryview) -> int:
-        self.sha256.update(data)
+        self.hashed.update(data)
         written = self.raw.write(data)
         self.size += written
         if self.size - self.handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
@@ -108,15 +87,15 @@ class HashingFile:
     def close(self) -> None:
         self.raw.close()
 
-    def entry(self) -> ManifestEntry:
-        return ManifestEntry(bytes=self.size, sha256=self.sha256.hexdigest())
+    def entry(self) -> layout.CheckpointFile:
+        return layout.CheckpointFile.hashed(self.size, self.hashed)
 
 
 class HashingFileSystem(FileSystem):
-    """torch's local file system, keeping the size and SHA-256 of every file written through it, by name."""
+    """torch's local file system, keeping the size and digest of every file written through it, by name."""
 
     def __init__(self) -> None:
-        self.written: dict[str, ManifestEntry] = {}
+        self.written: dict[str, layout.CheckpointFile] = {}
 
     @contextmanager
     def create_stream(self, path: str | Path, mode: str) -> Iterator[Any]:
@@ -140,13 +119,13 @@ class HashingWriter(dcp.FileSystemWriter):
     """torch's FileSystemWriter, hashing every file as it writes it. Each rank's digests (with those of `local`, the
     files this rank wrote itself) travel to the coordinator with its write results; after `finish` the coordinator's
     `digests` list every file of the save. The shards are written without torch.save's CRC-32 of each record (a
-    second pass over every byte that nothing checks; `torch.load` reads them as before): SHA-256 covers them."""
+    second pass over every byte that nothing checks; `torch.load` reads them as before): the digests cover them."""
 
-    def __init__(self, path: Path, local: dict[str, ManifestEntry]) -> None:
+    def __init__(self, path: Path, local: dict[str, layout.CheckpointFile]) -> None:
         super().__init__(path)
         self.fs = HashingFileSystem()
         self.local = local
-        self.digests: dict[str, ManifestEntry] = {}
+        self.digests: dict[str, layout.CheckpointFile] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
         with serialization.patch({"save.compute_crc32": False}):
@@ -198,10 +177,10 @@ class Checkpointer:
 
     # --- saving -------------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, last_step: int, stopping: bool, trainer: Any, train_state: dict) -> None:
+    def maybe_save(self, step: int, last_step: int, stopping: bool, trainer: Any, train_state: Stateful) -> None:
         """Save at the recipe's cadence, at the last step, and when the job is about to stop."""
         if self.spec.due(step) or step == last_step or stopping:
-            self.save(step, trainer.model, trainer.optimizer, train_state)
+            self.save(step, trainer.model, trainer.optimizer, train_state.state_dict())
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         """Returns once the state is copied off the accelerator (async) or written and committed (sync)."""
@@ -211,10 +190,10 @@ class Checkpointer:
         with self.failed_save(partial):
             partial.mkdir(parents=True, exist_ok=True)
             rng = io.BytesIO()
-            torch.save(rng_state(), rng)
+            torch.save(RngState().state_dict(), rng)
             rng_file = layout.rng_file(partial, self.rank)
             write_atomic(rng_file, rng.getbuffer(), durable=False)
-            writer = HashingWriter(partial, {rng_file.name: digest(rng.getbuffer())})
+            writer = HashingWriter(partial, {rng_file.name: layout.entry_of(rng.getbuffer())})
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optimizer": optim_state}
             if self.async_save:
@@ -261,12 +240,12 @@ class Checkpointer:
             raise cause from err
 
     def _commit(
-        self, step: int, partial: Path, train_state: dict, digests: dict[str, ManifestEntry], started: float
+        self, step: int, partial: Path, train_state: dict, digests: dict[str, layout.CheckpointFile], started: float
     ) -> float:
         """Rank 0: write the train state and the commit; returns the seconds since `started` until it was written."""
         saved = json.dumps({"step": step, **train_state}).encode()
         (partial / layout.TRAIN_STATE).write_bytes(saved)
-        layout.commit(self.root, partial, step, digests | {layout.TRAIN_STATE: digest(saved)})
+        layout.commit(self.root, partial, step, digests | {layout.TRAIN_STATE: layout.entry_of(saved)})
         took = time.perf_counter() - started
         with self.lock:
             self.committed = step
@@ -346,7 +325,7 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rng_file = layout.rng_file(path, self.rank)
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            RngState().load_state_dict(torch.load(rng_file, weights_only=False))
         with self.lock:
             self.committed = step
         return json.loads((path / layout.TRAIN_STATE).read_text())

@@ -31,6 +31,7 @@ import torch
 
 from jobs.shards import TokenBlocks, read_pointer, source_folders
 from orchestrator.core.config import TrainSpec
+from orchestrator.core.errors import OrchError
 from orchestrator.core.runfiles import MixPhases, Ranges, data_step
 
 
@@ -223,6 +224,48 @@ class BlockLoader:
     @property
     def accumulation(self) -> int:
         return self.order.global_batch // (self.order.micro_batch * self.order.world_size)
+
+
+class DataPosition:
+    """Where a rank's data order stands after the steps trained: the samples consumed, the order's seed and the
+    samples it passed over before the data of the last step (skips.json). A `Stateful`, saved with every checkpoint;
+    what a checkpoint restores is checked against the order it is to continue (`check`)."""
+
+    def __init__(self, loader: BlockLoader) -> None:
+        self.loader = loader  # its order changes with the run's skip list (`BlockLoader.reorder`)
+        self.samples_consumed, self.seed, self.samples_skipped = 0, loader.order.seed, 0
+
+    def advance(self, step: int) -> None:
+        """Training step `step` is done."""
+        order = self.loader.order
+        self.samples_consumed += order.global_batch
+        self.samples_skipped = order.skipped_before(step) * order.global_batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "samples_skipped": self.samples_skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Checkpoints from before skips were recorded have no samples_skipped: they skipped none."""
+        self.samples_consumed, self.seed = state_dict["samples_consumed"], state_dict["seed"]
+        self.samples_skipped = state_dict.get("samples_skipped", 0)
+
+    def check(self, step: int) -> None:
+        """A position restored at training step `step` must continue this run's data order: its seed, its samples per
+        step and the skips before it."""
+        order = self.loader.order
+        skipped = order.skipped_before(step) * order.global_batch
+        if self.seed != order.seed or self.samples_consumed != step * order.global_batch:
+            raise OrchError(
+                f"the checkpoint at step {step} was saved with seed {self.seed} after {self.samples_consumed} "
+                f"samples; this run has seed {order.seed} and {order.global_batch} samples per step: its data "
+                "order cannot continue from there."
+            )
+        if self.samples_skipped != skipped:
+            raise OrchError(
+                f"the checkpoint at step {step} was saved after skipping {self.samples_skipped} samples of the "
+                f"data order; the run's skips.json skips {skipped} before that step: the skip list changed under it "
+                "(skips.json lost or edited?). Put skips.json back as it was, or roll back to an earlier checkpoint."
+            )
 
 
 class JoinedBlocks:

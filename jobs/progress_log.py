@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
+from orchestrator.core import deadline, stragglers
 from orchestrator.core.eta import clock, eta_s
+from orchestrator.core.runfiles import DamagedFile
 
 log = logging.getLogger("orch.train")
+AT_TIME_LIMIT = "at the time limit"
 FIRST_STEP_NOTE = " (the job's first step: warm-up and any compilation, left out of the ETA)"
 
 
@@ -44,9 +48,32 @@ def validation_line(done: int, metrics: dict[str, float]) -> str:
     return f"validation at step {done}: {scores} ({metrics.get('eval_s', 0.0):.1f} s)"
 
 
-def stop_line(how: Literal["requeued", "preempted"], done: int, steps: int, committed: int | None) -> str:
-    why = "at the time limit, requeued" if how == "requeued" else "preempted"
+def stop_line(
+    how: Literal["requeued", "preempted"], done: int, steps: int, committed: int | None, cause: str = AT_TIME_LIMIT
+) -> str:
+    """`cause`: what a requeued job stopped for (`stop_cause`)."""
+    why = f"{cause}, requeued" if how == "requeued" else "preempted"
     return f"stopping at step {done}/{steps}, {why}: the next start resumes from the checkpoint at step {committed}"
+
+
+def stop_cause(run_dir: Path, job_id: str, step: int) -> str:
+    """What the job that stopped at `step` to be requeued stopped for, as the run's files say: a slow host it
+    leaves (stragglers.json), else the end its deadline was set by (deadline.json: the time limit, a reservation, a
+    warning signal the time limit does not explain), else the time limit's warning signal (a job that follows no
+    end stops at it)."""
+    try:
+        figures = stragglers.read(run_dir)
+        records = deadline.read_records(run_dir)
+    except DamagedFile as damage:
+        log.warning("what the job stopped for is not known: %s", damage)
+        return AT_TIME_LIMIT
+    left = [d.host for d in figures.decisions if d.leave and (d.job_id, d.step) == (job_id, step)] if figures else []
+    if left:
+        return f"to leave the slow host {left[0]}"
+    ends = [r.source for r in records if (r.job_id, r.stopped_step) == (job_id, step)]
+    if not ends or ends[-1] == "time limit":
+        return AT_TIME_LIMIT
+    return "at a warning signal" if ends[-1] == "warning signal" else f"before the {ends[-1]}"
 
 
 class ProgressLog:
@@ -75,9 +102,9 @@ class ProgressLog:
             log.info("checkpoint saved at step %d (committed)", committed)
             self.logged_commit = committed
 
-    def stopped(self, how: Literal["requeued", "preempted"], done: int) -> None:
+    def stopped(self, how: Literal["requeued", "preempted"], done: int, cause: str = AT_TIME_LIMIT) -> None:
         self.commits()
-        log.info(stop_line(how, done, self.steps, self.logged_commit))
+        log.info(stop_line(how, done, self.steps, self.logged_commit, cause))
 
     def completed(self) -> None:
         self.commits()

@@ -1,21 +1,20 @@
 """The training job: what every rank runs. Read it top to bottom: guards, build, resume, loop.
 
 `Trainer` is one rank's model, optimizer, schedule and data, built from the recipe's specs; `orch bench` times the
-same object. `TrainState` is what a checkpoint restores besides the shards, checked against the plan on resume.
+same object. What a checkpoint restores besides the shards is `jobs.state.SavedState`, checked on resume.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import submitit
 import torch
@@ -23,16 +22,17 @@ import torch.distributed as dist
 
 from jobs import chaos, deadline, recovery, watchdog
 from jobs.checkpoint import Checkpointer
-from jobs.data import BlockLoader, GlobalOrder, load_blocks, make_order, source_splits
+from jobs.data import BlockLoader, DataPosition, GlobalOrder, load_blocks, make_order, source_splits
 from jobs.distributed import Ranks, agree, start_process_group
 from jobs.evaluate import Evaluator
 from jobs.loss import causal_lm_loss
 from jobs.model import attention_implementation, build_sharded_model, set_gradient_sync
 from jobs.optim import build_optimizer, build_scheduler
 from jobs.preemption import StopFlag, process_started
-from jobs.progress_log import ProgressLog
+from jobs.progress_log import ProgressLog, stop_cause
 from jobs.shards import check_fingerprint, shard_damage
 from jobs.spikes import SpikeGuard
+from jobs.state import SavedState, TrainState
 from jobs.stragglers import PhaseClock, Phases, StragglerWatch
 from jobs.system_metrics import SystemMonitor, node_name
 from jobs.tracking import MetricSpool, Tracker, artifacts, describe, mlflow_run_id
@@ -107,15 +107,17 @@ def train(
     trainer = Trainer(recipe, run.data_dir, ranks, skipped, phases)
     chaos.slow_saves(trainer.model, lambda: position.step)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
-    state = resume(trainer, checkpointer, TrainState.fresh(recipe, run, ranks.world), run.info.from_scratch)
-    position.step = state.step
-    evaluator = Evaluator(recipe.eval, run.data_dir, recipe.train.micro_batch_size, ranks.device, recipe.data.weights)
-    report = JobReport(run, job_id, plan, checkpointer, state.step, trainer.attention) if ranks.rank == 0 else None
-    guard = SpikeGuard(recipe.spike_guard, run, ranks.rank, job_id, state.step) if recipe.spike_guard else None
+    fresh = TrainState.fresh(run.dir / "recipe.yaml", ranks.world, mlflow_run_id(run.dir))
+    state = SavedState(fresh, DataPosition(trainer.loader), trainer.scheduler)
+    resume(trainer, checkpointer, state, run.info.from_scratch)
+    start = position.step = state.train.step
+    evaluator = Evaluator(recipe.eval, run.data_dir, plan.micro_batch, ranks.device, recipe.data.weights)
+    report = JobReport(run, job_id, plan, checkpointer, start, trainer.attention) if ranks.rank == 0 else None
+    guard = SpikeGuard(recipe.spike_guard, run, ranks.rank, job_id, start) if recipe.spike_guard else None
     watch = StragglerWatch(run, profile, ranks, job_id, plan.steps, plan.save_s, stop)
     log.info(
         "rank %d/%d on %s: steps %d..%d, grad accum %d, attention %s, code %s",
-        ranks.rank, ranks.world, socket.gethostname(), state.step, plan.steps, trainer.grad_accum, trainer.attention,
+        ranks.rank, ranks.world, socket.gethostname(), start, plan.steps, trainer.grad_accum, trainer.attention,
         Path(__file__).parent.parent,
     )  # fmt: skip
     monitor = SystemMonitor.start(
@@ -170,10 +172,11 @@ def check_data(data_dir: Path, rank: int) -> None:
         raise OrchError(f"the training data is damaged: {problem}. Prepare it again (`orch data prepare`).")
 
 
-def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, from_scratch: bool) -> TrainState:
-    """Restore the newest committed checkpoint that passes its manifest (if any) into the trainer; returns the
-    training state to continue from, checked against what this run expects. Where checkpoints were committed and
-    none can be loaded, the job stops instead of training from step 0, unless the run was resumed --from-scratch."""
+def resume(trainer: Trainer, checkpointer: Checkpointer, state: SavedState, from_scratch: bool) -> None:
+    """Restore the newest committed checkpoint that passes its manifest (if any) into the trainer and `state`, which
+    checks it against what this run expects; without one, `state` stays as it is. Where checkpoints were committed
+    and none can be loaded, the job stops instead of training from step 0, unless the run was resumed
+    --from-scratch."""
     watchdog.note("load")
     checkpointer.clean_incomplete()
     existed = committed_step(checkpointer.root)
@@ -189,25 +192,15 @@ def resume(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, from
     if step is None:
         if existed is not None:
             checkpointer.forget_latest()  # it names a checkpoint that was set aside
-        return state
+        return
     if damaged:
         checkpointer.protect(step, "the last good checkpoint before damaged ones")
-    saved = checkpointer.load(step, trainer.model, trainer.optimizer)
-    trainer.scheduler.load_state_dict(saved["scheduler"])
-    restored = TrainState.from_checkpoint(saved)
-    restored.check_against(state, trainer.order)
-    log.info(
-        "resumed from the checkpoint at step %d (saved by %d ranks, now %d)",
-        step,
-        restored.world_size,
-        state.world_size,
-    )
-    return TrainState(**{**asdict(restored), "world_size": state.world_size, "recipe_hash": state.recipe_hash})
+    state.load_state_dict(checkpointer.load(step, trainer.model, trainer.optimizer))
 
 
 def loop(
     trainer: Trainer,
-    state: TrainState,
+    state: SavedState,
     plan: Plan,
     checkpointer: Checkpointer,
     evaluator: Evaluator,
@@ -218,129 +211,63 @@ def loop(
     watch: StragglerWatch,
     guard: SpikeGuard | None = None,
 ) -> bool:
-    """Train from `state.step` to the plan's end; False when the job stopped early to be requeued."""
+    """Train from the step `state` holds to the plan's end; False when the job stopped early to be requeued."""
     stall = 0.0  # the wait in the previous step's save: a step's metrics are spooled before its save
-    while state.step < plan.steps:
-        step = position.step = state.step
+    progress = state.train
+    while progress.step < plan.steps:
+        step = position.step = progress.step
         started = time.perf_counter()
         result = trainer.step(step, timed=watch.compares)
-        if guard and guard.spiked(step, result.loss) and (restored := roll_back(trainer, checkpointer, state, guard)):
-            state = restored
+        if guard and guard.spiked(step, result.loss) and roll_back(trainer, checkpointer, state, guard):
             continue
-        state.advance(trainer.order)
+        state.advance()
         metrics = {**result.metrics(), **throughput.metrics(time.perf_counter() - started, result.data_wait)}
-        metrics.update(watch.observe(state.step, result.phases, metrics["step_time_s"], stall))
-        watchdog.step_done(state.step, metrics["step_time_s"])
-        metrics["skipped_steps"] = trainer.order.skipped_before(state.step)
+        metrics.update(watch.observe(progress.step, result.phases, metrics["step_time_s"], stall))
+        watchdog.step_done(progress.step, metrics["step_time_s"])
+        metrics["skipped_steps"] = trainer.order.skipped_before(progress.step)
         metrics.update({f"mix/{name}": share for name, share in trainer.order.source_shares(step).items()})
         watchdog.note("eval")
         evaluating = time.perf_counter()
-        if evaluated := evaluator.maybe_evaluate(state.step, plan.steps, trainer.model):
+        if evaluated := evaluator.maybe_evaluate(progress.step, plan.steps, trainer.model):
             metrics.update(evaluated, eval_s=time.perf_counter() - evaluating)
         metrics["checkpoint_stall_s"] = stall
         watchdog.note("sync")
         stopping = stop.agreed(trainer.device)
         if report:
-            report.step(state.step, metrics, last=stopping is not None or state.step == plan.steps)
-            state.mlflow_run_id = state.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
+            report.step(progress.step, metrics, last=stopping is not None or progress.step == plan.steps)
+            progress.mlflow_run_id = progress.mlflow_run_id or report.heartbeat.mlflow_run_id  # once the run exists
         watchdog.note("save")
         saving = time.perf_counter()
-        checkpointer.maybe_save(state.step, plan.steps, stopping is not None, trainer, state.to_checkpoint(trainer))
+        checkpointer.maybe_save(progress.step, plan.steps, stopping is not None, trainer, state)
         stall = time.perf_counter() - saving
-        if stopping and state.step < plan.steps:
+        if stopping and progress.step < plan.steps:
             checkpointer.close()
             if stop.follower:
-                stop.follower.stopped(state.step)
+                stop.follower.stopped(progress.step)
             if report and stopping == "preempted":
-                report.preempted(state.step)
+                report.preempted(progress.step)
             elif report:
-                report.requeued(state.step)
+                report.requeued(progress.step)
                 watch.requeue()  # exits this process through submitit
             return False
     checkpointer.close()
     return True
 
 
-def roll_back(trainer: Trainer, checkpointer: Checkpointer, state: TrainState, guard: SpikeGuard) -> TrainState | None:
-    """The loss of training step `state.step` spiked: record the skip of the steps from the last committed checkpoint
-    through it (docs/rollback.md), reload that checkpoint through `resume` and drop the spooled steps after it.
-    None before the first checkpoint: training goes on."""
+def roll_back(trainer: Trainer, checkpointer: Checkpointer, state: SavedState, guard: SpikeGuard) -> bool:
+    """The loss of the training step `state` is at spiked: record the skip of the steps from the last committed
+    checkpoint through it (docs/rollback.md), reload that checkpoint into `state` through `resume` and drop the
+    spooled steps after it. False before the first checkpoint: training goes on."""
     checkpointer.wait()
     recorded = guard.record()
     if recorded is None:
-        return None
+        return False
     trainer.reorder(recorded[1])
-    restored = resume(trainer, checkpointer, state, from_scratch=False)
-    guard.forget_after(restored.step)
+    resume(trainer, checkpointer, state, from_scratch=False)
+    guard.forget_after(state.train.step)
     if guard.rank == 0:
-        MetricSpool(guard.run.dir).rollback(restored.step)
-    return restored
-
-
-@dataclass
-class TrainState:
-    """Where training stands, saved with every checkpoint: the step, the data position (samples consumed, seed),
-    the MLflow run, the recipe's hash and the world size that saved it. RNG states are saved per rank beside it."""
-
-    step: int
-    samples_consumed: int
-    seed: int
-    world_size: int
-    recipe_hash: str
-    mlflow_run_id: str | None
-    samples_skipped: int = 0  # passed over in the data order before the data of the last step (skips.json)
-
-    @classmethod
-    def fresh(cls, recipe: Recipe, run: Run, world_size: int) -> TrainState:
-        recipe_hash = hashlib.sha256((run.dir / "recipe.yaml").read_bytes()).hexdigest()
-        return cls(0, 0, recipe.train.seed, world_size, recipe_hash, mlflow_run_id(run.dir))
-
-    def advance(self, order: GlobalOrder) -> None:
-        self.step += 1
-        self.samples_consumed += order.global_batch
-        self.samples_skipped = order.skipped_before(self.step) * order.global_batch
-
-    def to_checkpoint(self, trainer: Trainer) -> dict[str, Any]:
-        """train_state.json of a checkpoint: this state and the learning-rate schedule's."""
-        return {**asdict(self), "scheduler": trainer.scheduler.state_dict()}
-
-    @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
-        """Also reads the layout of earlier checkpoints, which kept the data position under "data"."""
-        data = saved.get("data", {})
-        return cls(
-            step=saved["step"],
-            samples_consumed=saved.get("samples_consumed", data.get("samples_consumed")),
-            seed=saved.get("seed", data.get("seed")),
-            world_size=saved["world_size"],
-            recipe_hash=saved["recipe_hash"],
-            mlflow_run_id=saved.get("mlflow_run_id"),
-            samples_skipped=saved.get("samples_skipped", 0),
-        )
-
-    def check_against(self, expected: TrainState, order: GlobalOrder) -> None:
-        """A restored state must continue this run's data order (seed, samples per step, the skips before it); a
-        changed recipe or MLflow run is reported."""
-        skipped = order.skipped_before(self.step) * order.global_batch
-        if self.seed != expected.seed or self.samples_consumed != self.step * order.global_batch:
-            raise OrchError(
-                f"the checkpoint at step {self.step} was saved with seed {self.seed} after {self.samples_consumed} "
-                f"samples; this run has seed {expected.seed} and {order.global_batch} samples per step: its data "
-                "order cannot continue from there."
-            )
-        if self.samples_skipped != skipped:
-            raise OrchError(
-                f"the checkpoint at step {self.step} was saved after skipping {self.samples_skipped} samples of the "
-                f"data order; the run's skips.json skips {skipped} before that step: the skip list changed under it "
-                "(skips.json lost or edited?). Put skips.json back as it was, or roll back to an earlier checkpoint."
-            )
-        if self.recipe_hash != expected.recipe_hash:
-            log.warning("the recipe changed since the checkpoint at step %d was saved", self.step)
-        if expected.mlflow_run_id and self.mlflow_run_id and self.mlflow_run_id != expected.mlflow_run_id:
-            log.warning(
-                "the checkpoint at step %d reported to MLflow run %s, the run directory names %s",
-                self.step, self.mlflow_run_id, expected.mlflow_run_id,
-            )  # fmt: skip
+        MetricSpool(guard.run.dir).rollback(state.train.step)
+    return True
 
 
 @dataclass(frozen=True)
@@ -489,7 +416,7 @@ class JobReport:
 
     def stopped_early(self, how: Literal["requeued", "preempted"], done: int) -> None:
         """Saved and stopping before the end: the attempt records how, which the requeue-loop guard reads."""
-        self.log.stopped(how, done)
+        self.log.stopped(how, done, stop_cause(self.run.dir, self.job_id, done))
         self.tracker.close("RUNNING", artifacts(self.run, self.job_id))
         end_attempt(self.run, self.job_id, how)
         self.heartbeat.beat(how, done)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +24,24 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A test module that names one of these uses a Slurm cluster of this machine (or the simulated Karolina around it).
+USES_SLURM = re.compile(r"needs_slurm|needs_two_nodes|slurm_available|local-slurm|karolina-sim")
+
+
+@functools.cache
+def worker_group(module: Path) -> str:
+    """Which pytest-xdist worker group a module's tests join (tests/run.sh: `-n 2 --dist loadgroup`): its own, so that
+    its module-scoped trained runs are made once; or the one group of every module that uses the Slurm clusters,
+    whose tests set nodes down, hold nodes, fill the queue and look for their jobs' processes: one at a time."""
+    return "slurm" if USES_SLURM.search(module.read_text()) else module.stem
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(worker_group(item.path)))
 
 
 def free_port() -> int:

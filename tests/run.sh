@@ -17,7 +17,9 @@ if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests bench
 .venv/bin/lint-imports  # the import contract in pyproject.toml
 set +e
-.venv/bin/python -m pytest "$@"
+# Two workers: much of the suite waits on Slurm, servers and jobs rather than on the 2 cores (tests/conftest.py
+# keeps a module's tests on one worker and every test that uses the Slurm clusters on one worker, in turn).
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

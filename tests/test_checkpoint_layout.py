@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from orchestrator.core import checkpoints
-from orchestrator.core.files import file_sha256
-from orchestrator.core.runfiles import ManifestEntry
 
 
-def digest(payload: bytes) -> ManifestEntry:
-    return ManifestEntry(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+def digest(payload: bytes) -> checkpoints.CheckpointFile:
+    return checkpoints.entry_of(payload)
 
 
 def committed(root: Path, step: int, payload: bytes = b"weights") -> Path:
@@ -48,8 +47,8 @@ def test_a_commit_refuses_files_its_writers_did_not_hash_or_hashed_at_another_si
     assert checkpoints.committed_steps(tmp_path) == []
 
 
-def test_a_manifest_written_before_the_ranks_hashed_their_own_files_still_loads(tmp_path: Path) -> None:
-    """Earlier commits listed the folder and hashed it whole; their markers have the same fields."""
+def test_a_manifest_of_sha256_digests_still_loads_and_finds_a_changed_byte(tmp_path: Path) -> None:
+    """Checkpoints written before XXH3 list a SHA-256 per file."""
     folder = tmp_path / "step_00000010"
     folder.mkdir()
     (folder / "shard.distcp").write_bytes(b"weights")
@@ -57,6 +56,14 @@ def test_a_manifest_written_before_the_ranks_hashed_their_own_files_still_loads(
     (folder / "COMMITTED.json").write_text(json.dumps({"step": 10, "files": {"shard.distcp": entry}}))
     assert checkpoints.damage(folder) is None
     assert checkpoints.committed_steps(tmp_path) == [10]
+    (folder / "shard.distcp").write_bytes(b"weighTs")
+    assert checkpoints.damage(folder) == "shard.distcp fails its SHA-256 checksum"
+
+
+def test_a_new_manifest_names_xxh3_128_for_each_file(tmp_path: Path) -> None:
+    folder = committed(tmp_path, 10)
+    written = json.loads((folder / "COMMITTED.json").read_text())
+    assert written["files"] == {"shard.distcp": {"bytes": 7, "xxh3_128": xxhash.xxh3_128(b"weights").hexdigest()}}
 
 
 @pytest.mark.parametrize(
@@ -64,9 +71,13 @@ def test_a_manifest_written_before_the_ranks_hashed_their_own_files_still_loads(
     [
         (lambda f: (f / "COMMITTED.json").write_text('"a string"'), "unreadable commit marker"),
         (lambda f: (f / "COMMITTED.json").write_text('{"step": 1, "files": {"x": 5}}'), "unreadable commit marker"),
+        (
+            lambda f: (f / "COMMITTED.json").write_text('{"step": 1, "files": {"x": {"bytes": 5}}}'),
+            "exactly one digest",
+        ),
         (lambda f: (f / "shard.distcp").unlink(), "shard.distcp is missing"),
         (lambda f: (f / "shard.distcp").write_bytes(b"weight"), "manifest says 7"),
-        (lambda f: (f / "shard.distcp").write_bytes(b"WEIGHTS"), "SHA-256"),
+        (lambda f: (f / "shard.distcp").write_bytes(b"WEIGHTS"), "fails its XXH3-128 checksum"),
     ],
 )
 def test_damage_names_what_is_wrong_with_a_committed_checkpoint(tmp_path: Path, harm, said: str) -> None:
@@ -161,7 +172,7 @@ def test_the_checkpointer_keeps_the_newest_milestones_and_protected_and_falls_ba
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_the_manifest_holds_the_sha256_of_every_file_as_written_and_a_flipped_byte_is_found_on_load(
+def test_the_manifest_holds_the_digest_of_every_file_as_written_and_a_flipped_byte_is_found_on_load(
     tmp_path: Path, one_process_group: None, async_save: bool
 ) -> None:
     import torch
@@ -183,12 +194,13 @@ def test_the_manifest_holds_the_sha256_of_every_file_as_written_and_a_flipped_by
     on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != "COMMITTED.json")
     assert sorted(marker.files) == on_disk and {".metadata", "train_state.json", "rng_rank0.pt"} <= set(on_disk)
     for name, entry in marker.files.items():
-        assert (entry.bytes, entry.sha256) == ((folder / name).stat().st_size, file_sha256(folder / name))
+        content = (folder / name).read_bytes()
+        assert (entry.bytes, entry.xxh3_128) == (len(content), xxhash.xxh3_128(content).hexdigest())
 
     shard = next(folder.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10
     shard.write_bytes(bytes(data))
     step, problems = saver.choose()
-    assert step == 1 and problems == [f"checkpoint at step 2 is damaged: {shard.name} fails its SHA-256 checksum"]
+    assert step == 1 and problems == [f"checkpoint at step 2 is damaged: {shard.name} fails its XXH3-128 checksum"]
     saver.close()

@@ -203,7 +203,7 @@ def check_store(damaged: str, healthy: str, file: str) -> None:
     assert code == 0 and healthy in out and damaged in out, out
     for command in (("status", damaged), ("logs", damaged, "--lines", "5"), ("resume", damaged, "--steps", "12")):
         with pytest.MonkeyPatch.context() as patch:  # what a resume would queue is not at stake, only its checks
-            patch.setattr(submit, "launch", lambda run, profile, plan: "not-started")
+            patch.setattr(submit, "launch", lambda run, profile, plan, *_: "not-started")
             code, out = invoke(*command)
         assert code in (0, 2), out
 
@@ -359,7 +359,7 @@ def test_job_ids_from_a_run_directory_never_signal_a_process_outside_the_run(tem
     # what a resume would start is not at stake here, only what it signals first: its jobs would train on in the
     # background through the tests that follow
     launched: list[str] = []
-    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan, *_: launched.append(run.id) or "not-started")
     damaged, _ = store_with_two_runs(template, tmp_path / "home")
     bystander = sacrificial_process()
     try:
@@ -453,7 +453,7 @@ def test_a_diverged_loss_of_nan_is_shown_not_taken_for_damage(template, tmp_path
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The runs `orch resume` would queue a job for, recorded instead of queued (their jobs are not at stake)."""
     launched: list[str] = []
-    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan, *_: launched.append(run.id) or "not-started")
     return launched
 
 

@@ -33,7 +33,7 @@ def test_a_run_whose_submission_was_killed_says_so_and_resume_submits_it(orch_ho
         assert run.state() == "queued"  # a submission holds the lock until its job is recorded
 
     launched: list[str] = []  # the job is not at stake: what the run holds when it is queued is
-    monkeypatch.setattr(submit, "launch", lambda run, profile, plan: launched.append(run.id) or "not-started")
+    monkeypatch.setattr(submit, "launch", lambda run, profile, plan, *_: launched.append(run.id) or "not-started")
     assert submit.resume(run, None, None, [], force=False) == "not-started" and launched == [run.id]
     for made in ("data/tokens.json", "data/fingerprint.json", "code/manifest.json"):
         assert (run_dir / made).is_file(), made

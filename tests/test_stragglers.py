@@ -17,8 +17,9 @@ from jobs import chaos
 from orchestrator.core import stragglers
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
+from orchestrator.core.schedulers.slurm import hostnames
 from orchestrator.core.stragglers import HostScore, cost_test, score_hosts
-from tests.conftest import module_home, orch, run_dir_of, spooled_losses, submitted_run_id, wait_until_ended
+from tests.conftest import module_home, orch, run_dir_of, spooled_losses, submitted_run_id, wait_until, wait_until_ended
 
 WINDOW, THRESHOLD = 6, 0.25
 
@@ -125,16 +126,21 @@ def test_submit_refuses_a_bad_slowdown_and_acting_where_the_scheduler_cannot_exc
 
 CONF = "/etc/slurm-two-node/slurm.conf"
 WINDOW_E2E, STEPS = 3, 40  # the tiny recipe commits at 10, 20, 30, 40
+# Only a slowdown of 3× counts: the planted one (5 s or more on a step of well under a second) does, and the noise of
+# hosts that share this machine's cores with other tests does not.
+THRESHOLD_E2E = 2.0
 SLOW_HOST = "orch-n2"  # the first allocation's second node (Slurm fills orch-n1, orch-n2 first)
 BRIEF_FROM, SLOW_FROM = 2, 6  # training steps (0-based) where each slowdown begins
 STEPS_LEFT = STEPS - SLOW_FROM - WINDOW_E2E - 1  # at the decision: what keeping the slow host would cost, per step
 
 
 def planted(startup_s: float) -> str:
-    """The hiccup, then a slowdown that makes leaving pay three times over against a start-up as long as the one
-    measured on this machine now (at least 5 s a step: a clear straggler whatever the step time)."""
+    """A slowdown for fewer steps than the window, then the same for good: it makes leaving pay three times over
+    against a start-up as long as the one measured on this machine now (at least 5 s a step: a clear straggler
+    whatever the step time)."""
     seconds = max(5.0, round(3 * startup_s / STEPS_LEFT, 1))
-    return f"hiccup@{BRIEF_FROM}:host={SLOW_HOST}:1.0:{WINDOW_E2E - 1},slow@{SLOW_FROM}:host={SLOW_HOST}:{seconds}"
+    slow = f"host={SLOW_HOST}:{seconds}"
+    return f"hiccup@{BRIEF_FROM}:{slow}:{WINDOW_E2E - 1},slow@{SLOW_FROM}:{slow}"
 
 
 def two_node_cluster() -> bool:
@@ -161,6 +167,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         first_step = json.loads((reference_dir / "metrics.jsonl").read_text().splitlines()[0])["time_ms"] / 1000
         slowed = orch("submit", "--profile", "local-slurm-2node", "--steps", str(STEPS), "--set", "stragglers.act=true",
                       "--set", f"stragglers.window_steps={WINDOW_E2E}", "--set", "stragglers.queue_wait_s=0",
+                      "--set", f"stragglers.threshold={THRESHOLD_E2E}",
                       ORCH_CHAOS=planted(first_step - submitted))  # fmt: skip
         found = {name: Run(run_dir_of(home, submitted_run_id(result))) for name, result in
                  (("slowed", slowed), ("reference", reference))}  # fmt: skip
@@ -215,3 +222,26 @@ def test_mlflow_gets_every_hosts_figures(runs: dict[str, Run]):
     assert min(slowdowns) <= SLOW_FROM and slowdowns[SLOW_FROM + WINDOW_E2E] > 1  # 5 s on top of a sub-second step
     for field in ("data_s", "forward_backward_s", "sync_s", "optimizer_s", "compute_s"):
         assert client.get_metric_history(run.mlflow.run_id, f"system/straggler/orch-n1/{field}")
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_off_the_host_left_for_slowness(runs: dict[str, Run]):
+    """A new job of the run (`orch resume`) is queued with the left host excluded, says so, and Slurm launches its
+    ranks (the job's step 0) on the other nodes; the job is then left to the fixture's cancel."""
+    run = runs["slowed"]
+    [decision] = stragglers.read(run.dir).decisions
+    resumed = orch("resume", run.id, "--steps", str(STEPS + 2))
+    assert resumed.returncode == 0, resumed.stderr
+    said = f"excluding {SLOW_HOST}, left for slowness at step {decision.step} (+{100 * decision.slowdown:.0f} %)"
+    assert said in " ".join(resumed.stderr.split())
+    job_id = run.jobs[-1].job_id
+    assert job_fields(job_id)["ExcNodeList"] == SLOW_HOST
+    wait_until(lambda: ranks_step_nodes(job_id), "the resumed job's ranks", timeout=120, poll_s=0.5)
+    assert hostnames(ranks_step_nodes(job_id)) == {"orch-n1", "orch-n3"}
+
+
+def ranks_step_nodes(job_id: str) -> str:
+    """The nodes of the job's step 0 (srun's: every rank), as squeue lists them; "" before it is launched."""
+    steps = subprocess.run(["squeue", "--noheader", "--steps", "--jobs", job_id, "--format", "%i %N"],
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    return dict(zip(steps[::2], steps[1::2], strict=False)).get(f"{job_id}.0", "")

@@ -78,14 +78,15 @@ def submit(
 ) -> None:
     """Validate, plan, create a run and submit its training job (with --sweep: a run per point)."""
     from jobs import chaos
-    from orchestrator.cli.commands.budget import allocation_warnings, parse_node_counts, show_whatif
+    from orchestrator.cli.commands.budget import allocation_warnings, show_whatif
+    from orchestrator.cli.commands.shapes import parse_nodes, show_shapes
     from orchestrator.cli.submit import build_requests, site_checks, submit_sweep
     from orchestrator.cli.submit import submit as submit_run
     from orchestrator.core.loading import parse_sweep, sweep_points
 
     chaos.planned()  # the job reads ORCH_CHAOS: a fault it cannot parse is refused here, before anything is queued
-    node_range = parse_node_range(nodes) if nodes is not None and "-" in nodes else None
-    counts = parse_node_counts(nodes) if nodes is not None and node_range is None else []
+    shape = parse_nodes(nodes) if nodes is not None else None
+    counts = shape.counts if shape else []
     if len(counts) > 1:
         if not dry_run or sweep:
             raise OrchError(
@@ -95,15 +96,13 @@ def submit(
         asked = collect_overrides(account, None, time, set_, None, time_min)
         show_whatif(profile, recipe, steps, asked, counts, run_states, console)
         return
-    low, high = node_range or (None, counts[0] if counts else None)
+    low, high = (shape.low, counts[0]) if shape else (None, None)
     overrides = collect_overrides(account, high, time, set_, low, time_min)
     points = sweep_points(overrides, [parse_sweep(text) for text in sweep or []])
     requests = build_requests(profile, recipe, steps, points)  # every point checked before any is submitted
     for warning in allocation_warnings(requests, run_states):
         console.print(warning, soft_wrap=True, highlight=False, markup=False)
-    if not sweep and (node_range or time_min):
-        from orchestrator.cli.commands.shapes import show_shapes
-
+    if not sweep and (low is not None or time_min):
         show_shapes(requests[0], console)
     if dry_run:
         from orchestrator.cli.show import show_plan, show_sweep
@@ -148,20 +147,6 @@ def collect_overrides(
     return overrides
 
 
-def parse_node_range(text: str) -> tuple[int, int]:
-    """`--nodes MIN-MAX`: two whole numbers, 0 < MIN < MAX."""
-    from orchestrator.core.yamlio import shown
-
-    low, _, high = (part.strip() for part in text.partition("-"))
-    if not (low.isdigit() and high.isdigit() and 0 < int(low) < int(high)):
-        raise OrchError(
-            f"--nodes {shown(text)}: a node range is MIN-MAX, two whole numbers with 0 < MIN < MAX (e.g. 1-4): Slurm "
-            "starts the job on any count in it that it can grant first. Allowed: a range, a number of nodes (e.g. "
-            "2), or with --dry-run a list of numbers separated by commas (e.g. 1,2,4,8)."
-        )
-    return int(low), int(high)
-
-
 @app.command()
 def resume(
     run_id: Annotated[Optional[str], typer.Argument(help="the run; the newest run when left out")] = None,
@@ -194,13 +179,18 @@ def resume(
             help="a mixture's new weights from the step the run resumes at: NAME=W,... (sources not named keep theirs)"
         ),
     ] = None,
+    include_slow_hosts: Annotated[
+        bool, typer.Option(help="let the job run on the hosts the run's jobs left for slowness (docs/stragglers.md)")
+    ] = False,
 ) -> None:
     """Continue a run from its newest valid checkpoint, after a timeout, preemption, crash or cancel."""
     from orchestrator.cli.submit import resume as resume_run
 
     run = get_run_or_latest(run_id)
     overrides = collect_overrides(account, nodes, time, set_)
-    job_id = resume_run(run, steps, profile, overrides, force, from_scratch, update_code, beyond_schedule, weights)
+    job_id = resume_run(
+        run, steps, profile, overrides, force, from_scratch, update_code, beyond_schedule, weights, include_slow_hosts
+    )
     console.print(f"Resumed run [bold]{run.id}[/] as job {job_id}")
     if beyond_schedule:
         from orchestrator.cli.show import show_run_schedule
@@ -350,12 +340,12 @@ def status(
     """Runs and their state, read from the run directories and the scheduler; with RUN also where its allocated
     hours went (goodput, docs/goodput.md)."""
     from orchestrator.core.eta import clock
-    from orchestrator.core.rundir import all_runs, get_run
+    from orchestrator.core.rundir import get_run, listed_runs
 
     if suggest and not run_id:
         raise OrchError("--suggest needs a run: `orch status RUN --suggest` reads that run's save stalls and failures.")
     run = get_run(run_id) if run_id else None
-    summaries = [run.summary()] if run else summarise(all_runs())
+    summaries = [run.summary()] if run else summarise(listed_runs())
     if run:
         from orchestrator.cli.show import accounting, mlflow_page, straggler_summary
 
@@ -396,14 +386,14 @@ def status(
         show_stragglers(summaries[0], console)
 
 
-def summarise(runs) -> list[dict]:
-    """Summaries of many runs, with one scheduler query for all their live-looking jobs; a damaged run is
-    summarised as damaged and the others as usual (`orch status`, `orch ls`)."""
+def summarise(listed) -> list[dict]:
+    """Summaries of many runs (`listed_runs`: each with its run.json as read), with one scheduler query for all their
+    live-looking jobs; a damaged run is summarised as damaged and the others as usual (`orch status`, `orch ls`)."""
     from orchestrator.core.runfiles import DamagedFile
     from orchestrator.core.schedulers import alive_jobs
 
     last_jobs, read = {}, {}
-    for run in runs:
+    for run, _ in listed:
         try:
             read[run.id] = jobs, progress = run.jobs, run.progress
         except DamagedFile:
@@ -417,23 +407,23 @@ def summarise(runs) -> list[dict]:
         except OrchError as err:  # a scheduler that does not answer leaves its runs' state unknown, not the others'
             unanswered[executor] = str(err)
     summaries = []
-    for run in runs:
+    for run, info in listed:
         job = last_jobs.get(run.id)
         if job is not None and job.executor in unanswered:
             why = f"the scheduler did not answer, so whether job {job.job_id} is alive is unknown: "
-            summary = run.summary(True, read[run.id])  # as if alive: the scheduler is not asked again
+            summary = run.summary(True, read[run.id], info)  # as if alive: the scheduler is not asked again
             summaries.append({**summary, "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]})
         else:
-            summaries.append(run.summary(alive[job] if job is not None else None, read.get(run.id)))
+            summaries.append(run.summary(alive[job] if job is not None else None, read.get(run.id), info))
     return summaries
 
 
 def run_states():
     """Every run and its state as `orch status` sees it (one scheduler query for all)."""
-    from orchestrator.core.rundir import all_runs
+    from orchestrator.core.rundir import listed_runs
 
-    runs = all_runs()
-    return [(run, summary["state"]) for run, summary in zip(runs, summarise(runs), strict=True)]
+    listed = listed_runs()
+    return [(run, summary["state"]) for (run, _), summary in zip(listed, summarise(listed), strict=True)]
 
 
 @app.command()
@@ -461,7 +451,7 @@ def print_columns(headers: list[str], rows: list[list[str]]) -> None:
     """Aligned plain columns: fast for hundreds of runs (a rich Table takes seconds to lay out 200 rows)."""
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    console.print(line.format(*headers), style="bold", highlight=False, soft_wrap=True)
+    console.print(line.format(*headers), style="bold", emoji=False, highlight=False, soft_wrap=True)
     print("\n".join(line.format(*row) for row in rows))
 
 
@@ -472,9 +462,9 @@ def number(value: float | None, spec: str) -> str:
 @app.command("ls")
 def list_runs() -> None:
     """Runs, newest last, with their state and step (one scheduler query for all); a damaged run says why."""
-    from orchestrator.core.rundir import all_runs
+    from orchestrator.core.rundir import listed_runs
 
-    summaries = summarise(all_runs())
+    summaries = summarise(listed_runs())
     if not summaries:
         return
     rows = [

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.cli.executors import check_environment, from_frozen_code, make_executor, max_requeues
+from orchestrator.core import stragglers
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe
 from orchestrator.core.errors import OrchError
@@ -22,10 +23,10 @@ from orchestrator.core.loading import Override, load_profile, load_recipe, merge
 from orchestrator.core.plan import Plan, check_range
 from orchestrator.core.preflight import check_against_slurm, check_allocations, checked_plan, data_warnings
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
-from orchestrator.core.runfiles import MIXTURE, MixChange, mix_phases, read_mix_changes
+from orchestrator.core.runfiles import MIXTURE, DamagedFile, MixChange, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
 from orchestrator.core.schedulers import cancel_job, job_alive, scheduler_of, wait_until_gone
-from orchestrator.core.schedulers.base import ForeignJob, Job
+from orchestrator.core.schedulers.base import ForeignJob, Job, Scheduler
 from orchestrator.core.settings import fill_path, named_tracking_uri
 from orchestrator.core.yamlio import dump_yaml, read_yaml, shown
 
@@ -174,13 +175,47 @@ def attach_run_data(run: Run, recipe: Recipe) -> None:
     check_fingerprint(run.data_dir)
 
 
-def launch(run: Run, profile: Profile, plan: Plan) -> str:
-    """Queue the run's next job and record it (the caller holds the run's lock)."""
-    suspects = run.suspect_hosts(profile.recovery.exclude_after)  # where its tries crashed or hung (jobs.recovery)
-    queued = scheduler_of(profile.executor).excluding(from_frozen_code(profile, run.code_dir), suspects)
+def launch(run: Run, profile: Profile, plan: Plan, include_slow_hosts: bool = False) -> str:
+    """Queue the run's next job and record it (the caller holds the run's lock), and say which hosts it keeps off
+    for slowness."""
+    frozen = from_frozen_code(profile, run.code_dir)
+    queued, notes = kept_off(run, frozen, scheduler_of(profile.executor), include_slow_hosts)
     job_id = queue(queued, plan, run.submitit_dir, job_function(run), f"run {run.id}")
     run.add_job(job_id, profile.executor)
+    for note in notes:
+        Console(stderr=True).print(note, soft_wrap=True, highlight=False, markup=False)
     return job_id
+
+
+def kept_off(
+    run: Run, profile: Profile, scheduler: Scheduler, include_slow_hosts: bool = False
+) -> tuple[Profile, list[str]]:
+    """The profile the run's next job is queued with: off the hosts where its tries crashed or hung (jobs.recovery)
+    and, unless `include_slow_hosts`, those its jobs left for slowness (jobs.stragglers: a new job would find them
+    as slow), where the scheduler can keep a job off hosts; and a line per host left for slowness, saying what
+    became of it."""
+    suspects = run.suspect_hosts(profile.recovery.exclude_after)
+    try:
+        left = stragglers.left_hosts(run.dir)
+    except DamagedFile as damage:
+        return scheduler.excluding(profile, suspects), [f"{damage} (in {run.dir}): no host is kept off for slowness"]
+    queued = scheduler.excluding(profile, sorted({*suspects, *([] if include_slow_hosts else left)}))
+    excluded = set(scheduler.excluded(queued))
+    notes = []
+    for host, decision in sorted(left.items()):
+        if include_slow_hosts:
+            why = "stays excluded: the profile or crashes there exclude it" if host in excluded else "is included"
+            notes.append(f"{stragglers.left_note(decision)}, {why} (--include-slow-hosts)")
+        elif host in excluded:
+            notes.append(f"excluding {stragglers.left_note(decision)} (`orch resume --include-slow-hosts` "
+                         "takes it back)")  # fmt: skip
+        elif not scheduler.excludes_hosts:
+            notes.append(f"not excluding {stragglers.left_note(decision)}: the {scheduler.name} scheduler cannot "
+                         "keep a job off hosts")  # fmt: skip
+        else:
+            notes.append(f"not excluding {stragglers.left_note(decision)}: without it (and the hosts excluded "
+                         f"besides) the partition has too few nodes for the job's {profile.nodes}")  # fmt: skip
+    return queued, notes
 
 
 def queue(
@@ -222,12 +257,14 @@ def resume(
     update_code: bool = False,
     beyond_schedule: str | None = None,
     weights: str | None = None,
+    include_slow_hosts: bool = False,
 ) -> str:
     """Submit a new job that continues the run from its newest valid checkpoint; returns the job id. Nothing in the
     run changes unless the job is queued, except its code with `update_code` (the checkout's, asked for), and what a
     submission that stopped before queueing a job left undone (`check_code_and_data`). Steps past
     the end of the run's schedule need `beyond_schedule` (`past_schedule`); `weights` change a mixture's weights
-    from the step the job starts at (`mixture_changed`)."""
+    from the step the job starts at (`mixture_changed`). The job keeps off the hosts the run's jobs left for slowness
+    unless `include_slow_hosts` (`kept_off`)."""
     check_resume_input(run, overrides, beyond_schedule)
     with run.lock():
         jobs, info = run.jobs, run.info
@@ -278,7 +315,7 @@ def resume(
             with rewritten(run.dir / "profile.yaml", dump(profile)):
                 with rewritten(recipe_path, dump(recipe)) if recipe != stored else nullcontext():
                     with rewritten(run.dir / MIXTURE, mixture) if mixture else nullcontext():
-                        return launch(run, profile, plan)
+                        return launch(run, profile, plan, include_slow_hosts)
 
 
 def check_code_and_data(run: Run, recipe: Recipe, submitted: bool, update_code: bool) -> None:

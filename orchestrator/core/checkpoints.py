@@ -1,31 +1,36 @@
 """The layout of a run's `checkpoints/` folder, read and written here only: folder names, `latest.json`, the commit
-marker and its manifest, the protected list, and the folders set aside. Light (stdlib and pydantic), so the login
+marker and its manifest, the protected list, and the folders set aside. Light (stdlib, pydantic, xxhash), so the login
 side (status, resume, rollback, repair, export) and the training job share one definition.
 
 A checkpoint is `step_N/` (N zero-padded to 8 digits). It is written into `.step_N.partial/` and counts only once
-`COMMITTED.json` is in it: written last, it lists every file of the folder with its size and SHA-256, as the ranks
-hashed them while writing them (the commit checks names and sizes against the folder and reads nothing back; loading
-checks the checksums). `latest.json`
-names the newest committed checkpoint; a folder that fails its manifest, or that a rollback takes back, is renamed
-aside (`damaged_step_N`, `rolled_back_step_N`, with `.2`, `.3`... where that name is taken) and never read again.
+`COMMITTED.json` is in it: written last, it lists every file of the folder with its size and content digest, as the
+ranks hashed them while writing them (the commit checks names and sizes against the folder and reads nothing back;
+loading checks the digests). Each entry names its algorithm by its field: `xxh3_128` (XXH3, 128 bits: the disk, not the
+hash, sets the pace of a save) in what is written now, `sha256` in checkpoints written before, which load as ever.
+`latest.json` names the newest committed checkpoint; a folder that fails its manifest, or that a rollback takes back,
+is renamed aside (`damaged_step_N`, `rolled_back_step_N`, with `.2`, `.3`... where that name is taken) and never read
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, Self
 
-from pydantic import Field
+import xxhash
+from pydantic import Field, model_validator
 
 from orchestrator.core.files import write_json_atomic
-from orchestrator.core.runfiles import DamagedFile, FolderManifest, ManifestEntry, RunFile, read_model
+from orchestrator.core.runfiles import DamagedFile, RunFile, first_mismatch, read_model
 
 LATEST = "latest.json"
 COMMIT_MARKER = "COMMITTED.json"  # written last into a checkpoint folder: the folder counts only with it
 PROTECTED = "protected.json"  # step -> why retention keeps that checkpoint
-TRAIN_STATE = "train_state.json"  # in each checkpoint: the job's train state (jobs.train.TrainState)
+TRAIN_STATE = "train_state.json"  # in each checkpoint: the job's train state (jobs.state.SavedState)
 STEP_PREFIX = "step_"
 
 
@@ -36,10 +41,72 @@ class Latest(RunFile):
     dir: str
 
 
-class CommitMarker(FolderManifest):
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+Algorithm = Literal["xxh3_128", "sha256"]
+HASHERS: dict[Algorithm, Callable[[], Hasher]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+NAMES: dict[Algorithm, str] = {"xxh3_128": "XXH3-128", "sha256": "SHA-256"}
+
+
+def hasher() -> Hasher:
+    """What the files of a new checkpoint are hashed with, as they are written."""
+    return HASHERS["xxh3_128"]()
+
+
+class CheckpointFile(RunFile):
+    """A checkpoint file's size and digest; the one digest field present names its algorithm."""
+
+    bytes: int = Field(ge=0)
+    xxh3_128: str | None = None
+    sha256: str | None = None  # checkpoints written before XXH3
+
+    @model_validator(mode="after")
+    def one_digest(self) -> Self:
+        if (self.xxh3_128 is None) == (self.sha256 is None):
+            raise ValueError("an entry has exactly one digest: xxh3_128 or sha256")
+        return self
+
+    @classmethod
+    def hashed(cls, size: int, hashed: Hasher) -> CheckpointFile:
+        """The entry of a file of `size` bytes whose content went through `hashed` (from `hasher()`)."""
+        return cls(bytes=size, xxh3_128=hashed.hexdigest())
+
+    def algorithm(self) -> Algorithm:
+        return "xxh3_128" if self.xxh3_128 is not None else "sha256"
+
+    @property
+    def digest_name(self) -> str:
+        return NAMES[self.algorithm()]
+
+    def matches(self, path: Path) -> bool:
+        """Whether the file's content has this entry's digest (read in 16 MiB pieces: shards are gigabytes)."""
+        hashed = HASHERS[self.algorithm()]()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                hashed.update(chunk)
+        return hashed.hexdigest() == (self.xxh3_128 or self.sha256)
+
+
+def entry_of(data: bytes | memoryview) -> CheckpointFile:
+    """The entry of a file whose whole content is `data`."""
+    hashed = hasher()
+    hashed.update(data)
+    return CheckpointFile.hashed(len(data), hashed)
+
+
+class CommitMarker(RunFile):
     """COMMITTED.json: the checkpoint's step and every other file of its folder."""
 
     step: int = Field(ge=0)
+    files: dict[str, CheckpointFile]
+
+    def mismatch(self, folder: Path, checksums: bool = True) -> str | None:
+        """The first file of the marker that is missing from `folder` or differs from it; None when all match."""
+        return first_mismatch(folder, self.files, checksums)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -97,14 +164,14 @@ def read_commit_marker(folder: Path) -> CommitMarker | None:
     return read_model(folder / COMMIT_MARKER, CommitMarker)
 
 
-def commit(root: Path, partial: Path, step: int, files: dict[str, ManifestEntry]) -> Path:
+def commit(root: Path, partial: Path, step: int, files: dict[str, CheckpointFile]) -> Path:
     """Write the commit marker into a finished save, put the folder in place of any older one of the same step, and
-    name it in latest.json. `files` are the save's files with the size and SHA-256 their writers hashed as they wrote
+    name it in latest.json. `files` are the save's files with the size and digest their writers hashed as they wrote
     them: they must be the folder's files, at their sizes on disk. Returns the committed folder."""
     if problem := unlisted(partial, files):
         raise RuntimeError(f"the save of step {step} in {partial} cannot be committed: {problem}")
     marker = CommitMarker(step=step, files=files)
-    write_json_atomic(partial / COMMIT_MARKER, marker.model_dump())
+    write_json_atomic(partial / COMMIT_MARKER, marker.model_dump(exclude_none=True))
     final = step_dir(root, step)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -113,7 +180,7 @@ def commit(root: Path, partial: Path, step: int, files: dict[str, ManifestEntry]
     return final
 
 
-def unlisted(partial: Path, files: dict[str, ManifestEntry]) -> str | None:
+def unlisted(partial: Path, files: dict[str, CheckpointFile]) -> str | None:
     """What differs between a save's folder and the files its writers hashed, by name and size (no file is read)."""
     present = {str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file() and p.name != COMMIT_MARKER}
     if extra := sorted(present - files.keys()):

@@ -19,7 +19,7 @@ from orchestrator.core.estimate import (
 )
 from orchestrator.core.schedulers import scheduler_of
 
-STARTUP_MIN = 10  # per allocation: environment, process group, checkpoint load
+STARTUP_MIN = 10  # per allocation, the planner's allowance for limits and budgets: `startup_parts` cold, with room
 SAVE_BANDWIDTH_GB_S = 1.0  # per rank, a conservative write rate to the parallel filesystem
 SIGNAL_SLACK_S = 60  # headroom in the signal's lead time beyond one step and one save
 MEMORY_MARGIN = 0.9  # `auto` keeps the estimate within this share of the GPU's memory (allocator caching, error)
@@ -282,6 +282,55 @@ def step_seconds(tokens_per_step: int, tokens_per_s: float | None) -> float:
 def save_seconds(parameters: int, world_size: int) -> float:
     """Weights and Lion momentum in fp32, each rank writing its shard."""
     return 8 * parameters / world_size / (SAVE_BANDWIDTH_GB_S * 1e9)
+
+
+# An allocation's start-up on Karolina, part by part (docs/goodput.md, "Start-up"). Measured: bench.startup on
+# the 2-core machine of docs/performance.md; what it cannot measure is assumed, and says so.
+ENVIRONMENT_S = 60.0  # assumed: module load and imports from the venv on Lustre /scratch (10.6 s measured, local disk)
+PROCESS_GROUP_S = 20.0  # assumed: NCCL over 2 nodes (gloo on 2 local ranks measured 1.5 s)
+BUILD_S_PER_PARAMETER = 12.24 / 56.37e6  # measured: the 56M model's build, the median of 4 starts (6.2 to 27.6 s)
+HASH_GB_S = 12.0  # measured: XXH3-128, checkpoints' digest, on one core of this CPU (docs/performance.md)
+COMPILE_COLD_S = 120.0  # assumed for one compiled Llama block, forward and backward, on an A100 (not measured)
+COMPILE_WARM_SHARE = 57.0 / 179.2  # measured: the 56M model's compile with an earlier start's caches against without
+
+
+@dataclass(frozen=True)
+class StartupPart:
+    name: str
+    seconds: float
+    source: str
+
+
+def startup_parts(plan: Plan, warm_cache: bool) -> list[StartupPart]:
+    """From an allocation's start to its first step, resuming from a checkpoint; `warm_cache`: torch.compile's caches
+    hold an earlier start's kernels (every start of a run after its first: the job keeps them in the run's `cache/`).
+    Rank 0 verifies every byte of the checkpoint against its manifest before any rank loads its share."""
+    checkpoint_gb = 8 * plan.parameters / 1e9
+    compiled = plan.recipe.train.compile is True
+    compile_s = COMPILE_COLD_S * (COMPILE_WARM_SHARE if warm_cache else 1.0) if compiled else 0.0
+    return [
+        StartupPart("environment", ENVIRONMENT_S, "assumed: module load, imports from /scratch"),
+        StartupPart("process group", PROCESS_GROUP_S, "assumed: NCCL"),
+        StartupPart("model build", BUILD_S_PER_PARAMETER * plan.parameters, "bench.startup's 56M model, per parameter"),
+        StartupPart(
+            "checkpoint verify",
+            checkpoint_gb / SAVE_BANDWIDTH_GB_S + checkpoint_gb / HASH_GB_S,
+            f"rank 0 reads {checkpoint_gb:.2f} GB at {SAVE_BANDWIDTH_GB_S:g} GB/s and hashes it at {HASH_GB_S} GB/s",
+        ),
+        StartupPart(
+            "checkpoint load",
+            checkpoint_gb / plan.world_size / SAVE_BANDWIDTH_GB_S,
+            f"each rank's 1/{plan.world_size} at {SAVE_BANDWIDTH_GB_S:g} GB/s",
+        ),
+        StartupPart(
+            "compile",
+            compile_s,
+            (f"warm caches: {COMPILE_WARM_SHARE:.0%} (bench.startup) of " if warm_cache else "assumed: ")
+            + f"{COMPILE_COLD_S:.0f} s cold"
+            if compiled
+            else "not compiled",
+        ),
+    ]
 
 
 def make_plan(profile: Profile, recipe: Recipe, steps: int, recipe_path: Path | str = "the recipe") -> Plan:

@@ -26,7 +26,6 @@ from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec
 from orchestrator.core.errors import OrchError, machine_fault
 from orchestrator.core.eta import eta_s
 from orchestrator.core.files import copy_tree, write_atomic, write_json_atomic
-from orchestrator.core.loading import validate
 from orchestrator.core.runfiles import (
     Attempt,
     DamagedFile,
@@ -161,10 +160,14 @@ class Run:
 
     def profile(self) -> Profile:
         """The resolved profile the run's jobs use."""
+        from orchestrator.core.loading import validate  # not at import: `orch status` reads no profile of a run
+
         return validate(self.dir / "profile.yaml", Profile, read_yaml(self.dir / "profile.yaml"))
 
     def recipe(self) -> Recipe:
         """The resolved recipe the run trains."""
+        from orchestrator.core.loading import validate
+
         return validate(self.dir / "recipe.yaml", Recipe, read_yaml(self.dir / "recipe.yaml"))
 
     @property
@@ -391,17 +394,23 @@ class Run:
             os.close(fd)
 
     def summary(
-        self, alive: bool | None = None, read: tuple[list[JobRecord], Progress | None] | None = None
+        self,
+        alive: bool | None = None,
+        read: tuple[list[JobRecord], Progress | None] | None = None,
+        info: RunInfo | None = None,
     ) -> dict[str, Any]:
         """What `orch status` shows; a damaged run file gives state "damaged" with the file and why. `read`: jobs.json
-        and progress.json where the caller has read them already (`orch status` reads each file of a run once)."""
+        and progress.json, and `info`: run.json, where the caller has read them already (`orch status` reads each
+        file of a run once)."""
         try:
-            return self._summary(alive, read or (self.jobs, self.progress))
+            return self._summary(alive, read or (self.jobs, self.progress), info)
         except DamagedFile as damage:
             return {**empty_summary(self), "state": "damaged", "error": str(damage)}
 
-    def _summary(self, alive: bool | None, read: tuple[list[JobRecord], Progress | None]) -> dict[str, Any]:
-        (jobs, progress), info, attempts = read, self.info, self.attempts
+    def _summary(
+        self, alive: bool | None, read: tuple[list[JobRecord], Progress | None], known: RunInfo | None
+    ) -> dict[str, Any]:
+        (jobs, progress), info, attempts = read, known or self.info, self.attempts
         state = self.state_of(jobs, progress, alive)
         step = progress.step if progress else 0
         step_time = progress.step_time_s if progress else None
@@ -546,11 +555,26 @@ def remove_run(run: Run) -> None:
 
 def all_runs() -> list[Run]:
     """Every run in the store, oldest first; a run whose run.json is damaged or gone sorts first and is still listed."""
+    return [run for run, _ in listed_runs()]
+
+
+def listed_runs() -> list[tuple[Run, RunInfo | None]]:
+    """`all_runs`, each with its run.json as read to order it (None where it is damaged or gone): `orch status`
+    shows what it holds without reading it again. A folder whose run.json reads is a run directory without asking."""
     root = runs_root()
     if not root.is_dir():
         return []
-    runs = [Run(d) for d in root.iterdir() if RUN_ID.match(d.name) and is_run_dir(d)]
-    return sorted(runs, key=created)
+    listed = []
+    for folder in root.iterdir():
+        if not RUN_ID.match(folder.name):
+            continue
+        try:
+            info = read_model(folder / "run.json", RunInfo)
+        except DamagedFile:
+            info = None
+        if info is not None or is_run_dir(folder):
+            listed.append((Run(folder), info))
+    return sorted(listed, key=lambda entry: entry[1].created if entry[1] else 0.0)
 
 
 def files_named(folder: Path, prefix: str, suffix: str) -> list[Path]:
@@ -567,13 +591,6 @@ def is_run_dir(path: Path) -> bool:
     """A folder that create_run made: it holds one of the files written first (not, say, a profile's `paths.runs`
     kept inside ORCH_HOME's runs folder)."""
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
-
-
-def created(run: Run) -> float:
-    try:
-        return run.info.created
-    except DamagedFile:
-        return 0.0
 
 
 def get_run(run_id: str) -> Run:

@@ -139,6 +139,18 @@ def read(run_dir: Path) -> Stragglers | None:
     return read_model(run_dir / FILE, Stragglers)
 
 
+def left_hosts(run_dir: Path) -> dict[str, Decision]:
+    """The hosts the run's jobs left for slowness, each with its newest decision to leave it: a new job of the run
+    keeps off them too (`orch resume`), unless the user takes them back."""
+    figures = read(run_dir)
+    return {d.host: d for d in figures.decisions if d.leave} if figures else {}
+
+
+def left_note(decision: Decision) -> str:
+    """How `orch resume` names a host left for slowness."""
+    return f"{decision.host}, left for slowness at step {decision.step} ({100 * decision.slowdown:+.0f} %)"
+
+
 def write(run_dir: Path, figures: Stragglers, durable: bool = False) -> None:
     write_json_atomic(run_dir / FILE, figures.model_dump(), durable)
 

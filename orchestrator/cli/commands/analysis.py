@@ -7,11 +7,10 @@ mlflow) so that the CLI starts fast.
 
 from __future__ import annotations
 
-import ctypes
+import ctypes  # not imported in the child before exec (`stop_with_parent`): another thread may hold the import lock
 import getpass
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +167,8 @@ def stop_with_parent() -> None:
 
 def check_port_free(host: str, port: int) -> None:
     """Bind the port as the server will (address reuse on, so a port left in TIME_WAIT counts as free)."""
+    import socket
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -181,6 +182,8 @@ def check_port_free(host: str, port: int) -> None:
 
 def print_addresses(uri: str, experiment_id: str, host: str, port: int) -> None:
     """Where to point a browser, and the SSH tunnel that reaches this machine's loopback from a laptop."""
+    import socket
+
     page = experiment_page(experiment_id)
     shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
     console.print(f"Serving {uri} with the MLflow UI (Ctrl+C stops it).", soft_wrap=True, highlight=False)

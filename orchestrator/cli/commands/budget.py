@@ -46,17 +46,6 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def parse_node_counts(text: str) -> list[int]:
-    """`--nodes N` or a list `N1,N2,...` of distinct positive node counts."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) > 0 for part in parts) or len(set(parts)) != len(parts):
-        raise OrchError(
-            f"--nodes {shown(text)}: allowed: a number of nodes (e.g. 2), or with --dry-run a list of distinct "
-            "numbers separated by commas (e.g. 1,2,4,8) to compare them."
-        )
-    return [int(part) for part in parts]
-
-
 def when(seconds: float | None) -> str:
     return "-" if seconds is None else datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
 

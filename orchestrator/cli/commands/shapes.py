@@ -1,17 +1,48 @@
-"""What a node range may be granted (`orch submit --nodes MIN-MAX [--time-min T]`): per node count of the range, the
-job's ranks, gradient accumulation and tokens/s, and Slurm's start hint for that shape and for the range as asked
-(docs/goodput.md#backfill-shaped-jobs)."""
+"""The shapes `orch submit --nodes` asks for, read in one place (a number, a range MIN-MAX, or a what-if's list
+N1,N2,...), and what a node range may be granted (`orch submit --nodes MIN-MAX [--time-min T]`): per node count of
+the range, the job's ranks, gradient accumulation and tokens/s, and Slurm's start hint for that shape and for the
+range as asked (docs/goodput.md#backfill-shaped-jobs)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from rich.console import Console
 
 from orchestrator.cli.commands.budget import start_hint, when
 from orchestrator.cli.submit import Request
+from orchestrator.core.errors import OrchError
 from orchestrator.core.plan import fewest_nodes, shape_plans, shortest_limit_min
 from orchestrator.core.schedulers.base import StartHint
+from orchestrator.core.yamlio import shown
+
+
+@dataclass(frozen=True)
+class NodesAsked:
+    """`--nodes` as given: one count, a range (`low` to `counts[0]`), or several counts for a what-if to price."""
+
+    counts: list[int]
+    low: int | None = None  # a range's minimum: Slurm may start the job on any count from it to counts[0]
+
+
+def parse_nodes(text: str) -> NodesAsked:
+    """`--nodes N`, `MIN-MAX` (two whole numbers, 0 < MIN < MAX) or `N1,N2,...` (distinct positive counts)."""
+    if "-" in text:
+        low, _, high = (part.strip() for part in text.partition("-"))
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) < int(high)):
+            raise OrchError(
+                f"--nodes {shown(text)}: a node range is MIN-MAX, two whole numbers with 0 < MIN < MAX (e.g. 1-4): "
+                "Slurm starts the job on any count in it that it can grant first. Allowed: a range, a number of nodes "
+                "(e.g. 2), or with --dry-run a list of numbers separated by commas (e.g. 1,2,4,8)."
+            )
+        return NodesAsked([int(high)], int(low))
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts) or len(set(parts)) != len(parts):
+        raise OrchError(
+            f"--nodes {shown(text)}: allowed: a number of nodes (e.g. 2), or with --dry-run a list of distinct "
+            "numbers separated by commas (e.g. 1,2,4,8) to compare them."
+        )
+    return NodesAsked([int(part) for part in parts])
 
 
 def fixed(request: Request, nodes: int) -> Request:

@@ -122,6 +122,9 @@ class Scheduler(Protocol):
     def excluding(self, profile: Profile, hosts: list[str]) -> Profile:
         """The profile whose jobs keep off `hosts`, where the scheduler can do that."""
 
+    def excluded(self, profile: Profile) -> list[str]:
+        """The hosts the profile's jobs keep off (what `excluding` gave it, and the profile's own exclusions)."""
+
     # Planning and accounting, on a login node or a laptop.
     def start_hint(self, script: str | None) -> StartHint:
         """When a job of this script (`script`) would start if submitted now; nothing is queued."""

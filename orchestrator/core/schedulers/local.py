@@ -109,6 +109,9 @@ class Local:
         """One machine: there is nowhere else to go."""
         return profile
 
+    def excluded(self, profile: Profile) -> list[str]:
+        return []
+
     def folders(self, jobs: Sequence[Job]) -> dict[str, Path | None]:
         """A job lives while its controller does, or while ranks of it do (ranks that outlived a controller killed
         before they were tied to it, `rank_started`): a second job beside them would write the same run."""

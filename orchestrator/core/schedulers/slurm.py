@@ -157,6 +157,9 @@ class Slurm:
     def excluding(self, profile: Profile, hosts: list[str]) -> Profile:
         return excluding(profile, hosts)
 
+    def excluded(self, profile: Profile) -> list[str]:
+        return excluded(profile)
+
     def folders(self, jobs: Sequence[Job]) -> dict[str, Path | None]:
         if not jobs:
             return {}
@@ -330,17 +333,21 @@ def excluding(
     wait for good, so it goes where it may and the suspects stay recorded (a warning says so)."""
     if not hosts or profile.slurm is None:
         return profile
-    named = [h for h in profile.slurm.extra_sbatch.get("exclude", "").split(",") if h]
-    excluded = sorted({*named, *hosts})
+    kept_off = sorted({*excluded(profile), *hosts})
     nodes = nodes_of(profile.slurm.partition)
-    if nodes is not None and len(set(nodes) - set(excluded)) < profile.nodes:
+    if nodes is not None and len(set(nodes) - set(kept_off)) < profile.nodes:
         log.warning(
             "not excluding the suspect hosts %s: partition %s has %d nodes (%s), and the job needs %d",
             ",".join(hosts), profile.slurm.partition, len(nodes), ",".join(nodes), profile.nodes,
         )  # fmt: skip
         return profile
-    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(excluded)}
+    extra = {**profile.slurm.extra_sbatch, "exclude": ",".join(kept_off)}
     return profile.model_copy(update={"slurm": profile.slurm.model_copy(update={"extra_sbatch": extra})})
+
+
+def excluded(profile: Profile) -> list[str]:
+    """The hosts sbatch's `--exclude` keeps the profile's jobs off."""
+    return [h for h in profile.slurm.extra_sbatch.get("exclude", "").split(",") if h] if profile.slurm else []
 
 
 def ranges(profile: Profile) -> dict[str, str | int]:
