@@ -219,10 +219,9 @@ class StragglerWatch:
         partition keeps enough nodes without them; [] where it would not."""
         assert self.figures is not None
         hosts = sorted({*new, *(d.host for d in self.figures.decisions if d.leave)})
-        kept = scheduler_of(self.profile.executor).excluding(self.profile, hosts)
-        if kept is self.profile or kept.slurm is None:
-            return []
-        return kept.slurm.extra_sbatch.get("exclude", "").split(",")
+        scheduler = scheduler_of(self.profile.executor)
+        kept = scheduler.excluding(self.profile, hosts)
+        return [] if kept is self.profile else scheduler.excluded(kept)
 
     def requeue(self) -> None:
         """Rank 0, after the save: requeue (submitit's path, which exits), then keep the pending job off the hosts

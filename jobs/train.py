@@ -242,7 +242,7 @@ def loop(
         stall = time.perf_counter() - saving
         if stopping and progress.step < plan.steps:
             checkpointer.close()
-            if stop.follower:
+            if stop.follower and watch.leaving is None:  # stopped at its deadline, not to leave a slow host
                 stop.follower.stopped(progress.step)
             if report and stopping == "preempted":
                 report.preempted(progress.step)

@@ -25,23 +25,30 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A test module that names one of these uses a Slurm cluster of this machine (or the simulated Karolina around it).
-USES_SLURM = re.compile(r"needs_slurm|needs_two_nodes|slurm_available|local-slurm|karolina-sim")
+# A test module that names one of these uses a Slurm cluster of this machine: the two-node one (with the simulated
+# Karolina around it, envs/karolina-sim.sh), or the one-node one (envs/slurm-local.sh).
+USES_CLUSTER = {
+    "two_node_cluster": re.compile(r"slurm-two-node|karolina-sim|local-slurm-2node|needs_two_nodes"),
+    "one_node_cluster": re.compile(r"needs_slurm|slurm_available|local-slurm(?!-2node)"),
+}
 
 
 @functools.cache
-def worker_group(module: Path) -> str:
-    """Which pytest-xdist worker group a module's tests join (tests/run.sh: `-n 2 --dist loadgroup`): its own, so that
-    its module-scoped trained runs are made once; or the one group of every module that uses the Slurm clusters,
-    whose tests set nodes down, hold nodes, fill the queue and look for their jobs' processes: one at a time."""
-    return "slurm" if USES_SLURM.search(module.read_text()) else module.stem
+def cluster_of(module: Path) -> str | None:
+    """The Slurm cluster a test module uses (its tests set nodes down, hold nodes, fill the queue and count their
+    jobs: tests/run.sh runs each cluster's tests one at a time, beside the other cluster's and the rest); None for
+    none."""
+    text = module.read_text()
+    clusters = [name for name, names in USES_CLUSTER.items() if names.search(text)]
+    if len(clusters) > 1:
+        raise pytest.UsageError(f"{module.name} uses both Slurm clusters: split it, one module per cluster")
+    return clusters[0] if clusters else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(worker_group(item.path)))
+        if cluster := cluster_of(item.path):
+            item.add_marker(cluster)
 
 
 def free_port() -> int:

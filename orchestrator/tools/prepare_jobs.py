@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.core.config import Profile
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import read_json, write_json_atomic
-from orchestrator.core.schedulers import alive_jobs, scheduler_of
+from orchestrator.core.schedulers import scheduler_of
 from orchestrator.core.schedulers.base import Job
 from orchestrator.tools.prepare import (
     ChunkTokenizer,
@@ -122,12 +122,10 @@ def data_profile(profile: Profile) -> Profile:
 def check_cpus(profile: Profile, path: Path) -> str | None:
     """A partition with no CPUs to give, or fewer per node than the profile counts on, is refused; None where Slurm
     cannot be asked here (the note to show instead is returned)."""
-    if profile.executor != "slurm":
+    if profile.slurm is None:  # no partition to check
         return None
-    from orchestrator.core.schedulers.slurm import scontrol, scontrol_fields
-
     partition = profile.slurm.partition
-    known = scheduler_of("slurm").partitions()
+    known = scheduler_of(profile.executor).partitions()
     if known is None:
         return f"Note: Slurm could not be asked about partition '{partition}' here; its CPUs were not checked."
     if partition not in known:
@@ -135,12 +133,12 @@ def check_cpus(profile: Profile, path: Path) -> str | None:
             f"{path}: partition '{partition}' (slurm.partition) does not exist on this cluster, so it has no CPUs to "
             f"give. Allowed: one of {', '.join(sorted(known))}."
         )
-    fields = scontrol_fields(scontrol("show", "partition", partition, "--oneliner") or "")
-    cpus, nodes = int(fields.get("TotalCPUs", "0")), int(fields.get("TotalNodes", "0"))
-    if not cpus or not nodes or fields.get("State", "UP") not in ("UP",):
+    facts = known[partition]
+    cpus, nodes = facts.cpus, facts.nodes
+    if not cpus or not nodes or facts.state != "UP":
         raise OrchError(
             f"{path}: partition '{partition}' (slurm.partition) has no CPUs to give (Slurm says TotalCPUs={cpus}, "
-            f"TotalNodes={nodes}, State={fields.get('State')}). Allowed: a partition that is UP with CPU nodes, "
+            f"TotalNodes={nodes}, State={facts.state}). Allowed: a partition that is UP with CPU nodes, "
             "e.g. Karolina's qcpu (--profile karolina-cpu)."
         )
     if profile.node.cores > cpus // nodes:
@@ -234,9 +232,7 @@ def submit(profile: Profile, output: Path, tokenizer: TokenizerFiles, plan: Plan
     (output / SLICES / "merge.failed.json").unlink(missing_ok=True)
     scheduler, folder = scheduler_of(profile.executor), output / SLICES / "submitit"
     runner = data_profile(profile)
-    executor = scheduler.executor(runner, folder, 0, profile.signal_delay_s)
-    if profile.executor == "slurm":
-        executor.update_parameters(array_parallelism=profile.nodes)
+    executor = scheduler.array_executor(runner, folder, profile.signal_delay_s, profile.nodes)
     try:
         with scheduler.submission(runner, folder / "controller.log", 0):
             queued = executor.map_array(run_slices, [str(output)] * count, [str(tokenizer.path)] * count, groups)
@@ -250,15 +246,9 @@ def submit(profile: Profile, output: Path, tokenizer: TokenizerFiles, plan: Plan
 
 
 def sbatch_text(profile: Profile, output: Path) -> str | None:
-    """The script each array task's sbatch gets (Slurm profiles)."""
-    if profile.executor != "slurm":
-        return None
-    from orchestrator.core.compat import sbatch_script
-
-    runner = data_profile(profile)
-    executor = scheduler_of("slurm").executor(runner, output / SLICES / "submitit", 0, profile.signal_delay_s)
-    executor.update_parameters(array_parallelism=profile.nodes)
-    return sbatch_script(executor)
+    """The script each array task's sbatch gets, where the scheduler has one."""
+    folder = output / SLICES / "submitit"
+    return scheduler_of(profile.executor).script(data_profile(profile), folder, 0, profile.signal_delay_s)
 
 
 # --- progress -------------------------------------------------------------------------------------------------------
@@ -318,15 +308,9 @@ def queued_jobs(output: Path) -> list[Job]:
 
 
 def any_alive(jobs: list[Job]) -> bool:
-    """Whether a task of the jobs is queued, running or requeued. Slurm lists the pending tasks of an array as one
-    line (`ID_[0-2]`), so a Slurm array is asked about by its id."""
-    from orchestrator.core.schedulers.slurm import LIVE_SLURM_STATES, scontrol, scontrol_fields
-
-    for array in sorted({job.job_id.split("_")[0] for job in jobs if job.executor == "slurm"}):
-        shown = scontrol("show", "job", "--oneliner", array) or ""
-        if any(scontrol_fields(line).get("JobState") in LIVE_SLURM_STATES for line in shown.splitlines()):
-            return True
-    return any(alive_jobs([job for job in jobs if job.executor != "slurm"]).values())
+    """Whether a task of the jobs is queued, running or requeued."""
+    executors = {job.executor for job in jobs}
+    return any(scheduler_of(name).any_task_alive([job for job in jobs if job.executor == name]) for name in executors)
 
 
 def finished(output: Path) -> bool:

@@ -41,6 +41,8 @@ class PartitionFacts:
     grace_time_s: int  # how long a preempted job has between SIGTERM and SIGKILL
     preempt_mode: str
     state: str
+    cpus: int = 0  # all its nodes' CPUs together
+    nodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ class Scheduler(Protocol):
     def script(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> str | None:
         """The job script the scheduler would receive, where there is one."""
 
+    def array_executor(self, profile: Profile, folder: Path, signal_delay_s: int, parallelism: int) -> Any:
+        """An executor for an array of tasks (`map_array`), at most `parallelism` of them running at once where the
+        scheduler can be told so."""
+
     def partitions(self) -> dict[str, PartitionFacts] | None:
         """Every partition the scheduler reaches; None where it has none or cannot say."""
 
@@ -142,6 +148,9 @@ class Scheduler(Protocol):
 
     def cancel(self, job: Job) -> None:
         """Stop a job of `job.folder` (its checkpoints stay); nothing is signalled that is not that folder's."""
+
+    def any_task_alive(self, jobs: Sequence[Job]) -> bool:
+        """Whether a task of these arrays' jobs is queued, running or requeued."""
 
     # Inside a job, on its nodes.
     def rank_started(self) -> None:

@@ -93,6 +93,9 @@ class Local:
     def script(self, profile: Profile, folder: Path, max_requeues: int, signal_delay_s: int) -> str | None:
         return None
 
+    def array_executor(self, profile: Profile, folder: Path, signal_delay_s: int, parallelism: int) -> Any:
+        return self.executor(profile, folder, 0, signal_delay_s)
+
     def start_hint(self, script: str | None) -> StartHint:
         return StartHint(time.time(), "no queue: the local executor starts a job at once")
 
@@ -122,6 +125,10 @@ class Local:
         for job_id, folder, _ in job_ranks([job for job in jobs if found[job.job_id] is None]):
             found[job_id] = folder
         return found
+
+    def any_task_alive(self, jobs: Sequence[Job]) -> bool:
+        found = self.folders(jobs)
+        return any(found[job.job_id] is not None and same_folder(found[job.job_id], job.folder) for job in jobs)
 
     def cancel(self, job: Job) -> None:
         """Kill the job's ranks and what they started; the controller then ends by itself. Only processes of

@@ -114,6 +114,20 @@ class Slurm:
         facts = [partition_facts(line) for line in shown.splitlines() if line.startswith("PartitionName=")]
         return {f.name: f for f in facts}
 
+    def array_executor(self, profile: Profile, folder: Path, signal_delay_s: int, parallelism: int) -> Any:
+        executor = self.executor(profile, folder, 0, signal_delay_s)
+        executor.update_parameters(array_parallelism=parallelism)
+        return executor
+
+    def any_task_alive(self, jobs: Sequence[Job]) -> bool:
+        """Slurm lists the pending tasks of an array as one line (`ID_[0-2]`), so each array is asked about by its
+        id."""
+        for array in sorted({job.job_id.split("_")[0] for job in jobs}):
+            shown = scontrol("show", "job", "--oneliner", array) or ""
+            if any(scontrol_fields(line).get("JobState") in LIVE_SLURM_STATES for line in shown.splitlines()):
+                return True
+        return False
+
     def start_hint(self, script: str | None) -> StartHint:
         """`sbatch --test-only`: Slurm's own guess of the start, from its queue and reservations now."""
         try:
@@ -299,6 +313,8 @@ def partition_facts(line: str) -> PartitionFacts:
         grace_time_s=int(fields.get("GraceTime", "0")),
         preempt_mode=fields.get("PreemptMode", "OFF"),
         state=fields.get("State", "UP"),
+        cpus=int(fields.get("TotalCPUs", "0")),
+        nodes=int(fields.get("TotalNodes", "0")),
     )
 
 
