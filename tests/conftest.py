@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,31 +22,6 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# A test module that names one of these uses a Slurm cluster of this machine: the two-node one (with the simulated
-# Karolina around it, envs/karolina-sim.sh), or the one-node one (envs/slurm-local.sh).
-USES_CLUSTER = {
-    "two_node_cluster": re.compile(r"slurm-two-node|karolina-sim|local-slurm-2node|needs_two_nodes"),
-    "one_node_cluster": re.compile(r"needs_slurm|slurm_available|local-slurm(?!-2node)"),
-}
-
-
-@functools.cache
-def cluster_of(module: Path) -> str | None:
-    """The Slurm cluster a test module uses (its tests set nodes down, hold nodes, fill the queue and count their
-    jobs: tests/run.sh runs each cluster's tests one at a time, beside the other cluster's and the rest); None for
-    none."""
-    text = module.read_text()
-    clusters = [name for name, names in USES_CLUSTER.items() if names.search(text)]
-    if len(clusters) > 1:
-        raise pytest.UsageError(f"{module.name} uses both Slurm clusters: split it, one module per cluster")
-    return clusters[0] if clusters else None
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if cluster := cluster_of(item.path):
-            item.add_marker(cluster)
 
 
 def free_port() -> int:

@@ -17,32 +17,8 @@ if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests bench
 .venv/bin/lint-imports  # the import contract in pyproject.toml
 set +e
-if [ "$#" -gt 0 ]; then  # what the arguments select, in one pytest process
-  .venv/bin/python -m pytest "$@"
-  rc=$?
-else
-  # The whole suite as three pytest processes side by side: most of it waits on Slurm, servers and jobs rather than
-  # on the 2 cores. The tests that use the two-node cluster run one at a time in one of them, those that use the
-  # one-node cluster in another, the rest in the third (tests/conftest.py marks them); their logs are shown in turn.
-  logs=$(mktemp -d)
-  pids=()
-  for part in two_node_cluster one_node_cluster "not two_node_cluster and not one_node_cluster"; do
-    name=${part// /_}
-    .venv/bin/python -m pytest -p no:cacheprovider --basetemp="$logs/$name" -m "$part" >"$logs/$name.log" 2>&1 &
-    pids+=($!)
-  done
-  rc=5
-  for pid in "${pids[@]}"; do
-    wait "$pid"
-    part_rc=$?
-    if [ "$part_rc" -eq 5 ]; then continue; fi  # a part without tests
-    if [ "$rc" -eq 5 ] || [ "$part_rc" -gt "$rc" ]; then rc=$part_rc; fi
-  done
-  for log in "$logs"/*.log; do
-    echo "===== $(basename "$log" .log) ====="
-    cat "$log"
-  done
-fi
+.venv/bin/python -m pytest "$@"
+rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
