@@ -17,7 +17,7 @@ from jobs import chaos
 from orchestrator.core import stragglers
 from orchestrator.core.errors import OrchError
 from orchestrator.core.rundir import Run
-from orchestrator.core.schedulers.slurm import hostnames
+from orchestrator.core.schedulers.slurm import LIVE_SLURM_STATES, hostnames
 from orchestrator.core.stragglers import HostScore, cost_test, score_hosts
 from tests.conftest import module_home, orch, run_dir_of, spooled_losses, submitted_run_id, wait_until, wait_until_ended
 
@@ -230,6 +230,9 @@ def test_a_resume_keeps_off_the_host_left_for_slowness(runs: dict[str, Run]):
     ranks (the job's step 0) on the other nodes; the job is then left to the fixture's cancel."""
     run = runs["slowed"]
     [decision] = stragglers.read(run.dir).decisions
+    # a finished job stays in Slurm's queue while it completes, and orch resume refuses to start beside a live one
+    wait_until(lambda: job_fields(run.jobs[-1].job_id).get("JobState") not in LIVE_SLURM_STATES,
+               "the finished job to leave the queue", timeout=120, poll_s=0.5)  # fmt: skip
     resumed = orch("resume", run.id, "--steps", str(STEPS + 2))
     assert resumed.returncode == 0, resumed.stderr
     said = f"excluding {SLOW_HOST}, left for slowness at step {decision.step} (+{100 * decision.slowdown:.0f} %)"
