@@ -24,7 +24,7 @@ from typing import Literal, Protocol, Self
 import xxhash
 from pydantic import Field, model_validator
 
-from orchestrator.core.files import write_json_atomic
+from orchestrator.core.files import file_digest, write_json_atomic
 from orchestrator.core.runfiles import DamagedFile, RunFile, first_mismatch, read_model
 
 LATEST = "latest.json"
@@ -83,12 +83,8 @@ class CheckpointFile(RunFile):
         return NAMES[self.algorithm()]
 
     def matches(self, path: Path) -> bool:
-        """Whether the file's content has this entry's digest (read in 16 MiB pieces: shards are gigabytes)."""
-        hashed = HASHERS[self.algorithm()]()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                hashed.update(chunk)
-        return hashed.hexdigest() == (self.xxh3_128 or self.sha256)
+        """Whether the file's content has this entry's digest."""
+        return file_digest(path, HASHERS[self.algorithm()]) == (self.xxh3_128 or self.sha256)
 
 
 def entry_of(data: bytes | memoryview) -> CheckpointFile:

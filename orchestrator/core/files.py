@@ -223,10 +223,15 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
-def file_sha256(path: Path) -> str:
-    """A file's SHA-256, read in 16 MiB pieces (checkpoint shards and data shards are gigabytes)."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: Callable[[], Any]) -> str:
+    """A file's digest by `algorithm` (a hash object's constructor), read in 16 MiB pieces (checkpoint shards and
+    data shards are gigabytes)."""
+    digest = algorithm()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, hashlib.sha256)
