@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import resource
 import time
 import weakref
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from orchestrator.core.errors import OrchError
 from orchestrator.core.files import file_sha256, read_json, write_atomic, write_json_atomic
@@ -195,7 +195,7 @@ class DescriptorBudget:
         """How many of `wanted` shards a split may keep mapped: all where the limit allows, else what it leaves (at
         least 1, so that every block can be read)."""
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        needed = len(os.listdir("/proc/self/fd")) + FREE_DESCRIPTORS + self.granted + wanted
+        needed = psutil.Process().num_fds() + FREE_DESCRIPTORS + self.granted + wanted
         if soft != resource.RLIM_INFINITY and needed > soft:
             soft = needed if hard == resource.RLIM_INFINITY else max(soft, min(needed, hard))
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

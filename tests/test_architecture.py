@@ -70,6 +70,24 @@ def test_orch_help_builds_no_schema():
     assert out.stdout.strip() == "[]"
 
 
+
+def command_callbacks(app) -> list:
+    """Every function that typer turns into a command of `app` or of its sub-apps."""
+    found = [info.callback for info in app.registered_commands]
+    for group in app.registered_groups:
+        found += command_callbacks(group.typer_instance)
+    return found
+
+
+def test_the_commands_signatures_hold_types_not_strings():
+    """typer reads every command's signature on each start; string annotations (`from __future__ import
+    annotations`) would be parsed and evaluated each time, which was a fifth of `orch --help`."""
+    from orchestrator.cli.app import app
+
+    callbacks = command_callbacks(app)
+    quoted = {f.__qualname__: n for f in callbacks for n, a in f.__annotations__.items() if isinstance(a, str)}
+    assert len(callbacks) > 20 and quoted == {}
+
 SLURM_COMMAND = re.compile(r"""["'](squeue|scontrol|scancel|sbatch|sinfo|srun)["']""")  # a command run, not named
 EXECUTOR_BUILT = re.compile(r"\b(Local|Slurm|Auto|Debug)Executor\(")
 

@@ -55,6 +55,27 @@ def test_a_job_that_asked_for_a_requeue_after_its_last_says_why_and_where_resume
     assert "`orch resume run` continues from the checkpoint at step 60" in summary["error"], summary["error"]
 
 
+def test_a_resume_waits_for_the_scheduler_to_let_go_of_a_job_that_reported_its_end_and_only_of_such_a_job(tmp_path):
+    """Slurm lists a job that has ended as COMPLETING while it cleans up after it: a resume right after a run completed
+    (`orch resume RUN --steps MORE`) waits for that instead of refusing it as a live job."""
+    run_dir, now = tmp_path / "run", time.time()
+    run_dir.mkdir()
+    run = Run(run_dir)
+    assert submit.settle_s(run, "4242") == 0  # no heartbeat: a job that never started is not waited for
+    for state, job_id, waits in [
+        ("completed", "4242", True),
+        ("failed", "4242", True),
+        ("running", "4242", False),  # alive as far as the run knows: refused at once, as before
+        ("requeued", "4242", False),  # it asked to run again: the scheduler lists it on purpose
+        ("completed", "4141", False),  # another job's end says nothing of this one
+    ]:
+        progress = {"state": state, "step": 3, "steps": 10, "job_id": job_id, "updated": now}
+        (run_dir / "progress.json").write_text(json.dumps(progress))
+        assert submit.settle_s(run, "4242") == (submit.ENDED_JOB_SETTLE_S if waits else 0), (state, job_id)
+    (run_dir / "progress.json").write_text("{")
+    assert submit.settle_s(run, "4242") == 0  # a damaged heartbeat says nothing of the job: no wait
+
+
 @needs_root
 def test_a_submission_that_fills_the_disk_says_where_in_one_paragraph_and_leaves_no_run(tmp_path):
     with small_disk(tmp_path / "disk", "1m") as home:

@@ -1,7 +1,5 @@
 """The `orch` command line."""
 
-from __future__ import annotations
-
 import json
 import re
 import sys

@@ -25,7 +25,7 @@ from orchestrator.core.preflight import check_against_slurm, check_allocations, 
 from orchestrator.core.rundir import Run, create_run, new_run_id, remove_run
 from orchestrator.core.runfiles import MIXTURE, DamagedFile, MixChange, mix_phases, read_mix_changes
 from orchestrator.core.schedule import extended, extension_effect
-from orchestrator.core.schedulers import cancel_job, job_alive, scheduler_of, wait_until_gone
+from orchestrator.core.schedulers import cancel_job, scheduler_of, wait_until_gone
 from orchestrator.core.schedulers.base import ForeignJob, Job, Scheduler
 from orchestrator.core.settings import fill_path, named_tracking_uri
 from orchestrator.core.yamlio import dump_yaml, read_yaml, shown
@@ -236,6 +236,20 @@ def queue(
 CONFIRM_TIMEOUT_S = 300
 
 
+ENDED_JOB_SETTLE_S = 60  # how long a scheduler may go on listing a job that has reported its end (Slurm: COMPLETING)
+
+
+def settle_s(run: Run, job_id: str) -> float:
+    """How long a resume waits for the run's newest job to leave the scheduler's list: a while where the job has
+    reported that it ended (Slurm lists it as COMPLETING while it cleans up after it), else not at all."""
+    try:
+        progress = run.progress
+    except DamagedFile:
+        return 0
+    ended = progress is not None and progress.job_id == job_id and progress.state in ("completed", "failed")
+    return ENDED_JOB_SETTLE_S if ended else 0
+
+
 def stop_and_confirm(run: Run, job: Job) -> None:
     """Cancel a job of the run and wait until the scheduler no longer lists it."""
     cancel_job(job)
@@ -289,7 +303,7 @@ def resume(
         for note in site_checks([checked], many_allocations=True):  # a resume continues what was confirmed
             Console(stderr=True).print(note, soft_wrap=True, highlight=False)
         check_code_and_data(run, recipe, bool(jobs), update_code)
-        if jobs and job_alive(run.job(jobs[-1])):
+        if jobs and not wait_until_gone(run.job(jobs[-1]), settle_s(run, jobs[-1].job_id)):
             if not force:
                 raise OrchError(
                     f"Run {run.id} already has a live job {jobs[-1].job_id} ({run.state()}): two jobs must never "

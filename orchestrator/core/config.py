@@ -34,7 +34,7 @@ class Strict(BaseModel):
     """Unknown or mistyped keys are errors, never silently ignored; values are taken as they are written (no
     'yes' for true, no '5' or 5.0 for an integer) and numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, defer_build=True)
 
 
 MAX_TIME_LIMIT_MIN = 365 * 1440  # a year: beyond any partition's limit, and a bound on the plan's arithmetic
@@ -193,7 +193,7 @@ class Profile(Strict):
     launch: Launch
     node: Node
     slurm: Slurm | None = None
-    paths: Paths = Paths()
+    paths: Paths = Field(default_factory=Paths)
     env_script: str | None = Field(default=None, pattern=SAFE, description="a script in envs/ sourced before start")
     env_vars: dict[str, str] = Field(default_factory=dict)
     python: str = Field(default="", pattern=SAFE, description="python on the compute nodes; empty: this one")
@@ -213,9 +213,9 @@ class Profile(Strict):
     system_metrics_interval_s: float = Field(
         default=10.0, ge=0, le=86400, description="seconds between samples of each node's CPU, memory and GPUs; 0: off"
     )
-    watchdog: WatchdogSpec = WatchdogSpec()
-    recovery: RecoverySpec = RecoverySpec()
-    stragglers: StragglerSpec = StragglerSpec()
+    watchdog: WatchdogSpec = Field(default_factory=WatchdogSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    stragglers: StragglerSpec = Field(default_factory=StragglerSpec)
 
     @field_validator("time_limit_min")
     @classmethod

@@ -5,8 +5,6 @@ The analysis itself is in `orchestrator.tools.compare`, imported inside the comm
 mlflow) so that the CLI starts fast.
 """
 
-from __future__ import annotations
-
 import ctypes  # not imported in the child before exec (`stop_with_parent`): another thread may hold the import lock
 import getpass
 import os

@@ -4,8 +4,6 @@ No run is created: the ranks start here (one per GPU, else the profile's ranks o
 for a few steps per variant. The steps are the training job's own `Trainer` (jobs/bench.py times it).
 """
 
-from __future__ import annotations
-
 import importlib.util
 import os
 import tempfile
@@ -26,7 +24,7 @@ console = Console()
 MICRO_BATCHES = (4, 8, 16)
 
 
-def variant_recipe(path: Path, recipe: Recipe, variant: str, world: int) -> Recipe:
+def variant_recipe(path: Path, recipe: "Recipe", variant: str, world: int) -> "Recipe":
     """The recipe with a variant's train fields set ('recipe' leaves it as it is), checked as a submitted one is."""
     from orchestrator.core.config import AUTO, Recipe
     from orchestrator.core.loading import merge_all, parse_assignment, validate
@@ -52,7 +50,7 @@ def variant_recipe(path: Path, recipe: Recipe, variant: str, world: int) -> Reci
     return changed
 
 
-def default_variants(recipe: Recipe, world: int, gpu: bool) -> list[str]:
+def default_variants(recipe: "Recipe", world: int, gpu: bool) -> list[str]:
     """The recipe, then one change at a time: the other attention kernel (flash-attn only where it runs), compile and
     activation checkpointing toggled, and micro batches 4, 8, 16 where the global batch divides."""
     train = recipe.train
@@ -73,7 +71,7 @@ def default_variants(recipe: Recipe, world: int, gpu: bool) -> list[str]:
 
 
 def results_table(
-    results: list[dict[str, Any]], recipes: dict[str, Recipe], gpu: bool, peak_tflops: float | None
+    results: list[dict[str, Any]], recipes: "dict[str, Recipe]", gpu: bool, peak_tflops: float | None
 ) -> Table:
     """One row per variant; MFU needs a peak, measured memory a GPU (`estimate` is the planner's figure)."""
     from orchestrator.core.estimate import flops_per_token

@@ -1,8 +1,6 @@
 """`orch submit --dry-run --nodes 1,2,4,8` (one priced row per node count) and `orch budget` (an account's node-hours
 against its allocation), and the warning `orch submit` gives when a plan needs more than the account has left."""
 
-from __future__ import annotations
-
 import json
 import math
 import time

@@ -4,8 +4,6 @@ The work happens in `orchestrator.tools.prepare` and `jobs.shards`, imported ins
 starts fast.
 """
 
-from __future__ import annotations
-
 import os
 from collections import Counter
 from itertools import chain
@@ -45,7 +43,7 @@ Wait = Annotated[bool, typer.Option(help="follow the job until it ends; exit 2 u
 
 def job_profile(
     name: str, account: str | None, nodes: int | None, minutes: int | None, site: bool = True
-) -> tuple[Path, Profile]:
+) -> "tuple[Path, Profile]":
     """The profile with the command's overrides, checked as `orch submit` checks it; with `site`, as a real submission
     does, also against what Slurm says of its partition's CPUs."""
     from orchestrator.core.loading import load_profile
@@ -135,7 +133,7 @@ def prepare_as_job(
     tokenizer: Path,
     inputs: list[Path],
     output: Path,
-    settings: Settings,
+    settings: "Settings",
     profile_name: str,
     nodes: int | None,
     tasks: int | None,
@@ -171,7 +169,7 @@ def prepare_as_job(
         follow_prepare(output)
 
 
-def show_plan(plan: Plan, estimate: Estimate, profile: Profile, tasks: int, output: Path) -> None:
+def show_plan(plan: "Plan", estimate: "Estimate", profile: "Profile", tasks: int, output: Path) -> None:
     from orchestrator.tools.prepare_jobs import sbatch_text
 
     hours = estimate.wall_s / 3600
@@ -210,7 +208,7 @@ def follow_prepare(output: Path) -> None:
     raise OrchError(stopped_text(output, last, complete=False))
 
 
-def stopped_text(output: Path, state: Progress, complete: bool) -> str:
+def stopped_text(output: Path, state: "Progress", complete: bool) -> str:
     problems = "; ".join(state.problems) or "its tasks ended before every slice was committed (killed or cancelled)"
     if complete:
         return (
@@ -223,7 +221,7 @@ def stopped_text(output: Path, state: Progress, complete: bool) -> str:
     )
 
 
-def print_progress(state: Progress) -> None:
+def print_progress(state: "Progress") -> None:
     counts = ", ".join(f"{len(numbers)} {name}" for name, numbers in state.states.items() if numbers)
     eta = f", ETA {state.eta_s / 60:,.1f} min" if state.eta_s is not None else ""
     console.print(
@@ -252,7 +250,7 @@ def status(
         raise OrchError(stopped_text(folder, state, state.complete))
 
 
-def show_report(report: Report, output: Path, val_fraction: float) -> None:
+def show_report(report: "Report", output: Path, val_fraction: float) -> None:
     table = Table("split", "documents", "tokens", "shards", "skipped")
     for split, index in report.indexes.items():
         skipped = sum(index.skipped.values())

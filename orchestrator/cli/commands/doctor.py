@@ -2,8 +2,6 @@
 give a run: software and modules, GPUs, open-file limit, the run directories' filesystem (type, free space, write
 speed, file locks), the tracking store, network interfaces and variables, and all-reduce bandwidth."""
 
-from __future__ import annotations
-
 import json
 import shutil
 import time
@@ -63,7 +61,7 @@ def doctor(
     console.print(f"Report: {Path(request.folder) / DOCTOR_FILE}", highlight=False, soft_wrap=True)
 
 
-def doctor_request(name: str, profile: Profile) -> DoctorRequest:
+def doctor_request(name: str, profile: "Profile") -> "DoctorRequest":
     from orchestrator.core.doctor import DoctorRequest, doctor_root
     from orchestrator.core.rundir import new_run_id
     from orchestrator.core.settings import runs_location, tracking_uri
@@ -86,7 +84,7 @@ def doctor_request(name: str, profile: Profile) -> DoctorRequest:
     )
 
 
-def run_doctor(profile: Profile, request: DoctorRequest) -> DoctorReport:
+def run_doctor(profile: "Profile", request: "DoctorRequest") -> "DoctorReport":
     """Queue the job, then wait for its report; a job that ends without one is an error naming its logs."""
     from jobs.doctor import DoctorJob
     from orchestrator.cli.submit import queue
@@ -106,7 +104,7 @@ def run_doctor(profile: Profile, request: DoctorRequest) -> DoctorReport:
     return wait_for_report(folder, job, WAIT_FACTOR * profile.time_limit_min * 60)
 
 
-def wait_for_report(folder: Path, job: Job, wait_s: float) -> DoctorReport:
+def wait_for_report(folder: Path, job: "Job", wait_s: float) -> "DoctorReport":
     """doctor.json once rank 0 wrote it. A rank that failed ends the wait at once, and the job with it: the other
     ranks would wait for it in a collective until the time limit."""
     from orchestrator.core.doctor import DOCTOR_FILE, DoctorReport
@@ -146,7 +144,7 @@ def rank_error(logs: Path) -> str | None:
     return None
 
 
-def checks_table(report: DoctorReport) -> Table:
+def checks_table(report: "DoctorReport") -> Table:
     request = report.request
     table = Table(
         "check",
@@ -159,7 +157,7 @@ def checks_table(report: DoctorReport) -> Table:
     return table
 
 
-def show_request(request: DoctorRequest, profile: Profile) -> None:
+def show_request(request: "DoctorRequest", profile: "Profile") -> None:
     from orchestrator.cli.executors import job_script
     from orchestrator.core.doctor import DOCTOR_FILE, WRITE_MIB
 

@@ -2,8 +2,6 @@
 queued on a profile's nodes, after the run's training job with --after-training; with --every K each milestone as it
 commits while the run trains (docs/eval.md)."""
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -98,7 +96,7 @@ def task_names(tasks: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def evaluate_here(run: Run, step: int | None, names: list[str], limit: int | None, dry_run: bool) -> None:
+def evaluate_here(run: "Run", step: int | None, names: list[str], limit: int | None, dry_run: bool) -> None:
     """In this process, on its GPU if it has one, else on the CPU."""
     from orchestrator.tools.evaluate_checkpoint import evaluate, report, task_manager
     from orchestrator.tools.export import choose_step
@@ -112,7 +110,7 @@ def evaluate_here(run: Run, step: int | None, names: list[str], limit: int | Non
     console.print(report(run), highlight=False, soft_wrap=True)
 
 
-def follow_here(run: Run, every: int, names: list[str], limit: int | None, dry_run: bool) -> None:
+def follow_here(run: "Run", every: int, names: list[str], limit: int | None, dry_run: bool) -> None:
     """`--every` in this process: each milestone is scored as it commits, until the run has ended. Ctrl-C stops
     between two writes of evals/ (a score is written whole or not at all), and the same command continues."""
     from orchestrator.core.checkpoints import committed_steps
@@ -161,7 +159,7 @@ def follow_here(run: Run, every: int, names: list[str], limit: int | None, dry_r
 
 
 def queue_eval(
-    run: Run,
+    run: "Run",
     step: int | None,
     names: list[str],
     limit: int | None,
@@ -212,7 +210,7 @@ def queue_eval(
         follow_job(run, Job(resolved.executor, job_id, time.time(), folder), job.every)
 
 
-def following_cost(run: Run, profile: Profile, name: str, names: list[str]) -> str:
+def following_cost(run: "Run", profile: "Profile", name: str, names: list[str]) -> str:
     """What a job that follows the run holds (its one GPU, or one process, for the rest of the training, waiting
     between milestones), and the cheaper way: a short job per committed milestone."""
     from orchestrator.core.plan import make_plan
@@ -235,7 +233,7 @@ def following_cost(run: Run, profile: Profile, name: str, names: list[str]) -> s
     )
 
 
-def job_target(job: EvalJob, after: JobRecord | None) -> str:
+def job_target(job: "EvalJob", after: "JobRecord | None") -> str:
     """What an eval job scores, in words."""
     if job.every is not None:
         start = f" from when training job {after.job_id} has started" if after else ""
@@ -245,7 +243,7 @@ def job_target(job: EvalJob, after: JobRecord | None) -> str:
     return f"step {job.step}"
 
 
-def chosen_profile(run: Run, name: str | None, account: str | None) -> tuple[str, Path, Profile]:
+def chosen_profile(run: "Run", name: str | None, account: str | None) -> "tuple[str, Path, Profile]":
     """The named profile, else the one the run trains with: its name, its file and its fields."""
     from orchestrator.core.config import Profile
     from orchestrator.core.loading import load_profile, merge_all, validate
@@ -259,7 +257,7 @@ def chosen_profile(run: Run, name: str | None, account: str | None) -> tuple[str
     return run.info.profile, path, validate(path, Profile, merge_all(read_yaml(path), overrides))
 
 
-def training_job(run: Run, profile: Profile) -> JobRecord:
+def training_job(run: "Run", profile: "Profile") -> "JobRecord":
     """The run's newest training job, which a Slurm dependency can name."""
     from orchestrator.core.schedulers import scheduler_of
 
@@ -277,7 +275,7 @@ def training_job(run: Run, profile: Profile) -> JobRecord:
     return job
 
 
-def training_to_follow(run: Run, profile: Profile, name: str, ask_scheduler: bool) -> JobRecord | None:
+def training_to_follow(run: "Run", profile: "Profile", name: str, ask_scheduler: bool) -> "JobRecord | None":
     """The training job a follower job starts after (Slurm's `after`: once it has started), where both run under
     Slurm and the scheduler still has it; None where a dependency cannot be had (the local executor) or is not needed
     (training has ended: the follower scores what was committed and ends). A local training job is seen only on this
@@ -297,7 +295,7 @@ def training_to_follow(run: Run, profile: Profile, name: str, ask_scheduler: boo
     return job if not ask_scheduler or job_alive(run.job(job)) else None
 
 
-def still_training(run: Run, job: JobRecord) -> JobRecord | None:
+def still_training(run: "Run", job: "JobRecord") -> "JobRecord | None":
     """The training job while the scheduler has it; None when it has ended and the run completed (then the eval job
     waits for nothing). A run whose training ended otherwise is refused: an afterok dependency on it never holds."""
     from orchestrator.core.schedulers import job_alive
@@ -314,7 +312,7 @@ def still_training(run: Run, job: JobRecord) -> JobRecord | None:
     )
 
 
-def job_profile(profile: Profile, dependency: str | None, following: bool = False) -> Profile:
+def job_profile(profile: "Profile", dependency: str | None, following: bool = False) -> "Profile":
     """The eval job's resources: one process on one node (with one GPU where the nodes have GPUs), for at most
     EVAL_TIME_LIMIT_MIN, or the profile's whole time limit for a job `following` a run. After a training job it
     carries Slurm's `dependency` on it (afterok: completed; after: started), and Slurm cancels it when that dependency
@@ -332,7 +330,7 @@ def job_profile(profile: Profile, dependency: str | None, following: bool = Fals
     return profile.model_copy(update=update)
 
 
-def follow_job(run: Run, job: Job, every: int | None = None) -> None:
+def follow_job(run: "Run", job: "Job", every: int | None = None) -> None:
     """Wait for the job's end, then print its scores (a follower's, of each milestone it scored); a job that failed,
     or that scored one checkpoint and ended without its scores, is an error naming its logs. Ctrl-C stops the waiting,
     never the job."""
@@ -372,13 +370,13 @@ def follow_job(run: Run, job: Job, every: int | None = None) -> None:
         )
 
 
-def show_newest(run: Run, scores: CheckpointEval) -> None:
+def show_newest(run: "Run", scores: "CheckpointEval") -> None:
     """The tasks of a checkpoint's scores that its newest evaluation scored."""
     newest = max(s.finished for s in scores.tasks.values())
     show_scores(run, scores, {task: s for task, s in scores.tasks.items() if s.finished == newest})
 
 
-def show_scores(run: Run, scores: CheckpointEval, tasks: dict[str, TaskScores]) -> None:
+def show_scores(run: "Run", scores: "CheckpointEval", tasks: "dict[str, TaskScores]") -> None:
     """One evaluation's tasks (a group's subtasks too) of the checkpoint's scores."""
     from orchestrator.core.evals import eval_file
 
@@ -390,7 +388,9 @@ def show_scores(run: Run, scores: CheckpointEval, tasks: dict[str, TaskScores]) 
     console.print(f"Scores in {eval_file(run.dir, scores.step)}", highlight=False, soft_wrap=True)
 
 
-def show_job(run: Run, job: EvalJob, profile: Profile, name: str, after: JobRecord | None, folder: Path) -> None:
+def show_job(
+    run: "Run", job: "EvalJob", profile: "Profile", name: str, after: "JobRecord | None", folder: Path
+) -> None:
     from orchestrator.cli.executors import job_script
 
     console.print(

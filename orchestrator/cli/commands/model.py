@@ -1,7 +1,5 @@
 """`orch swap` and `orch export`: model directories in and out of orch. Both run without a GPU or a job."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any, Optional
 

@@ -3,8 +3,6 @@ N1,N2,...), and what a node range may be granted (`orch submit --nodes MIN-MAX [
 the range, the job's ranks, gradient accumulation and tokens/s, and Slurm's start hint for that shape and for the
 range as asked (docs/goodput.md#backfill-shaped-jobs)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, replace
 
 from rich.console import Console
