@@ -242,8 +242,8 @@ def loop(
         stall = time.perf_counter() - saving
         if stopping and progress.step < plan.steps:
             checkpointer.close()
-            if stop.follower and watch.leaving is None:  # stopped at its deadline, not to leave a slow host
-                stop.follower.stopped(progress.step)
+            if stop.follower and stopping == "time" and watch.leaving is None:  # at its deadline: not preempted,
+                stop.follower.stopped(progress.step)  # nor leaving a slow host
             if report and stopping == "preempted":
                 report.preempted(progress.step)
             elif report:

@@ -10,6 +10,7 @@ those of a run that was never interrupted."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import textwrap
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core import deadline
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.rundir import Run
 from orchestrator.core.settings import TRAINING_VIEW
@@ -33,7 +35,8 @@ ORCH = PROJECT / "orch"
 HOME = Path("/var/lib/karolina-sim/home")
 CHECKOUT = HOME / "orch"
 CONF = "/etc/slurm-two-node/slurm.conf"
-LIMIT_MIN = 3  # the time limit that makes the rehearsal's job requeue itself
+LIMIT_MIN = 3  # the time limit of each allocation of the rehearsal's job
+HEADROOM_S = 6  # a shortened end comes this long beyond the job's lead and its poll (a step, the scheduler's answer)
 
 # What cannot be real here, and what stands in for it. Every other word of the README's blocks runs as written.
 SUBSTITUTIONS: list[tuple[str, str, str]] = [
@@ -93,9 +96,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-def slurm(*command: str) -> str:
-    """A Slurm command against the simulated Karolina's controller."""
-    return subprocess.run(command, capture_output=True, text=True, env={"SLURM_CONF": CONF}).stdout.strip()
+def slurm(*command: str, check: bool = False) -> str:
+    """A Slurm command against the simulated Karolina's controller (`check`: one that must succeed)."""
+    done = subprocess.run(command, capture_output=True, text=True, env={"SLURM_CONF": CONF})
+    assert not check or done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 def squeue(job_id: str, fmt: str) -> str:
@@ -180,8 +185,7 @@ def test_the_readme_karolina_section_runs_as_written(karolina: None, tmp_path: P
     doctor = timed("6 doctor", lambda: shell(new_shell + substituted(blocks["doctor"])))
     assert "2 ranks on 2 node(s)" in doctor and "Python/3.11.5-GCCcore-13.2.0" in doctor
 
-    # 7: submitted as preemptible work on qgpu_preempt, with a limit short enough to requeue here. The job stops
-    # the plan's lead time (90 s) before its limit: with 3 minutes, over a minute of each allocation trains.
+    # 7: submitted as preemptible work on qgpu_preempt, with a limit short enough to requeue here.
     submit = substituted(blocks["submit"]).replace("--profile karolina-sim ", "--profile karolina-sim-preempt ")
     submit = submit.strip() + f" --time {LIMIT_MIN} --set signal_delay_s=30"
     run_id = submitted_run_id(shell(new_shell + submit))
@@ -202,8 +206,16 @@ def test_the_readme_karolina_section_runs_as_written(karolina: None, tmp_path: P
     checkpoint = run.checkpoints_dir / f"step_{preempted_step:08d}"
     assert sorted(p.name for p in checkpoint.glob("__*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard each
 
-    # The next allocation trains to its time limit, saves and requeues itself; the one after it trains on.
+    # The next allocation trains to its time limit, saves and requeues itself; the one after it trains on. Its limit
+    # is shortened once it trains, to what its deadline needs (docs/goodput.md#the-deadline): a Karolina job meets
+    # its limit after hours, and waiting out minutes here shows nothing more.
+    wait_until(lambda: spooled_step(run) > preempted_step, "training after the preemption", timeout=600)
+    started = run.attempts[-1].started
+    wait_until(lambda: leads(run, since=started), "the allocation's deadline", timeout=120, poll_s=0.2)
+    left = math.ceil(leads(run, since=started)[-1] + run.profile().deadline_poll_s + HEADROOM_S)
+    slurm("scontrol", "update", f"JobId={job_id}", f"EndTime=now+{left}seconds", check=True)
     wait_until(lambda: "requeueing the job after a checkpoint" in logs(run), "the time-limit requeue", timeout=600)
+    slurm("scontrol", "update", f"JobId={job_id}", f"TimeLimit={LIMIT_MIN}", check=True)  # the next one's own
     limit_step = committed_step(run.checkpoints_dir)
     assert limit_step > preempted_step
     wait_until(lambda: spooled_step(run) > limit_step, "training after the requeue", timeout=600)
@@ -243,6 +255,11 @@ def test_the_readme_karolina_section_runs_as_written(karolina: None, tmp_path: P
     )
     assert spooled_losses(run.dir) == spooled_losses(ORCH / "runs" / reference)
     print("\nrehearsal step times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
+
+
+def leads(run: Run, since: float) -> list[float]:
+    """The leads of the deadlines the run's job chose after `since`, oldest first."""
+    return [r.lead_s for r in deadline.read_records(run.dir) if r.chosen > since]
 
 
 def spooled_step(run: Run) -> int:
