@@ -18,9 +18,12 @@ the checkpoint back. Loading checks them (`orchestrator.core.checkpoints.damage`
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -29,7 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,42 +56,100 @@ from orchestrator.core.files import fault_behind, write_atomic
 log = logging.getLogger(__name__)
 
 
-WRITEBACK_BYTES = 32 << 20  # what a file being written may hold in memory before the disk is asked to start on it
+CHUNK_BYTES = 8 << 20  # what one write carries to the disk: a multiple of any block size that direct I/O asks for
+
+
+def open_direct(path: Path) -> tuple[int, bool]:
+    """The file created (mode from the umask) for writing around the page cache where its file system allows
+    (O_DIRECT), else through it; and whether it is direct."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o666), True
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # tmpfs and a few others refuse O_DIRECT; anything else is a real fault
+                raise
+    return os.open(path, flags, 0o666), False
 
 
 class HashingFile:
-    """A binary file open for writing whose bytes go through the checkpoint's hash on their way into it (written in
-    order, never sought back: what torch's writer does). Every `WRITEBACK_BYTES` it asks the kernel to start writing
-    them out (`posix_fadvise(DONTNEED)` starts writeback without waiting for it): the disk then works while the CPU
-    serialises and hashes the rest, and the fsync at the end finds little left to write."""
+    """A binary file written in order, never sought back (what torch's writer does), whose bytes go through the
+    checkpoint's hash on their way into it. The bytes gather in two page-aligned buffers of `CHUNK_BYTES`; a full one
+    goes to the disk from a thread while the caller serialises and hashes into the other, with direct I/O where the
+    file system has it: the data reaches the disk once, at the disk's pace, without filling the page cache for the
+    kernel to write back later. `close` writes the rest and fsyncs once: when it returns, the file is durable."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.hashed, self.size, self.handed = raw, layout.hasher(), 0, 0
+    def __init__(self, path: Path) -> None:
+        self.fd, self.direct = open_direct(path)
+        self.hashed, self.size, self.filled = layout.hasher(), 0, 0
+        self.buffers = [memoryview(mmap.mmap(-1, CHUNK_BYTES)) for _ in range(2)]  # freed with the object
+        self.current = self.buffers[0]
+        self.disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
+        self.in_flight: Future | None = None
+        self.closed = False
 
     def write(self, data: bytes | memoryview) -> int:
-        self.hashed.update(data)
-        written = self.raw.write(data)
-        self.size += written
-        if self.size - self.handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            self.raw.flush()
-            os.posix_fadvise(self.raw.fileno(), self.handed, self.size - self.handed, os.POSIX_FADV_DONTNEED)
-            self.handed = self.size
-        return written
+        view = memoryview(data).cast("B")
+        length = view.nbytes
+        self.hashed.update(view)
+        while view:
+            taken = min(len(view), CHUNK_BYTES - self.filled)
+            self.current[self.filled : self.filled + taken] = view[:taken]
+            self.filled += taken
+            view = view[taken:]
+            if self.filled == CHUNK_BYTES:
+                self._hand_over()
+        self.size += length
+        return length
+
+    def _hand_over(self) -> None:
+        """Send the full buffer to the disk (once the previous one is there) and fill the other."""
+        self._wait()
+        self.in_flight = self.disk.submit(write_all, self.fd, self.current)
+        self.buffers.reverse()
+        self.current, self.filled = self.buffers[0], 0
+
+    def _wait(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.result()
+            self.in_flight = None
 
     def tell(self) -> int:
-        return self.raw.tell()
-
-    def fileno(self) -> int:
-        return self.raw.fileno()
+        return self.size
 
     def flush(self) -> None:
-        self.raw.flush()
+        """Nothing: the bytes reach the disk in whole buffers, the rest at `close`."""
 
     def close(self) -> None:
-        self.raw.close()
+        """Write what is left and force the file to disk (once; a second call does nothing)."""
+        if self.closed:
+            return
+        try:
+            self._wait()
+            if self.filled:
+                if self.direct:  # the tail is not a whole number of blocks: it goes through the page cache
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                write_all(self.fd, self.current[: self.filled])
+            os.fsync(self.fd)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Release the file and the buffers, whatever is left unwritten (a failed save's folder is never used)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.disk.shutdown(wait=True)
+        os.close(self.fd)
 
     def entry(self) -> layout.CheckpointFile:
         return layout.CheckpointFile.hashed(self.size, self.hashed)
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 class HashingFileSystem(FileSystem):
@@ -99,12 +160,16 @@ class HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path: str | Path, mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
                 yield stream
-                return
-            hashing = HashingFile(stream)
+            return
+        hashing = HashingFile(Path(path))
+        try:
             yield hashing
+            hashing.close()
+        finally:
+            hashing.discard()
         self.written[Path(path).name] = hashing.entry()
 
     def rename(self, path: str | Path, new_path: str | Path) -> None:
@@ -116,21 +181,26 @@ DIGESTS = "orch.digests"  # the write result that carries a rank's digests to th
 
 
 class HashingWriter(dcp.FileSystemWriter):
-    """torch's FileSystemWriter, hashing every file as it writes it. Each rank's digests (with those of `local`, the
-    files this rank wrote itself) travel to the coordinator with its write results; after `finish` the coordinator's
-    `digests` list every file of the save. The shards are written without torch.save's CRC-32 of each record (a
-    second pass over every byte that nothing checks; `torch.load` reads them as before): the digests cover them."""
+    """torch's FileSystemWriter, hashing every file as it writes it, and writing this rank's own files (`extra`: name
+    -> bytes, such as its RNG state) the same way before its shards. Each rank's digests travel to the coordinator
+    with its write results, so every file is durable before they do; after `finish` the coordinator's `digests` list
+    every file of the save. The shards are written without torch.save's CRC-32 of each record (a second pass over
+    every byte that nothing checks; `torch.load` reads them as before): the digests cover them. torch's own fsync is
+    off: it would sync a buffered file before its last bytes are written, and `HashingFile` syncs each file once."""
 
-    def __init__(self, path: Path, local: dict[str, layout.CheckpointFile]) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, extra: dict[str, bytes]) -> None:
+        super().__init__(path, sync_files=False)
         self.fs = HashingFileSystem()
-        self.local = local
+        self.extra = extra
         self.digests: dict[str, layout.CheckpointFile] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        for name, data in self.extra.items():
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                stream.write(data)
         with serialization.patch({"save.compute_crc32": False}):
             results = super().write_data(plan, planner).wait()  # torch's own writer has finished when it returns
-        carried = WriteResult(index=MetadataIndex(DIGESTS), size_in_bytes=0, storage_data=self.local | self.fs.written)
+        carried = WriteResult(index=MetadataIndex(DIGESTS), size_in_bytes=0, storage_data=dict(self.fs.written))
         done: TorchFuture[list[WriteResult]] = TorchFuture()
         done.set_result([*results, carried])
         return done
@@ -191,9 +261,7 @@ class Checkpointer:
             partial.mkdir(parents=True, exist_ok=True)
             rng = io.BytesIO()
             torch.save(RngState().state_dict(), rng)
-            rng_file = layout.rng_file(partial, self.rank)
-            write_atomic(rng_file, rng.getbuffer(), durable=False)
-            writer = HashingWriter(partial, {rng_file.name: layout.entry_of(rng.getbuffer())})
+            writer = HashingWriter(partial, {layout.rng_file(partial, self.rank).name: rng.getvalue()})
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optimizer": optim_state}
             if self.async_save:
@@ -221,6 +289,8 @@ class Checkpointer:
                 dist.broadcast(took, src=0, group=self.group)
             if not took.isnan().item():
                 self.longest_save_s = max(self.longest_save_s or 0.0, took.item())
+            if self.rank == 0:  # after the broadcast: the other ranks need not wait for the deletion
+                self._apply_retention()
 
     @contextmanager
     def failed_save(self, partial: Path) -> Iterator[None]:
@@ -244,12 +314,11 @@ class Checkpointer:
     ) -> float:
         """Rank 0: write the train state and the commit; returns the seconds since `started` until it was written."""
         saved = json.dumps({"step": step, **train_state}).encode()
-        (partial / layout.TRAIN_STATE).write_bytes(saved)
+        write_atomic(partial / layout.TRAIN_STATE, saved)
         layout.commit(self.root, partial, step, digests | {layout.TRAIN_STATE: layout.entry_of(saved)})
         took = time.perf_counter() - started
         with self.lock:
             self.committed = step
-        self._apply_retention()
         return took
 
     def _apply_retention(self) -> None:

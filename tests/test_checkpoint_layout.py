@@ -204,3 +204,55 @@ def test_the_manifest_holds_the_digest_of_every_file_as_written_and_a_flipped_by
     step, problems = saver.choose()
     assert step == 1 and problems == [f"checkpoint at step 2 is damaged: {shard.name} fails its XXH3-128 checksum"]
     saver.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_hashing_file_writes_every_byte_in_order_whole_buffers_and_tail_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    import errno
+    import os
+
+    import jobs.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 8192)  # a few whole buffers, then a tail of no whole block
+    if not direct:  # a file system that refuses O_DIRECT (tmpfs) gets the same file through the page cache
+        real_open = os.open
+
+        def refusing(path, flags, mode=0o777):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, mode)
+
+        monkeypatch.setattr(checkpoint.os, "open", refusing)
+    payload = os.urandom(5 * 8192 + 1000)
+    hashing = checkpoint.HashingFile(tmp_path / "shard.distcp")
+    for start in range(0, len(payload), 3000):  # pieces that straddle the buffers' edges
+        hashing.write(memoryview(payload)[start : start + 3000])
+    assert hashing.tell() == len(payload)
+    hashing.close()
+    hashing.close()  # torch closes the stream itself; the file system closes it again
+
+    assert (tmp_path / "shard.distcp").read_bytes() == payload
+    assert hashing.entry() == checkpoints.entry_of(payload)
+    assert hashing.direct == direct
+
+
+def test_a_failed_write_to_the_disk_fails_the_file_and_frees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import jobs.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 8192)
+
+    def full(fd: int, data: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_all", full)
+    files = checkpoint.HashingFileSystem()
+    with pytest.raises(OSError, match="No space left"):
+        with files.create_stream(tmp_path / "shard.distcp", "wb") as stream:
+            stream.write(b"\0" * 3 * 8192)
+    assert stream.closed and files.written == {}
