@@ -157,7 +157,11 @@ def squeue(job_id: str) -> dict[str, str]:
     return {"state": state, "nodes": nodes, "limit": limit}
 
 
-LIMIT_MIN, TIME_MIN = 4, 2  # the smallest whole minutes that hold a start-up, a step and a save (`check_range`)
+# TIME_MIN: the smallest whole minutes that hold a start-up, a step and a save (`check_range`). The holder's limit,
+# LIMIT_MIN - 1, leaves the free node a window of at least TIME_MIN + 1 minutes: Slurm's backfill sees time in
+# whole minutes (bf_resolution, 60 s), so a window of TIME_MIN + a few seconds closed before its next pass when the
+# holder started late in a minute.
+LIMIT_MIN, TIME_MIN = 5, 2
 PAST_REQUEUE = 3  # steps the run trains on two nodes before it is stopped
 
 
