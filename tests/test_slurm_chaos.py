@@ -110,7 +110,9 @@ def slurm(*args: str) -> str:
 
 
 def queued_jobs() -> set[str]:
-    return set(slurm("squeue", "--noheader", "--format=%i").split())
+    """The jobs that run or may start on the node: a held job (another run's leftover, say) never does."""
+    listed = (line.split("|", 1) for line in slurm("squeue", "--noheader", "--format=%i|%r").splitlines())
+    return {job_id for job_id, reason in listed if not reason.startswith("JobHeld")}
 
 
 def attempts_of(run: Run) -> list[tuple[str, int, str | None]]:
