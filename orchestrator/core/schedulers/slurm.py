@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -207,11 +208,14 @@ class Slurm:
         return 1
 
     def keep_off(self, job_id: str, hosts: list[str]) -> None:
-        """Slurm 22.05 refuses this for a job that is still running (as the failing job is): its answer is logged."""
+        """Slurm 22.05 refuses this for a job that is still running, so it comes after the requeue, while Slurm ends
+        the job's tasks with SIGTERM: scontrol runs with SIGTERM ignored (inherited through exec), or it would die
+        before its request reached slurmctld. Its answer is logged."""
         excluded = ",".join(hosts)
         done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={excluded}"],
-                              capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-        log.warning("excluding %s from the next try: %s", excluded, done.stderr.strip() or "accepted")
+                              capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=ignore_sigterm)  # fmt: skip
+        answer = "accepted" if done.returncode == 0 else done.stderr.strip() or f"scontrol exited {done.returncode}"
+        log.warning("excluding %s from the next try: %s", excluded, answer)
 
     def requeue_preempted(self, job_id: str) -> None:
         """Slurm requeues a preempted job (PreemptMode=REQUEUE) only when its grace time runs out: one that saved
@@ -339,6 +343,11 @@ def partition_nodes(partition: str) -> list[str] | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return sorted(set(listed.stdout.split())) if listed.returncode == 0 and listed.stdout.strip() else None
+
+
+def ignore_sigterm() -> None:
+    """In a child before it execs: SIGTERM ignored (an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def excluding(
