@@ -2,9 +2,11 @@
 which way imports run; these tests check what a contract cannot: no circle of imports, and a CLI that starts
 without the training stack."""
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import grimp
 
@@ -70,6 +72,19 @@ def test_orch_help_builds_no_schema():
     assert out.stdout.strip() == "[]"
 
 
+def test_orch_status_reads_no_profile_schema_or_yaml(tmp_path: Path):
+    """`orch status` shows run files: the profile and recipe schemas and the YAML loader are for the commands that
+    read a profile or a recipe."""
+    unneeded = ("orchestrator.core.config", "orchestrator.core.yamlio", "yaml")
+    code = (
+        "import sys; from orchestrator.cli.app import main; sys.argv = ['orch', 'status']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print([m for m in {unneeded!r} if m in sys.modules])"
+    )
+    env = {**os.environ, "ORCH_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
 
 def command_callbacks(app) -> list:
     """Every function that typer turns into a command of `app` or of its sub-apps."""
@@ -87,6 +102,7 @@ def test_the_commands_signatures_hold_types_not_strings():
     callbacks = command_callbacks(app)
     quoted = {f.__qualname__: n for f in callbacks for n, a in f.__annotations__.items() if isinstance(a, str)}
     assert len(callbacks) > 20 and quoted == {}
+
 
 SLURM_COMMAND = re.compile(r"""["'](squeue|scontrol|scancel|sbatch|sinfo|srun)["']""")  # a command run, not named
 EXECUTOR_BUILT = re.compile(r"\b(Local|Slurm|Auto|Debug)Executor\(")

@@ -4,13 +4,15 @@ the same values and the same words for damage as parsing with json.loads and val
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.app import summarise
-from orchestrator.core import rundir
+from orchestrator.cli import app
+from orchestrator.cli.app import run_summaries
+from orchestrator.core import rundir, status_cache
 from orchestrator.core.rundir import Run, all_runs, listed_runs
 from orchestrator.core.runfiles import DamagedFile, JobRecord, Progress, RunInfo, adapter, describe, read_model
 
@@ -84,7 +86,83 @@ def test_status_reads_each_run_json_once(orch_home: Path, monkeypatch: pytest.Mo
         return read_model(path, model, default)
 
     monkeypatch.setattr(rundir, "read_model", counted)
-    summaries = summarise(listed_runs())
+    summaries = [summary for _, summary in run_summaries()]
     assert [s["state"] for s in summaries] == ["damaged", "completed", "completed"]
     assert reads.count("run.json") == 4  # once for each run, and again for the damaged one to say why
     assert summaries == [Run(run.dir).summary() for run, _ in listed_runs()]
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The run files read from here on, as `run/file`."""
+    reads: list[str] = []
+
+    def counted(path: Path, model, default=None):
+        reads.append(f"{path.parent.name}/{path.name}")
+        return read_model(path, model, default)
+
+    monkeypatch.setattr(rundir, "read_model", counted)
+    return reads
+
+
+def test_a_finished_runs_summary_is_reused_until_one_of_its_files_changes(
+    orch_home: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(status_cache, "RACY_S", -1.0)  # the files written a moment ago count as settled
+    for number in range(3):
+        write_run(orch_home / "runs", f"run-{number}", time.time() + number, damaged=number == 1)
+    first = run_summaries()
+    reads = counting_reads(monkeypatch)
+    assert [(run.id, s) for run, s in run_summaries()] == [(run.id, s) for run, s in first]
+    assert reads == []
+    progress = orch_home / "runs" / "run-2" / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "loss": 1.5}))
+    third = run_summaries()
+    assert {read.split("/")[0] for read in reads} == {"run-2"}
+    assert [s["loss"] for _, s in third] == [None, None, 1.5]
+    assert [s for _, s in third] == [Run(run.dir).summary() for run, _ in listed_runs()]
+
+
+def test_a_cached_failed_run_is_read_again_when_its_job_is_alive_again(
+    orch_home: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A job that Slurm requeued after its rank reported a failure is listed again before any file changes."""
+    monkeypatch.setattr(status_cache, "RACY_S", -1.0)
+    write_run(orch_home / "runs", "run-0", time.time())
+    progress = orch_home / "runs" / "run-0" / "progress.json"
+    progress.write_text(json.dumps({**PROGRESS, "job_id": "123", "updated": time.time()}))
+    assert [s["state"] for _, s in run_summaries()] == ["failed"]  # the local job 123 is not alive
+    real = app.ask_alive
+    monkeypatch.setattr(app, "ask_alive", lambda jobs: ({job: True for job in jobs}, {}))
+    assert [s["state"] for _, s in run_summaries()] == ["running"]
+    monkeypatch.setattr(app, "ask_alive", real)
+    assert [s["state"] for _, s in run_summaries()] == ["failed"]
+
+
+def test_a_summary_made_just_after_a_change_is_not_kept(orch_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """Within the file system's timestamp granularity a rewritten file can look unchanged: such runs are read."""
+    write_run(orch_home / "runs", "run-0", time.time())
+    run_summaries()
+    reads = counting_reads(monkeypatch)
+    run_summaries()
+    assert "run-0/run.json" in reads
+
+
+@pytest.mark.parametrize("damage", ["garbage", "fifo", "other version", "wrong shape"])
+def test_a_damaged_cache_is_ignored_and_made_again(orch_home: Path, monkeypatch: pytest.MonkeyPatch, damage: str):
+    monkeypatch.setattr(status_cache, "RACY_S", -1.0)
+    for number in range(2):
+        write_run(orch_home / "runs", f"run-{number}", time.time() + number)
+    expected = [s for _, s in run_summaries()]
+    cache = orch_home / "runs" / status_cache.CACHE
+    cache.unlink()
+    if damage == "fifo":
+        os.mkfifo(cache)  # read without waiting for a writer
+    else:
+        text = {
+            "garbage": "\0{not json",
+            "other version": json.dumps({"version": 0, "runs": {}}),
+            "wrong shape": json.dumps({"version": status_cache.VERSION, "runs": {"run-0": [1], "run-1": {"key": 1}}}),
+        }[damage]
+        cache.write_text(text)
+    assert [s for _, s in run_summaries()] == expected
+    assert cache.is_file() and set(json.loads(cache.read_text())["runs"]) == {"run-0", "run-1"}

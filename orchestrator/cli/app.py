@@ -3,7 +3,7 @@
 import json
 import re
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,10 @@ from orchestrator.cli.commands.doctor import app as doctor_app
 from orchestrator.cli.commands.eval import app as eval_app
 from orchestrator.cli.commands.model import app as model_app
 from orchestrator.core.errors import OrchError, machine_fault
+
+if TYPE_CHECKING:  # `orch --help` imports no run directory
+    from orchestrator.core.rundir import Run
+    from orchestrator.core.schedulers.base import Job
 
 app = typer.Typer(
     help="orch: pretraining jobs on Slurm clusters, and on this machine.",
@@ -338,12 +342,12 @@ def status(
     """Runs and their state, read from the run directories and the scheduler; with RUN also where its allocated
     hours went (goodput, docs/goodput.md)."""
     from orchestrator.core.eta import clock
-    from orchestrator.core.rundir import get_run, listed_runs
+    from orchestrator.core.rundir import get_run
 
     if suggest and not run_id:
         raise OrchError("--suggest needs a run: `orch status RUN --suggest` reads that run's save stalls and failures.")
     run = get_run(run_id) if run_id else None
-    summaries = [run.summary()] if run else summarise(listed_runs())
+    summaries = [run.summary()] if run else [summary for _, summary in run_summaries()]
     if run:
         from orchestrator.cli.show import accounting, mlflow_page, straggler_summary
 
@@ -384,44 +388,85 @@ def status(
         show_stragglers(summaries[0], console)
 
 
-def summarise(listed) -> list[dict]:
-    """Summaries of many runs (`listed_runs`: each with its run.json as read), with one scheduler query for all their
-    live-looking jobs; a damaged run is summarised as damaged and the others as usual (`orch status`, `orch ls`)."""
-    from orchestrator.core.runfiles import DamagedFile
-    from orchestrator.core.schedulers import alive_jobs
+def run_summaries() -> list[tuple["Run", dict]]:
+    """Every run with what `orch status` shows of it, oldest first, with one scheduler query for all live-looking jobs.
+    A finished run whose files are unchanged is taken from the cache (orchestrator.core.status_cache), where the
+    scheduler still answers for its newest job as it did; a damaged run is summarised as damaged and the others as
+    usual (`orch status`, `orch ls`, `orch budget`)."""
+    from orchestrator.core.rundir import Run, listed_run, run_folders
+    from orchestrator.core.schedulers.base import Job
+    from orchestrator.core.settings import runs_root
+    from orchestrator.core.status_cache import StatusCache, inputs_key
 
-    last_jobs, read = {}, {}
+    cache = StatusCache(runs_root())
+    keys = {folder: inputs_key(folder) for folder in run_folders()}  # before any is read: a change makes a new key
+    cached = {folder: entry for folder, key in keys.items() if (entry := cache.lookup(folder.name, key))}
+    asked = {folder: Job(*entry["job"], Run(folder).submitit_dir) for folder, entry in cached.items() if entry["job"]}
+    listed = [entry for folder in keys if folder not in cached and (entry := listed_run(folder)) is not None]
+    read, last_jobs = read_jobs(listed)
+    alive, unanswered = ask_alive([*last_jobs.values(), *asked.values()])
+    changed = [f for f, job in asked.items() if job.executor in unanswered or alive[job] != cached[f]["alive"]]
+    for folder in changed:  # its state may have changed with the scheduler's answer: read it again
+        del cached[folder]
+        listed.append((Run(folder), listed_run(folder)[1]))
+    if changed:
+        read, last_jobs = read_jobs(listed)
+    found = []
+    for run, info in listed:
+        job = last_jobs.get(run.id)
+        summary = summarise(run, info, read.get(run.id), job, alive, unanswered)
+        answer = None if job is None else alive.get(job)
+        cache.keep(run.id, keys[run.dir], summary, job and [job.executor, job.job_id, job.submitted], answer)
+        found.append((info.created if info else 0.0, run, summary))
+    cache.save()
+    found += [(entry["summary"]["created"] or 0.0, Run(folder), entry["summary"]) for folder, entry in cached.items()]
+    return [(run, summary) for _, run, summary in sorted(found, key=lambda item: item[0])]
+
+
+def read_jobs(listed) -> tuple[dict, dict]:
+    """jobs.json and progress.json of each run (a damaged one is left out: its summary says so), and the newest job
+    of each whose state the scheduler decides (those not completed)."""
+    from orchestrator.core.runfiles import DamagedFile
+
+    read, last_jobs = {}, {}
     for run, _ in listed:
         try:
             read[run.id] = jobs, progress = run.jobs, run.progress
         except DamagedFile:
-            continue  # its summary says so
+            continue
         if jobs and not (progress and progress.state == "completed"):
             last_jobs[run.id] = run.job(jobs[-1])
+    return read, last_jobs
+
+
+def ask_alive(jobs: list["Job"]) -> tuple[dict["Job", bool], dict[str, str]]:
+    """Whether each job is alive, one query per scheduler; a scheduler that does not answer leaves its jobs out, with
+    its error, and the others' as usual."""
+    from orchestrator.core.schedulers import alive_jobs
+
     alive, unanswered = {}, {}
-    for executor in {job.executor for job in last_jobs.values()}:
+    for executor in {job.executor for job in jobs}:
         try:
-            alive |= alive_jobs([job for job in last_jobs.values() if job.executor == executor])
-        except OrchError as err:  # a scheduler that does not answer leaves its runs' state unknown, not the others'
+            alive |= alive_jobs([job for job in jobs if job.executor == executor])
+        except OrchError as err:
             unanswered[executor] = str(err)
-    summaries = []
-    for run, info in listed:
-        job = last_jobs.get(run.id)
-        if job is not None and job.executor in unanswered:
-            why = f"the scheduler did not answer, so whether job {job.job_id} is alive is unknown: "
-            summary = run.summary(True, read[run.id], info)  # as if alive: the scheduler is not asked again
-            summaries.append({**summary, "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]})
-        else:
-            summaries.append(run.summary(alive[job] if job is not None else None, read.get(run.id), info))
-    return summaries
+    return alive, unanswered
+
+
+def summarise(
+    run: "Run", info, read, job: Optional["Job"], alive: dict["Job", bool], unanswered: dict[str, str]
+) -> dict:
+    """One run's summary from its files as read and the scheduler's answers."""
+    if job is not None and job.executor in unanswered:
+        why = f"the scheduler did not answer, so whether job {job.job_id} is alive is unknown: "
+        summary = run.summary(True, read, info)  # as if alive: the scheduler is not asked again
+        return {**summary, "state": "unknown", "eta_s": None, "error": why + unanswered[job.executor]}
+    return run.summary(alive.get(job) if job is not None else None, read, info)  # None: it asks
 
 
 def run_states():
     """Every run and its state as `orch status` sees it (one scheduler query for all)."""
-    from orchestrator.core.rundir import listed_runs
-
-    listed = listed_runs()
-    return [(run, summary["state"]) for (run, _), summary in zip(listed, summarise(listed), strict=True)]
+    return [(run, summary["state"]) for run, summary in run_summaries()]
 
 
 @app.command()
@@ -460,9 +505,7 @@ def number(value: float | None, spec: str) -> str:
 @app.command("ls")
 def list_runs() -> None:
     """Runs, newest last, with their state and step (one scheduler query for all); a damaged run says why."""
-    from orchestrator.core.rundir import listed_runs
-
-    summaries = summarise(listed_runs())
+    summaries = [summary for _, summary in run_summaries()]
     if not summaries:
         return
     rows = [

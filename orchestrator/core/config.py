@@ -23,9 +23,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from orchestrator.core.project import PROJECT_ROOT
 from orchestrator.core.yamlio import shown
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROFILES_DIR = PROJECT_ROOT / "cluster_profiles"
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 
@@ -187,8 +187,11 @@ class Profile(Strict):
         default=30, ge=1, le=MAX_TIME_LIMIT_MIN * 60, description="warning signal at least this long before the limit"
     )
     deadline_poll_s: float = Field(
-        default=30, gt=0, le=3600, description="how often a running job asks its scheduler for its end time and the "
-        "reservations on its nodes (Slurm; docs/goodput.md#the-deadline)"
+        default=30,
+        gt=0,
+        le=3600,
+        description="how often a running job asks its scheduler for its end time and the "
+        "reservations on its nodes (Slurm; docs/goodput.md#the-deadline)",
     )
     launch: Launch
     node: Node

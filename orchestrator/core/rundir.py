@@ -19,13 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.checkpoints import incomplete_dirs
-from orchestrator.core.config import PROJECT_ROOT, Profile, Recipe, WatchdogSpec
 from orchestrator.core.errors import OrchError, machine_fault
 from orchestrator.core.eta import eta_s
 from orchestrator.core.files import copy_tree, write_atomic, write_json_atomic
+from orchestrator.core.project import PROJECT_ROOT
 from orchestrator.core.runfiles import (
     Attempt,
     DamagedFile,
@@ -43,7 +43,9 @@ from orchestrator.core.runfiles import (
 from orchestrator.core.schedulers import foreign_owner, job_alive
 from orchestrator.core.schedulers.base import Job, foreign, log_files
 from orchestrator.core.settings import embedded_store, runs_root
-from orchestrator.core.yamlio import read_yaml
+
+if TYPE_CHECKING:  # `orch status` reads no profile or recipe of a run: the schemas and YAML stay unimported
+    from orchestrator.core.config import Profile, Recipe, WatchdogSpec
 
 # unsubmitted: its creation stopped before a job was queued (a killed `orch submit`); `orch resume` submits it
 TERMINAL_STATES = ("completed", "failed", "cancelled", "preempted", "damaged", "unsubmitted")
@@ -160,13 +162,17 @@ class Run:
 
     def profile(self) -> Profile:
         """The resolved profile the run's jobs use."""
-        from orchestrator.core.loading import validate  # not at import: `orch status` reads no profile of a run
+        from orchestrator.core.config import Profile
+        from orchestrator.core.loading import validate
+        from orchestrator.core.yamlio import read_yaml
 
         return validate(self.dir / "profile.yaml", Profile, read_yaml(self.dir / "profile.yaml"))
 
     def recipe(self) -> Recipe:
         """The resolved recipe the run trains."""
+        from orchestrator.core.config import Recipe
         from orchestrator.core.loading import validate
+        from orchestrator.core.yamlio import read_yaml
 
         return validate(self.dir / "recipe.yaml", Recipe, read_yaml(self.dir / "recipe.yaml"))
 
@@ -351,6 +357,8 @@ class Run:
     def watchdog(self) -> WatchdogSpec:
         """The run's watchdog bounds; the defaults where profile.yaml cannot be read (its own error is reported
         where the profile is used)."""
+        from orchestrator.core.config import WatchdogSpec
+
         try:
             return self.profile().watchdog
         except OrchError:
@@ -560,21 +568,27 @@ def all_runs() -> list[Run]:
 
 def listed_runs() -> list[tuple[Run, RunInfo | None]]:
     """`all_runs`, each with its run.json as read to order it (None where it is damaged or gone): `orch status`
-    shows what it holds without reading it again. A folder whose run.json reads is a run directory without asking."""
+    shows what it holds without reading it again."""
+    listed = [entry for folder in run_folders() if (entry := listed_run(folder)) is not None]
+    return sorted(listed, key=lambda entry: entry[1].created if entry[1] else 0.0)
+
+
+def run_folders() -> list[Path]:
+    """The folders of the runs folder that are named as runs can be, in the order the file system lists them."""
     root = runs_root()
     if not root.is_dir():
         return []
-    listed = []
-    for folder in root.iterdir():
-        if not RUN_ID.match(folder.name):
-            continue
-        try:
-            info = read_model(folder / "run.json", RunInfo)
-        except DamagedFile:
-            info = None
-        if info is not None or is_run_dir(folder):
-            listed.append((Run(folder), info))
-    return sorted(listed, key=lambda entry: entry[1].created if entry[1] else 0.0)
+    return [folder for folder in root.iterdir() if RUN_ID.match(folder.name)]
+
+
+def listed_run(folder: Path) -> tuple[Run, RunInfo | None] | None:
+    """The run in `folder` with its run.json as read (None where damaged or gone); None where the folder is not a run
+    directory. A folder whose run.json reads is one without asking."""
+    try:
+        info = read_model(folder / "run.json", RunInfo)
+    except DamagedFile:
+        info = None
+    return (Run(folder), info) if info is not None or is_run_dir(folder) else None
 
 
 def files_named(folder: Path, prefix: str, suffix: str) -> list[Path]:

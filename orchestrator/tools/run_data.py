@@ -93,5 +93,3 @@ def prepare_demo(spec: DataSpec, vocab_size: int, seed: int, data_dir: Path) -> 
         train_tokenizer(read_texts(list_inputs(inputs)[0], Counter()), vocab_size, tokenizer)
     report = prepare(tokenizer, inputs, data_dir, Settings(DEMO_VAL_FRACTION, seed, "auto", SHARD_TOKENS))
     log.info("prepared %s: %s", spec.source, {s: (i.documents, i.tokens) for s, i in report.indexes.items()})
-
-

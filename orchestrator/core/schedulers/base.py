@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from orchestrator.core.config import Profile
 from orchestrator.core.errors import OrchError
+
+if TYPE_CHECKING:  # the schemas are built where a profile is read, not by `orch status`
+    from orchestrator.core.config import Profile
 
 
 @dataclass(frozen=True)

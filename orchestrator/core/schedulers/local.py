@@ -24,8 +24,10 @@ from orchestrator.core.compat import (
     SUBMITIT_CONTROLLER_MODULE,
     SUBMITIT_TASK_MODULE,
 )
-from orchestrator.core.config import Profile
 from orchestrator.core.schedulers.base import Ends, Job, PartitionFacts, StartHint, Usage, same_folder
+
+if TYPE_CHECKING:  # the schemas are built where a profile is read, not by `orch status`
+    from orchestrator.core.config import Profile
 
 if TYPE_CHECKING:
     import psutil

@@ -16,13 +16,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.compat import sbatch_script
-from orchestrator.core.config import PROJECT_ROOT, Profile
 from orchestrator.core.errors import OrchError
+from orchestrator.core.project import PROJECT_ROOT
 from orchestrator.core.schedulers.base import Ends, Job, PartitionFacts, StartHint, Usage
 from orchestrator.core.settings import fill_path
+
+if TYPE_CHECKING:  # the schemas are built where a profile is read, not by `orch status`
+    from orchestrator.core.config import Profile
 
 log = logging.getLogger("orch.slurm")
 SLURM_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
