@@ -1,7 +1,8 @@
 """`orch status` latency with many runs in ORCH_HOME (a benchmark, not a test).
 
 Creates N run directories shaped like real ones (half completed, half running under a Slurm job id that the
-scheduler no longer knows, so `squeue` is asked once for all of them), then times the real command.
+scheduler no longer knows, so `squeue` is asked once for all of them), then times the real command, with the
+finished runs' summaries cached (`runs/.status-cache.json`, made by the untimed first round) and once more without.
 Each row is compared with `python -c "import submitit"` timed in the same invocation (machines are noisy); with
 --candidate, the same commands of another checkout (e.g. `git worktree add /tmp/before HEAD`) are timed too. Every
 command runs once per round, in turn, so that load from elsewhere falls on all alike.
@@ -58,9 +59,12 @@ def make_runs(home: Path, count: int) -> None:
 
 
 COMMANDS = (["--help"], ["status"], ["status", "--json"], ["ls"])
+UNCACHED = " (no status cache)"  # the row of `orch status` with the finished runs' summaries made anew each time
 
 
-def time_once(args: list[str], env: dict[str, str], cwd: Path) -> float:
+def time_once(args: list[str], env: dict[str, str], cwd: Path, uncached: bool = False) -> float:
+    if uncached:
+        (Path(env["ORCH_HOME"]) / "runs" / ".status-cache.json").unlink(missing_ok=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, *args], env=env, cwd=cwd, check=True, capture_output=True)
     return time.perf_counter() - started
@@ -77,15 +81,17 @@ def main() -> None:
     for args in COMMANDS:
         for label, checkout in checkouts.items():
             rows[f"orch {' '.join(args)}{label}"] = (["-m", "orchestrator", *args], checkout)
+    rows[f"orch status{UNCACHED}"] = (["-m", "orchestrator", "status"], ROOT)
     times: dict[str, list[float]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as home:
         make_runs(Path(home), options.runs)
+        time.sleep(2.5)  # finished runs' files are older than the status cache's window for just-changed files
         env = {**os.environ, "ORCH_HOME": home}
-        for args, cwd in rows.values():  # untimed: a checkout's first run compiles its bytecode
-            time_once(args, env, cwd)
+        for name, (args, cwd) in rows.items():  # untimed: a checkout's first run compiles its bytecode
+            time_once(args, env, cwd, name.endswith(UNCACHED))
         for _ in range(options.repeat):
             for name, (args, cwd) in rows.items():
-                times[name].append(time_once(args, env, cwd))
+                times[name].append(time_once(args, env, cwd, name.endswith(UNCACHED)))
     baseline = statistics.median(times["python -c 'import submitit'"])
     for name, taken in times.items():
         show(name, taken, baseline, options, times.get(name.removesuffix(" (candidate)")))

@@ -16,23 +16,37 @@ fi
 if [ "${CI:-}" = "true" ]; then export ORCH_REQUIRE_SLURM=1; fi
 .venv/bin/ruff check orchestrator jobs tests bench
 .venv/bin/lint-imports  # the import contract in pyproject.toml
+bash envs/lowest.sh
+# The fast tests, and beside them the same code on every direct dependency's lower bound (pyproject.toml): the fast
+# tests (not the run-directory fuzzing of test_damage.py, which exercises orch's own reading rather than a library)
+# and one training run. Each pytest is mostly one process and there are two cores. Then the end-to-end tests alone:
+# they start jobs and wait on Slurm's timing, which a busier machine would stretch.
+lowest_log=$(mktemp)
+{
+  .venv-lowest/bin/python -m pytest -q -p no:cacheprovider -m "not slow" --ignore=tests/test_damage.py tests/ \
+    && .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_end_to_end.py
+} >"$lowest_log" 2>&1 &
+lowest_pid=$!
+trap 'pkill -P "$lowest_pid" 2>/dev/null; kill "$lowest_pid" 2>/dev/null || true' EXIT  # a background job ignores the Ctrl-C that stops this script
 set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
+.venv/bin/python -m pytest -m "not slow" "$@"
+fast=$?
+wait "$lowest_pid"
+lowest=$?
+echo "== the lowest supported versions (.venv-lowest, envs/lowest.sh): the fast tests and test_end_to_end.py"
+cat "$lowest_log"
+rm -f "$lowest_log"
+.venv/bin/python -m pytest -m slow "$@"
+slow=$?
 set -e
-if [ "$rc" -eq 5 ]; then
+# 5: no test collected. Arguments that select only fast or only slow tests leave the other run empty.
+if [ "$fast" -eq 5 ] && [ "$slow" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   exit 1
 fi
-# The same code on every direct dependency's lower bound (pyproject.toml): the fast tests and one training run
-# (not the run-directory fuzzing of test_damage.py, which exercises orch's own reading rather than a library).
-bash envs/lowest.sh
-lowest=0
-.venv-lowest/bin/python -m pytest -q -m "not slow" --ignore=tests/test_damage.py tests/ \
-  && .venv-lowest/bin/python -m pytest -q tests/test_end_to_end.py \
-  || lowest=$?
-if [ "$rc" -eq 0 ] && [ "$lowest" -ne 0 ]; then
+[ "$fast" -eq 5 ] && fast=0
+[ "$slow" -eq 5 ] && slow=0
+if [ "$lowest" -ne 0 ]; then
   echo "error: the tests failed on the lowest supported versions (.venv-lowest, envs/lowest.sh)" >&2
-  exit 1
 fi
-exit "$rc"
+[ "$fast" -eq 0 ] && [ "$slow" -eq 0 ] && [ "$lowest" -eq 0 ]

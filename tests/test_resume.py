@@ -131,23 +131,24 @@ def finished(run_dir: Path) -> bool:
     return read_json(run_dir / "progress.json", {}).get("state") == "completed"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(orch_home, damage):
-    result = orch("submit", "--steps", "20", "--wait")
+def test_damaged_newest_checkpoints_fall_back_to_the_last_good_one(orch_home):
+    """A truncated shard (its size is wrong) and a flipped bit (its digest is wrong) are both found: each checkpoint is
+    set aside and the job resumes from the newest one that verifies."""
+    result = orch("submit", "--steps", "30", "--set", "recipe.checkpoint.keep_last=3", "--wait")
     run_id = submitted_run_id(result)
     run_dir = Path(status_json(run_id)["run_dir"])
-    shard = sorted((run_dir / "checkpoints/step_00000020").glob("*.distcp"))[0]
-    data = bytearray(shard.read_bytes())
-    if damage == "truncate":
-        shard.write_bytes(data[: len(data) // 2])
-    else:
-        data[len(data) // 3] ^= 0x10
-        shard.write_bytes(bytes(data))
+    truncated, flipped = (sorted((run_dir / f"checkpoints/step_{s:08d}").glob("*.distcp"))[0] for s in (30, 20))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    flipped.write_bytes(bytes(data))
 
-    result = orch("resume", run_id, "--steps", "30", "--wait")
+    result = orch("resume", run_id, "--steps", "40", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     logs = "".join(p.read_text() for p in run_dir.glob("submitit/*/*_0_log.err"))
-    assert "checkpoint at step 20 is damaged" in logs and "resumed from the checkpoint at step 10" in logs
+    assert "checkpoint at step 30 is damaged" in logs and "checkpoint at step 20 is damaged" in logs
+    assert "resumed from the checkpoint at step 10" in logs
+    assert (run_dir / "checkpoints/damaged_step_00000030").is_dir()
     assert (run_dir / "checkpoints/damaged_step_00000020").is_dir()
     assert status_json(run_id)["state"] == "completed"
 
