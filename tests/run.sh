@@ -27,7 +27,8 @@ lowest_log=$(mktemp)
     && .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_end_to_end.py
 } >"$lowest_log" 2>&1 &
 lowest_pid=$!
-trap 'pkill -P "$lowest_pid" 2>/dev/null; kill "$lowest_pid" 2>/dev/null || true' EXIT  # a background job ignores the Ctrl-C that stops this script
+# A background job ignores the Ctrl-C that stops this script. (The trap runs under `set -e`: nothing in it may fail.)
+trap 'pkill -P "$lowest_pid" 2>/dev/null || true; kill "$lowest_pid" 2>/dev/null || true' EXIT
 set +e
 .venv/bin/python -m pytest -m "not slow" "$@"
 fast=$?
