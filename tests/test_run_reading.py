@@ -147,22 +147,36 @@ def test_a_summary_made_just_after_a_change_is_not_kept(orch_home: Path, monkeyp
     assert "run-0/run.json" in reads
 
 
-@pytest.mark.parametrize("damage", ["garbage", "fifo", "other version", "wrong shape"])
+def forged(cache: Path, change) -> str:
+    """The cache as written, with `change` applied to run-0's entry."""
+    data = json.loads(cache.read_text())
+    change(data["runs"]["run-0"])
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "fifo", "other version", "wrong shape", "a number as a string", "a missing field", "an extra field"],
+)
 def test_a_damaged_cache_is_ignored_and_made_again(orch_home: Path, monkeypatch: pytest.MonkeyPatch, damage: str):
+    """Nothing in the cache can make `orch status` fail or show other than the run files say."""
     monkeypatch.setattr(status_cache, "RACY_S", -1.0)
     for number in range(2):
         write_run(orch_home / "runs", f"run-{number}", time.time() + number)
     expected = [s for _, s in run_summaries()]
     cache = orch_home / "runs" / status_cache.CACHE
+    text = {
+        "garbage": lambda: "\0{not json",
+        "other version": lambda: json.dumps({"version": 0, "runs": {}}),
+        "wrong shape": lambda: json.dumps({"version": status_cache.VERSION, "runs": {"run-0": [1], "run-1": {}}}),
+        "a number as a string": lambda: forged(cache, lambda entry: entry["summary"].update(loss="2.5")),
+        "a missing field": lambda: forged(cache, lambda entry: entry.pop("job")),
+        "an extra field": lambda: forged(cache, lambda entry: entry["summary"].update(shown="planted")),
+    }.get(damage, lambda: "")()
     cache.unlink()
     if damage == "fifo":
         os.mkfifo(cache)  # read without waiting for a writer
     else:
-        text = {
-            "garbage": "\0{not json",
-            "other version": json.dumps({"version": 0, "runs": {}}),
-            "wrong shape": json.dumps({"version": status_cache.VERSION, "runs": {"run-0": [1], "run-1": {"key": 1}}}),
-        }[damage]
         cache.write_text(text)
     assert [s for _, s in run_summaries()] == expected
     assert cache.is_file() and set(json.loads(cache.read_text())["runs"]) == {"run-0", "run-1"}

@@ -401,7 +401,7 @@ def run_summaries() -> list[tuple["Run", dict]]:
     cache = StatusCache(runs_root())
     keys = {folder: inputs_key(folder) for folder in run_folders()}  # before any is read: a change makes a new key
     cached = {folder: entry for folder, key in keys.items() if (entry := cache.lookup(folder.name, key))}
-    asked = {folder: Job(*entry["job"], Run(folder).submitit_dir) for folder, entry in cached.items() if entry["job"]}
+    asked = {f: Job(**entry["job"], folder=Run(f).submitit_dir) for f, entry in cached.items() if entry["job"]}
     listed = [entry for folder in keys if folder not in cached and (entry := listed_run(folder)) is not None]
     read, last_jobs = read_jobs(listed)
     alive, unanswered = ask_alive([*last_jobs.values(), *asked.values()])
@@ -415,11 +415,11 @@ def run_summaries() -> list[tuple["Run", dict]]:
     for run, info in listed:
         job = last_jobs.get(run.id)
         summary = summarise(run, info, read.get(run.id), job, alive, unanswered)
-        answer = None if job is None else alive.get(job)
-        cache.keep(run.id, keys[run.dir], summary, job and [job.executor, job.job_id, job.submitted], answer)
-        found.append((info.created if info else 0.0, run, summary))
+        created = info.created if info else 0.0
+        cache.keep(run.id, keys[run.dir], summary, created, job, None if job is None else alive.get(job))
+        found.append((created, run, summary))
     cache.save()
-    found += [(entry["summary"]["created"] or 0.0, Run(folder), entry["summary"]) for folder, entry in cached.items()]
+    found += [(entry["created"], Run(folder), entry["summary"]) for folder, entry in cached.items()]
     return [(run, summary) for _, run, summary in sorted(found, key=lambda item: item[0])]
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from orchestrator.core.files import read_plain, write_atomic
 
 CACHE = ".status-cache.json"
@@ -28,6 +30,64 @@ RACY_S = 2.0  # a summary made this soon after one of its files changed is not k
 MAX_BYTES = 256 << 20  # a few hundred bytes a run
 
 Key = list[list[int] | None]
+
+
+class Exact(BaseModel):
+    """A part of an entry as read back: every field, of its type (strictly: a number written as a string would fail
+    where `orch status` formats it), and nothing else."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Summary(Exact):
+    """What `orch status` shows of a run (orchestrator.core.rundir.Run.summary), as the cache holds it."""
+
+    run_id: str
+    state: str
+    step: int | None
+    steps: int | None
+    loss: float | None
+    val_loss: float | None
+    val_step: int | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    last_checkpoint_step: int | None
+    mlflow_run_id: str | None
+    profile: str | None
+    recipe: str | None
+    sweep: str | None
+    created: float | None
+    job_ids: list[str]
+    allocations: int
+    node_hours: float
+    run_dir: str
+    error: str | None
+
+
+class JobRef(Exact):
+    """The run's newest job, whose liveness the summary's state depended on."""
+
+    executor: str
+    job_id: str
+    submitted: float
+
+
+class Entry(Exact):
+    key: Key
+    summary: Summary
+    job: JobRef | None
+    alive: bool | None
+    created: float  # the run's creation time, which orders the listing (a damaged run's summary has none)
+
+
+def well_formed(entry: Any) -> bool:
+    """Whether an entry read back is whole (`Entry`); the entry itself is used as read (validation would turn an int
+    into a float)."""
+    try:
+        Entry.model_validate(entry)
+    except ValidationError:
+        return False
+    return True
 
 
 def inputs_key(folder: Path) -> Key:
@@ -59,27 +119,25 @@ class StatusCache:
             return {}
         if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("runs"), dict):
             return {}
-        return {
-            run_id: entry
-            for run_id, entry in data["runs"].items()
-            if isinstance(entry, dict) and isinstance(entry.get("summary"), dict) and "key" in entry
-        }
+        return {run_id: entry for run_id, entry in data["runs"].items() if well_formed(entry)}
 
     def lookup(self, run_id: str, key: Key) -> dict[str, Any] | None:
-        """The entry made from exactly these inputs: its `summary`, and `job` ([executor, job id, submitted]) with
-        `alive`, the scheduler's answer it was made with (to be asked again), where its state depended on one."""
+        """The entry made from exactly these inputs (`Entry`): its `summary`, its `created`, and `job` with `alive`,
+        the scheduler's answer it was made with (to be asked again), where its state depended on one."""
         entry = self.entries.get(run_id)
         if entry is None or entry["key"] != key:
             return None
         self.kept[run_id] = entry  # until `keep` replaces it
         return entry
 
-    def keep(self, run_id: str, key: Key, summary: dict[str, Any], job: list[Any] | None, alive: bool | None) -> None:
+    def keep(self, run_id: str, key: Key, summary: dict, created: float, job: Any, alive: bool | None) -> None:
         """Keep a summary made from the inputs `key` was taken of (before they were read), where it can be reused: a
-        finished run's, with its run.json, not made just after a change."""
+        finished run's, with its run.json, not made just after a change. `job`: the newest job asked about (a
+        `Job`), or None."""
         changed = max((stamp[3] for stamp in key if stamp is not None), default=0) / 1e9
         if summary["state"] in CACHED_STATES and key[0] is not None and time.time() - changed > RACY_S:
-            self.kept[run_id] = {"key": key, "summary": summary, "job": job, "alive": alive}
+            ref = None if job is None else {"executor": job.executor, "job_id": job.job_id, "submitted": job.submitted}
+            self.kept[run_id] = {"key": key, "summary": summary, "job": ref, "alive": alive, "created": created}
         else:
             self.kept.pop(run_id, None)
 
