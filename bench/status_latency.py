@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.core.status_cache import CACHE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,7 +66,7 @@ UNCACHED = " (no status cache)"  # the row of `orch status` with the finished ru
 
 def time_once(args: list[str], env: dict[str, str], cwd: Path, uncached: bool = False) -> float:
     if uncached:
-        (Path(env["ORCH_HOME"]) / "runs" / ".status-cache.json").unlink(missing_ok=True)
+        (Path(env["ORCH_HOME"]) / "runs" / CACHE).unlink(missing_ok=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, *args], env=env, cwd=cwd, check=True, capture_output=True)
     return time.perf_counter() - started

@@ -122,7 +122,6 @@ def test_submit_refuses_a_bad_slowdown_and_acting_where_the_scheduler_cannot_exc
     assert not (orch_home / "runs").exists()
 
 
-
 def test_the_exclusion_sent_after_the_requeue_outlives_the_sigterm_that_ends_the_job():
     """`Slurm.keep_off` runs while Slurm ends the requeued job's tasks with SIGTERM: its scontrol must finish."""
     from orchestrator.core.schedulers.slurm import ignore_sigterm
@@ -130,6 +129,7 @@ def test_the_exclusion_sent_after_the_requeue_outlives_the_sigterm_that_ends_the
     script = "kill -TERM $$; echo sent"  # what SIGTERM does to a child started the way keep_off starts scontrol
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, preexec_fn=ignore_sigterm)
     assert (done.returncode, done.stdout) == (0, "sent\n")
+
 
 # --- on the two-node cluster: kept through a transient slowdown, left when persistent -------------------------------
 

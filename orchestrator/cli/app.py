@@ -406,11 +406,11 @@ def run_summaries() -> list[tuple["Run", dict]]:
     read, last_jobs = read_jobs(listed)
     alive, unanswered = ask_alive([*last_jobs.values(), *asked.values()])
     changed = [f for f, job in asked.items() if job.executor in unanswered or alive[job] != cached[f]["alive"]]
-    for folder in changed:  # its state may have changed with the scheduler's answer: read it again
+    relisted = [(Run(folder), listed_run(folder)[1]) for folder in changed]  # its state may have changed: read it
+    read_again, jobs_again = read_jobs(relisted)
+    read, last_jobs, listed = read | read_again, last_jobs | jobs_again, listed + relisted
+    for folder in changed:
         del cached[folder]
-        listed.append((Run(folder), listed_run(folder)[1]))
-    if changed:
-        read, last_jobs = read_jobs(listed)
     found = []
     for run, info in listed:
         job = last_jobs.get(run.id)

@@ -15,11 +15,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.core.files import read_plain, write_atomic
+
+if TYPE_CHECKING:
+    from orchestrator.core.schedulers.base import Job
 
 CACHE = ".status-cache.json"
 VERSION = 1
@@ -130,10 +133,9 @@ class StatusCache:
         self.kept[run_id] = entry  # until `keep` replaces it
         return entry
 
-    def keep(self, run_id: str, key: Key, summary: dict, created: float, job: Any, alive: bool | None) -> None:
+    def keep(self, run_id: str, key: Key, summary: dict, created: float, job: Job | None, alive: bool | None) -> None:
         """Keep a summary made from the inputs `key` was taken of (before they were read), where it can be reused: a
-        finished run's, with its run.json, not made just after a change. `job`: the newest job asked about (a
-        `Job`), or None."""
+        finished run's, with its run.json, not made just after a change. `job`: the newest job asked about."""
         changed = max((stamp[3] for stamp in key if stamp is not None), default=0) / 1e9
         if summary["state"] in CACHED_STATES and key[0] is not None and time.time() - changed > RACY_S:
             ref = None if job is None else {"executor": job.executor, "job_id": job.job_id, "submitted": job.submitted}
