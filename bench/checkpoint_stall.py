@@ -34,6 +34,7 @@ from orchestrator.core.checkpoints import step_dir
 from orchestrator.core.config import CheckpointSpec, Recipe
 from orchestrator.core.estimate import parameter_count
 from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
+from orchestrator.core.plan import batching
 from orchestrator.tools.run_data import attach_data
 
 LARGER_MODEL = {
@@ -79,7 +80,7 @@ def stall_rank(
     output: Path,
 ) -> None:
     """Train, saving with each kind in turn; rank 0 writes each save's wait, stall and commit times."""
-    trainer = Trainer(recipe, data_dir, ranks)
+    trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
     specs = {kind: CheckpointSpec(every_steps=steps_between, async_save=kind == "async") for kind in ("async", "sync")}
     checkpointers = {kind: Checkpointer(folder / kind, spec) for kind, spec in specs.items()}
     records: dict[str, list[dict[str, float]]] = {kind: [] for kind in checkpointers}

@@ -42,7 +42,7 @@ from jobs.shards import FREE_DESCRIPTORS, ShardWriter, TokenBlocks
 from orchestrator.cli.commands.data import available_cpus
 from orchestrator.core.corpus import SHARD_TOKENS, VAL_FRACTION
 from orchestrator.core.loading import load_profile, load_recipe
-from orchestrator.core.plan import make_plan
+from orchestrator.core.plan import Batching, make_plan
 from orchestrator.tools.prepare import (
     RichReporter,
     Settings,
@@ -93,7 +93,7 @@ def timed(label: str, wall: float, cpu: float, tokens: int) -> tuple[float, floa
 def serve(blocks: TokenBlocks, samples: int) -> tuple[float, float]:
     """(wall, CPU) seconds one rank's BlockLoader takes to serve `samples` samples from step 0, as the training loop
     asks; CPU seconds (of this process, the reading thread included) are the steadier figure on a shared machine."""
-    order = GlobalOrder(len(blocks), global_batch=GLOBAL, micro_batch=MICRO, world_size=1, seed=0)
+    order = GlobalOrder(len(blocks), Batching.of(GLOBAL, MICRO, 1), seed=0)
     loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
     started, cpu = time.perf_counter(), time.process_time()
     for n in range(samples // MICRO):
@@ -187,7 +187,7 @@ def main() -> None:
         print(f"  ratio to baseline: {rates[0] / baseline[0]:.2f} wall, {rates[1] / baseline[1]:.2f} CPU")
 
     blocks = TokenBlocks(work / f"prepared-{cores}" / "train", 2048)
-    order = GlobalOrder(len(blocks), global_batch=512, micro_batch=8, world_size=1, seed=0)
+    order = GlobalOrder(len(blocks), Batching.of(512, 8, 1), seed=0)
     loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
     served, started, cpu, step = 0, time.perf_counter(), cpu_seconds(), 0
     while time.perf_counter() - started < 5:

@@ -24,6 +24,7 @@ import torch
 from jobs.data import BlockLoader, GlobalOrder
 from jobs.shards import TokenBlocks
 from orchestrator.core.loading import load_recipe
+from orchestrator.core.plan import Batching
 from orchestrator.tools.run_data import attach_data
 
 SEQUENCE, MICRO, GLOBAL, WORLD = 2048, 8, 512, 16
@@ -40,7 +41,7 @@ def main() -> None:
     if not data_dir.exists():
         attach_data(tiny.data, tiny.model.vocab_size, tiny.train.seed, data_dir)
     blocks = TokenBlocks(next(data_dir.glob("**/train")), SEQUENCE)
-    order = GlobalOrder(len(blocks), GLOBAL, MICRO, WORLD, seed=0)
+    order = GlobalOrder(len(blocks), Batching.of(GLOBAL, MICRO, WORLD), seed=0)
     loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
     waits, reads = [], []
     for step in range(args.steps):

@@ -44,6 +44,7 @@ from orchestrator.cli.submit import dump
 from orchestrator.core.compat import SUBMITIT_TASK_MODULE
 from orchestrator.core.config import PROJECT_ROOT, Recipe
 from orchestrator.core.loading import load_profile, load_recipe, merge_all, parse_assignment, validate
+from orchestrator.core.plan import batching
 from orchestrator.core.schedulers.local import children
 from orchestrator.tools.run_data import attach_data
 
@@ -137,7 +138,7 @@ def run_orch(recipe_file: Path, steps: int, home: Path, checkout: Path = PROJECT
 
 def minimal_rank(ranks: Ranks, recipe: Recipe, data_dir: Path, steps: int, output: Path) -> None:
     """The training steps and nothing else; rank 0 writes each step's loss, time and end."""
-    trainer = Trainer(recipe, data_dir, ranks)
+    trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
     records = []
     for step in range(steps):
         started = time.perf_counter()

@@ -37,6 +37,7 @@ from orchestrator.core import checkpoints
 from orchestrator.core.config import CheckpointSpec, Recipe
 from orchestrator.core.estimate import parameter_count
 from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
+from orchestrator.core.plan import batching
 from orchestrator.tools.run_data import attach_data
 
 WORLD = 2
@@ -68,7 +69,7 @@ def parts_rank(ranks: Ranks, recipe: Recipe, data_dir: Path, root: Path, output:
     """Build, two steps, and (where `root` holds no checkpoint yet) a save; else verify and load it."""
     times: dict[str, float] = {}
     started = time.perf_counter()
-    trainer = Trainer(recipe, data_dir, ranks)
+    trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
     times["model_build_s"] = time.perf_counter() - started
     for step in range(2):
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from jobs.train import Trainer
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
 from orchestrator.core.estimate import peak_memory_gb
+from orchestrator.core.plan import batching
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def available_ranks(profile: Profile, requested: int | None = None) -> Placement
 
 def measure(recipe: Recipe, data_dir: Path, ranks: Ranks, steps: int, warmup: int) -> dict[str, Any]:
     """Median step time, data-wait fraction and peak memory of `steps` steps after `warmup` untimed ones."""
-    trainer = Trainer(recipe, data_dir, ranks)
+    trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
     if ranks.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ranks.device)
     times, waits, losses = [], [], []

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from jobs.shards import TokenBlocks, read_pointer, source_folders
-from orchestrator.core.config import TrainSpec
 from orchestrator.core.errors import OrchError
+from orchestrator.core.plan import Batching
 from orchestrator.core.runfiles import MixPhases, Ranges, data_step
 
 
@@ -132,9 +132,7 @@ class GlobalOrder:
     """Maps (step, micro step, rank) to block indices; the samples of a step do not depend on the world size."""
 
     n_blocks: int
-    global_batch: int
-    micro_batch: int
-    world_size: int
+    split: Batching  # the plan's: samples per step, per rank and pass, and passes
     seed: int
     skipped: Ranges = ()  # data steps never trained (orchestrator.core.runfiles.skipped_data)
     mixture: Mixture | None = None  # several sources; n_blocks is then their joined blocks
@@ -150,8 +148,8 @@ class GlobalOrder:
         return self.data_step(step - 1) + 1 - step if step else 0
 
     def global_samples(self, step: int) -> range:
-        first = self.data_step(step) * self.global_batch
-        return range(first, first + self.global_batch)
+        first = self.data_step(step) * self.split.global_batch
+        return range(first, first + self.split.global_batch)
 
     def phase_starts(self) -> list[int]:
         """The global sample each mixture phase starts at: that of its first step's data (the first phase: 0)."""
@@ -165,11 +163,12 @@ class GlobalOrder:
         samples = self.global_samples(step)
         source, _ = self.mixture.draw(np.arange(samples.start, samples.stop), self.phase_starts())
         counts = np.bincount(source, minlength=len(self.mixture.names)).tolist()
-        return {name: count / self.global_batch for name, count in zip(self.mixture.names, counts, strict=True)}
+        return {name: count / self.split.global_batch for name, count in zip(self.mixture.names, counts, strict=True)}
 
     def block_indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
-        first = self.global_samples(step).start + (micro_step * self.world_size + rank) * self.micro_batch
-        samples = np.arange(first, first + self.micro_batch)
+        micro_batch = self.split.micro_batch
+        first = self.global_samples(step).start + (micro_step * self.split.world_size + rank) * micro_batch
+        samples = np.arange(first, first + micro_batch)
         if self.mixture is not None:
             return self.mixture.blocks(samples, self.phase_starts(), self.seed)
         epochs = samples // self.n_blocks
@@ -177,16 +176,14 @@ class GlobalOrder:
 
 
 def make_order(
-    blocks: TokenBlocks | JoinedBlocks, train: TrainSpec, world_size: int, skipped: Ranges, phases: MixPhases
+    blocks: TokenBlocks | JoinedBlocks, split: Batching, seed: int, skipped: Ranges, phases: MixPhases
 ) -> GlobalOrder:
     """The order a run's ranks read `blocks` in; a mixture's weights in force from each step are `phases`."""
     mixture = None
     if isinstance(blocks, JoinedBlocks):
         weights = tuple((step, tuple(by_name[n] for n in blocks.names)) for step, by_name in phases)
         mixture = Mixture(blocks.names, tuple(len(part) for part in blocks.parts), weights)
-    return GlobalOrder(
-        len(blocks), train.global_batch_size, train.micro_batch_size, world_size, train.seed, skipped, mixture
-    )
+    return GlobalOrder(len(blocks), split, seed, skipped, mixture)
 
 
 class BlockLoader:
@@ -217,13 +214,9 @@ class BlockLoader:
             tokens = self.ahead[1].result()
         else:
             tokens = self.read(step, micro_step)
-        following = (step, micro_step + 1) if micro_step + 1 < self.accumulation else (step + 1, 0)
+        following = (step, micro_step + 1) if micro_step + 1 < self.order.split.accumulation else (step + 1, 0)
         self.ahead = (following, self.reader.submit(self.read, *following))
         return tokens
-
-    @property
-    def accumulation(self) -> int:
-        return self.order.global_batch // (self.order.micro_batch * self.order.world_size)
 
 
 class DataPosition:
@@ -238,8 +231,8 @@ class DataPosition:
     def advance(self, step: int) -> None:
         """Training step `step` is done."""
         order = self.loader.order
-        self.samples_consumed += order.global_batch
-        self.samples_skipped = order.skipped_before(step) * order.global_batch
+        self.samples_consumed += order.split.global_batch
+        self.samples_skipped = order.skipped_before(step) * order.split.global_batch
 
     def state_dict(self) -> dict[str, int]:
         return {"samples_consumed": self.samples_consumed, "seed": self.seed, "samples_skipped": self.samples_skipped}
@@ -253,11 +246,12 @@ class DataPosition:
         """A position restored at training step `step` must continue this run's data order: its seed, its samples per
         step and the skips before it."""
         order = self.loader.order
-        skipped = order.skipped_before(step) * order.global_batch
-        if self.seed != order.seed or self.samples_consumed != step * order.global_batch:
+        batch = order.split.global_batch
+        skipped = order.skipped_before(step) * batch
+        if self.seed != order.seed or self.samples_consumed != step * batch:
             raise OrchError(
                 f"the checkpoint at step {step} was saved with seed {self.seed} after {self.samples_consumed} "
-                f"samples; this run has seed {order.seed} and {order.global_batch} samples per step: its data "
+                f"samples; this run has seed {order.seed} and {batch} samples per step: its data "
                 "order cannot continue from there."
             )
         if self.samples_skipped != skipped:

@@ -40,7 +40,7 @@ from orchestrator.core import goodput
 from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile, Recipe
 from orchestrator.core.errors import OrchError
-from orchestrator.core.plan import Plan, granted, make_plan
+from orchestrator.core.plan import Batching, Plan, granted, make_plan
 from orchestrator.core.rundir import Run
 from orchestrator.core.runfiles import (
     Attempt,
@@ -104,7 +104,7 @@ def train(
     check_data(run.data_dir, ranks.rank)
     skipped = agree(ranks.rank, lambda: skipped_data(read_skips(run.dir)))
     phases = agree(ranks.rank, lambda: mix_phases(recipe.data.weights, read_mix_changes(run.dir)))
-    trainer = Trainer(recipe, run.data_dir, ranks, skipped, phases)
+    trainer = Trainer(recipe, plan.batching, run.data_dir, ranks, skipped, phases)
     chaos.slow_saves(trainer.model, lambda: position.step)
     checkpointer = Checkpointer(run.checkpoints_dir, recipe.checkpoint)
     fresh = TrainState.fresh(run.dir / "recipe.yaml", ranks.world, mlflow_run_id(run.dir))
@@ -286,17 +286,22 @@ class Trainer:
     """One rank's model, optimizer, schedule and data, built from the recipe's specs, and its optimizer step."""
 
     def __init__(
-        self, recipe: Recipe, data_dir: Path, ranks: Ranks, skipped: Ranges = (), phases: MixPhases | None = None
+        self,
+        recipe: Recipe,
+        split: Batching,
+        data_dir: Path,
+        ranks: Ranks,
+        skipped: Ranges = (),
+        phases: MixPhases | None = None,
     ) -> None:
         spec = recipe.train
         self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
         self.host = node_name()
-        self.device, self.global_batch, self.clip = ranks.device, spec.global_batch_size, spec.grad_clip
+        self.device, self.clip, self.grad_accum = ranks.device, spec.grad_clip, split.accumulation
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
-        order = make_order(blocks, spec, ranks.world, skipped, phases or mix_phases(recipe.data.weights, []))
+        order = make_order(blocks, split, spec.seed, skipped, phases or mix_phases(recipe.data.weights, []))
         self.loader = BlockLoader(blocks, order, ranks.rank, ranks.device)
-        self.grad_accum = self.loader.accumulation  # the plan checked that it divides
         self.attention = attention_implementation(spec.attention, ranks.device)
         self.model = build_sharded_model(
             recipe.model,

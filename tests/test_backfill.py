@@ -16,7 +16,7 @@ from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile
 from orchestrator.core.deadline import read_records
 from orchestrator.core.loading import load_profile, load_recipe
-from orchestrator.core.plan import granted, make_plan, shape_plans, shortest_limit_min
+from orchestrator.core.plan import Batching, granted, make_plan, shape_plans, shortest_limit_min
 from orchestrator.core.rundir import TERMINAL_STATES, Run
 from orchestrator.core.runfiles import mix_phases
 from orchestrator.core.schedulers.slurm import ranges, slurm_minutes
@@ -63,8 +63,8 @@ def test_the_plan_sizes_the_warning_for_the_smallest_shape_and_counts_allocation
 
 def step_samples(order: GlobalOrder, step: int) -> list[int]:
     """The block ids of a step, micro-batch by micro-batch and rank by rank: what every rank together reads."""
-    accumulation = order.global_batch // (order.micro_batch * order.world_size)
-    ranks = range(order.world_size)
+    accumulation = order.split.accumulation
+    ranks = range(order.split.world_size)
     return [
         int(block)
         for micro in range(accumulation)
@@ -78,7 +78,7 @@ def test_the_samples_of_a_step_are_the_same_whatever_shape_trains_it():
     full shape would."""
     from jobs.data import GlobalOrder
 
-    orders = [GlobalOrder(n_blocks=97, global_batch=16, micro_batch=2, world_size=w, seed=3) for w in (1, 2, 4, 8)]
+    orders = [GlobalOrder(97, Batching.of(16, 2, w), seed=3) for w in (1, 2, 4, 8)]
     for step in range(40):
         assert len({tuple(step_samples(order, step)) for order in orders}) == 1
 

@@ -27,6 +27,7 @@ from jobs.shards import TokenBlocks
 from orchestrator.core.config import DataSpec
 from orchestrator.core.errors import OrchError
 from orchestrator.core.loading import load_recipe
+from orchestrator.core.plan import Batching
 from orchestrator.core.preflight import check_data
 from orchestrator.tools.prepare import (
     BYTE_TOKENS,
@@ -149,9 +150,7 @@ def test_decoded_shards_equal_the_input_documents_each_followed_by_eos(tmp_path:
     for split, decoded in (("train", train), ("val", val)):
         index = report.indexes[split]
         assert index.documents == len(decoded) and sum(s.documents for s in index.shards) == len(decoded)
-        assert (
-            index.tokens == sum(s.tokens for s in index.shards) == len(split_stream(tmp_path / "out" / split))
-        )
+        assert index.tokens == sum(s.tokens for s in index.shards) == len(split_stream(tmp_path / "out" / split))
         assert all(s.tokens == 97 for s in index.shards[:-1]) and len(index.shards) > 2
         ids = hf_tokenizer(decoded, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         expected = [t for doc in ids for t in (*doc, 2)]
@@ -515,7 +514,7 @@ def test_opening_a_split_checks_shard_sizes_and_verify_checks_checksums(tmp_path
 
 def rank_rows(blocks: TokenBlocks, world: int, step: int, global_batch: int = 8, micro: int = 2) -> list[np.ndarray]:
     """Every (global sample, rows) a step's ranks load through BlockLoader, in global sample order."""
-    order = GlobalOrder(len(blocks), global_batch, micro, world, seed=5)
+    order = GlobalOrder(len(blocks), Batching.of(global_batch, micro, world), seed=5)
     loaders = [BlockLoader(blocks, order, rank, torch.device("cpu")) for rank in range(world)]
     served = {}
     for micro_step in range(global_batch // (micro * world)):

@@ -17,6 +17,7 @@ import torch
 
 from jobs.data import BlockLoader, GlobalOrder, Mixture
 from jobs.shards import ShardWriter, TokenBlocks
+from orchestrator.core.plan import Batching
 
 SHARDS, SHARD_TOKENS, BLOCK = 120, 50, 16  # blocks span shard boundaries
 
@@ -37,26 +38,24 @@ def order_digest(order: GlobalOrder, steps: int, accumulation: int) -> str:
         order.block_indices(step, micro, rank)
         for step in range(steps)
         for micro in range(accumulation)
-        for rank in range(order.world_size)
+        for rank in range(order.split.world_size)
     ]
     return hashlib.sha256(np.concatenate(indices).astype("<i8").tobytes()).hexdigest()
 
 
 PINNED = {  # the block indices of 40 steps, as sha256 of their int64 bytes: what checkpoints of every run rely on
     "one source, three epochs": (
-        GlobalOrder(n_blocks=101, global_batch=8, micro_batch=2, world_size=2, seed=7),
+        GlobalOrder(101, Batching.of(8, 2, 2), seed=7),
         "076c5d46c963c48b7ccc7a186d0a8f59d2af8ec3815208c1444c92b1f054f32e",
     ),
     "skipped data steps": (
-        GlobalOrder(n_blocks=101, global_batch=8, micro_batch=2, world_size=2, seed=7, skipped=((3, 5), (9, 10))),
+        GlobalOrder(101, Batching.of(8, 2, 2), seed=7, skipped=((3, 5), (9, 10))),
         "5482cd4b6a597776fb8a674daff861d4750d3efdc88cd7ca19a65160d6124449",
     ),
     "mixture with a change of weights": (
         GlobalOrder(
             n_blocks=90,
-            global_batch=8,
-            micro_batch=4,
-            world_size=1,
+            split=Batching.of(8, 4, 1),
             seed=3,
             mixture=Mixture(("cs", "en"), (60, 30), ((0, (0.8, 0.2)), (12, (0.5, 0.5)))),
         ),
@@ -68,12 +67,12 @@ PINNED = {  # the block indices of 40 steps, as sha256 of their int64 bytes: wha
 @pytest.mark.parametrize("case", PINNED)
 def test_the_samples_of_a_step_are_a_pure_function_of_seed_and_step_pinned_bit_for_bit(case):
     order, digest = PINNED[case]
-    accumulation = order.global_batch // (order.micro_batch * order.world_size)
+    accumulation = order.split.accumulation
     assert order_digest(order, 40, accumulation) == digest
 
 
 def served(blocks: TokenBlocks, steps: int) -> np.ndarray:
-    order = GlobalOrder(len(blocks), global_batch=8, micro_batch=2, world_size=1, seed=11)
+    order = GlobalOrder(len(blocks), Batching.of(8, 2, 1), seed=11)
     loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
     return np.stack([loader.micro_batch(step, micro).numpy() for step in range(steps) for micro in range(4)])
 

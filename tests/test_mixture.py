@@ -13,6 +13,7 @@ from jobs.data import MIX_PERIOD, GlobalOrder, JoinedBlocks, Mixture, load_block
 from jobs.shards import TokenBlocks
 from orchestrator.core.errors import OrchError
 from orchestrator.core.loading import load_recipe
+from orchestrator.core.plan import Batching
 from orchestrator.core.runfiles import MixChange, mix_phases
 from orchestrator.tools.run_data import demo_corpus
 from tests.conftest import kill_job_tree, orch, run_dir_of, spooled_losses, status_json, submitted_run_id, wait_for_step
@@ -23,7 +24,7 @@ PREFIX_TOLERANCE = 32  # samples: so does the count over any number of steps fro
 
 def shares(order: GlobalOrder, steps: range) -> np.ndarray:
     """Samples of each source per step, shape (steps, sources)."""
-    batch = order.global_batch
+    batch = order.split.global_batch
     return np.array([[round(v * batch) for v in order.source_shares(step).values()] for step in steps])
 
 
@@ -31,7 +32,9 @@ def shares(order: GlobalOrder, steps: range) -> np.ndarray:
 @pytest.mark.parametrize("batch", [16, 512])
 def test_each_step_and_every_run_of_steps_holds_the_weights_within_a_few_samples(weights, batch):
     names = tuple("abc"[: len(weights)])
-    order = GlobalOrder(300, batch, 1, 1, 0, mixture=Mixture(names, (100,) * len(weights), ((0, weights),)))
+    order = GlobalOrder(
+        300, Batching.of(batch, 1, 1), 0, mixture=Mixture(names, (100,) * len(weights), ((0, weights),))
+    )
     counts = shares(order, range(2000))
     target = np.asarray(weights) / sum(weights)
     assert (counts.sum(axis=1) == batch).all()
@@ -46,7 +49,7 @@ def test_each_source_runs_through_its_own_epochs_and_a_step_sees_the_same_blocks
     mixture = Mixture(("big", "small"), (40, 7), ((0, (0.7, 0.3)),))
 
     def step_blocks(world: int, step: int) -> list[int]:
-        order = GlobalOrder(47, 16, 2, world, 3, mixture=mixture)
+        order = GlobalOrder(47, Batching.of(16, 2, world), 3, mixture=mixture)
         accumulation = 16 // (2 * world)
         return [int(b) for m in range(accumulation) for r in range(world) for b in order.block_indices(step, m, r)]
 
@@ -61,13 +64,13 @@ def test_each_source_runs_through_its_own_epochs_and_a_step_sees_the_same_blocks
 def test_new_weights_from_a_step_keep_every_sample_before_it_and_continue_each_source_where_it_was():
     steady = Mixture(("cs", "en"), (50, 30), ((0, (0.9, 0.1)),))
     changed = Mixture(("cs", "en"), (50, 30), ((0, (0.9, 0.1)), (6, (0.5, 0.5))))
-    before, after = (GlobalOrder(80, 16, 16, 1, 0, mixture=m) for m in (steady, changed))
+    before, after = (GlobalOrder(80, Batching.of(16, 16, 1), 0, mixture=m) for m in (steady, changed))
     assert all(np.array_equal(before.block_indices(s, 0, 0), after.block_indices(s, 0, 0)) for s in range(6))
     assert abs(shares(after, range(6, 106)).mean(axis=0) / 16 - 0.5).max() < 0.01
     source, number = changed.draw(np.arange(20 * 16), after.phase_starts())
     for i in range(2):
         assert sorted(number[source == i]) == list(range((source == i).sum()))  # no sample drawn twice, none missed
-    skipping = GlobalOrder(80, 16, 16, 1, 0, skipped=((2, 4),), mixture=changed)
+    skipping = GlobalOrder(80, Batching.of(16, 16, 1), 0, skipped=((2, 4),), mixture=changed)
     assert skipping.phase_starts() == [0, 8 * 16]  # training step 6 reads data step 8: the change moves with it
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 
 from jobs.data import GlobalOrder, pack
+from orchestrator.core.plan import Batching
 
 EOS = 0
 
@@ -25,7 +26,7 @@ def test_blocks_are_the_stream_prefix_and_only_a_partial_tail_is_dropped():
 
 def test_samples_of_a_step_do_not_depend_on_the_world_size():
     def step_samples(world: int, step: int) -> list[int]:
-        order = GlobalOrder(n_blocks=37, global_batch=16, micro_batch=2, world_size=world, seed=3)
+        order = GlobalOrder(37, Batching.of(16, 2, world), seed=3)
         accum = 16 // (2 * world)
         return sorted(int(b) for m in range(accum) for r in range(world) for b in order.block_indices(step, m, r))
 
@@ -34,7 +35,7 @@ def test_samples_of_a_step_do_not_depend_on_the_world_size():
 
 
 def test_ranks_read_disjoint_blocks_that_cover_an_epoch_once():
-    order = GlobalOrder(n_blocks=32, global_batch=8, micro_batch=2, world_size=2, seed=0)
+    order = GlobalOrder(32, Batching.of(8, 2, 2), seed=0)
     seen = [int(b) for step in range(4) for m in range(2) for r in range(2) for b in order.block_indices(step, m, r)]
     assert sorted(seen) == list(range(32))
     assert not np.array_equal(order.permutation(0), order.permutation(1))

@@ -27,6 +27,7 @@ from jobs.data import GlobalOrder
 from orchestrator.cli.app import app
 from orchestrator.core.compat import SUBMITIT_CONTROLLER_MODULE
 from orchestrator.core.errors import OrchError
+from orchestrator.core.plan import Batching
 from orchestrator.core.runfiles import data_step, new_skip, read_skips, skipped_data
 from tests.conftest import ROOT, final_weights, needs_slurm, report_goodput, spooled_losses, submitted_run_id
 
@@ -35,21 +36,21 @@ from tests.conftest import ROOT, final_weights, needs_slurm, report_goodput, spo
 
 def samples(order: GlobalOrder, step: int) -> list[int]:
     """The blocks a step trains, gathered over every rank and micro step."""
-    accumulation = order.global_batch // (order.micro_batch * order.world_size)
+    accumulation = order.split.accumulation
     return [
         int(block)
         for micro in range(accumulation)
-        for rank in range(order.world_size)
+        for rank in range(order.split.world_size)
         for block in order.block_indices(step, micro, rank)
     ]
 
 
 def test_skipped_steps_samples_are_never_trained_and_the_rest_keep_their_order_at_any_world_size():
     skipped = ((2, 4), (7, 8))  # data steps
-    plain = GlobalOrder(n_blocks=37, global_batch=8, micro_batch=2, world_size=1, seed=3)
+    plain = GlobalOrder(37, Batching.of(8, 2, 1), seed=3)
     kept = [samples(plain, d) for d in range(14) if not any(a <= d < b for a, b in skipped)]
     for world in (1, 2, 4):
-        order = GlobalOrder(37, 8, 2, world, 3, skipped)
+        order = GlobalOrder(37, Batching.of(8, 2, world), 3, skipped)
         trained = [samples(order, step) for step in range(len(kept))]
         assert [sorted(s) for s in trained] == [sorted(s) for s in kept]  # crosses epochs (37 blocks, 8 a step)
         assert [order.skipped_before(step) for step in (0, 2, 3, 5, 6)] == [0, 0, 2, 2, 3]

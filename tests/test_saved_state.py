@@ -18,8 +18,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from jobs.data import BlockLoader, DataPosition, GlobalOrder
 from jobs.state import RngState, SavedState, TrainState
 from orchestrator.core.errors import OrchError
+from orchestrator.core.plan import Batching
 
-ORDER = GlobalOrder(n_blocks=37, global_batch=8, micro_batch=2, world_size=2, seed=3)
+ORDER = GlobalOrder(37, Batching.of(8, 2, 2), seed=3)
 
 
 def saved_state(order: GlobalOrder = ORDER, mlflow_run_id: str | None = "run-a", recipe_hash: str = "h1") -> SavedState:
@@ -87,9 +88,12 @@ def test_a_checkpoint_of_the_older_layout_with_the_data_position_under_data_load
 @pytest.mark.parametrize(
     ("order", "says"),
     [
-        (GlobalOrder(37, 8, 2, 2, seed=4), "saved with seed 3 after 24 samples; this run has seed 4"),
-        (GlobalOrder(37, 16, 2, 2, seed=3), "this run has seed 3 and 16 samples per step"),
-        (GlobalOrder(37, 8, 2, 2, seed=3, skipped=((0, 1),)), "saved after skipping 0 samples of the data order"),
+        (GlobalOrder(37, Batching.of(8, 2, 2), seed=4), "saved with seed 3 after 24 samples; this run has seed 4"),
+        (GlobalOrder(37, Batching.of(16, 2, 2), seed=3), "this run has seed 3 and 16 samples per step"),
+        (
+            GlobalOrder(37, Batching.of(8, 2, 2), seed=3, skipped=((0, 1),)),
+            "saved after skipping 0 samples of the data order",
+        ),
     ],
 )
 def test_a_data_position_this_run_cannot_continue_is_refused_before_the_step_and_schedule_are_restored(

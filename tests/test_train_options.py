@@ -16,6 +16,7 @@ from jobs.entry import compile_caches_in
 from jobs.train import Trainer
 from orchestrator.core.config import Recipe
 from orchestrator.core.loading import load_profile, load_recipe, merge_all, validate
+from orchestrator.core.plan import batching
 from orchestrator.tools.run_data import attach_data
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def train_variants(ranks: Ranks, recipes: dict[str, Recipe], data_dir: Path, out
     results = {}
     for name, recipe in recipes.items():
         forget_compiled_graphs()
-        trainer = Trainer(recipe, data_dir, ranks)
+        trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
         losses, graphs = [], []
         for step in range(STEPS):
             losses.append(trainer.step(step).loss)

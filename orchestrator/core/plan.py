@@ -40,6 +40,29 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, 
     return global_batch // per_pass
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a step's global batch is split: `micro_batch` samples per rank and pass, `world_size` ranks, `accumulation`
+    passes. Decided once (by the plan, or `batching` for a bench) and handed to the job's data order and train step."""
+
+    micro_batch: int
+    world_size: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.accumulation
+
+    @classmethod
+    def of(cls, global_batch: int, micro_batch: int, world_size: int, hint: str = "") -> Batching:
+        return cls(micro_batch, world_size, gradient_accumulation(global_batch, micro_batch, world_size, hint))
+
+
+def batching(train: TrainSpec, world_size: int) -> Batching:
+    """The split of a recipe whose micro batch is decided (not `auto`) over `world_size` ranks."""
+    return Batching.of(train.global_batch_size, train.micro_batch_size, world_size)
+
+
 def smallest_micro_batch(train: TrainSpec) -> int:
     """The recipe's micro batch, or 1 where `auto` may pick any."""
     return 1 if train.micro_batch_size == AUTO else train.micro_batch_size
@@ -246,6 +269,10 @@ class Plan:
     signal_delay_s: int
     stop_before_end_s: int  # the job stops itself this long before its time limit if no signal came first
     usable_min_per_allocation: float
+
+    @property
+    def batching(self) -> Batching:
+        return Batching(self.micro_batch, self.world_size, self.grad_accum)
 
     @property
     def peak_memory_gb(self) -> float:
