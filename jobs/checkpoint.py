@@ -232,6 +232,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")  # background collectives never share the training group
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
+        self.trimming: Future | None = None  # rank 0's retention after the last commit, off the save's path
         self.lock = threading.Lock()
         self.committed: int | None = None  # newest step committed by this job (rank 0 knows)
         self.longest_save_s: float | None = None  # every rank knows
@@ -289,8 +290,8 @@ class Checkpointer:
                 dist.broadcast(took, src=0, group=self.group)
             if not took.isnan().item():
                 self.longest_save_s = max(self.longest_save_s or 0.0, took.item())
-            if self.rank == 0:  # after the broadcast: the other ranks need not wait for the deletion
-                self._apply_retention()
+            if self.rank == 0:  # in the background: no rank, not even this one, waits for the deletion
+                self.trimming = self.background.submit(self._apply_retention)
 
     @contextmanager
     def failed_save(self, partial: Path) -> Iterator[None]:
@@ -336,13 +337,18 @@ class Checkpointer:
     def protect(self, step: int, reason: str) -> None:
         """Rank 0: retention never deletes this checkpoint (`checkpoints/protected.json`: step -> reason)."""
         if self.rank == 0:
+            self.wait()  # a deletion in flight decided without it
             layout.protect(self.root, step, reason)
 
     def wait(self) -> None:
-        """Block until the save in flight is written everywhere and committed."""
-        if self.pending is not None:
+        """Block until the save in flight is written everywhere and committed, and the older checkpoints it made
+        redundant are deleted."""
+        if self.pending is not None:  # first: an async save's commit hands the deletion to `trimming`
             self.pending.result()
             self.pending = None
+        if self.trimming is not None:
+            self.trimming.result()
+            self.trimming = None
 
     def close(self) -> None:
         self.wait()
@@ -372,6 +378,7 @@ class Checkpointer:
     def choose(self) -> tuple[int | None, list[str]]:
         """The newest committed checkpoint that passes its manifest, and what was wrong with newer ones."""
         choice: list[Any] = [None, []]
+        self.wait()
         if self.rank == 0:
             for step in layout.committed_steps(self.root):
                 problem = layout.damage(layout.step_dir(self.root, step))

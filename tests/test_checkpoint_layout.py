@@ -160,6 +160,7 @@ def test_the_checkpointer_keeps_the_newest_milestones_and_protected_and_falls_ba
         if step == 2:
             saver.protect(2, "kept by hand")
         saver.save(step, model, optimizer, {"weights_at": step})
+    saver.wait()  # retention deletes in the background
     assert checkpoints.committed_steps(tmp_path) == [6, 5, 4, 2]
 
     shard = next(checkpoints.step_dir(tmp_path, 6).glob("*.distcp"))
