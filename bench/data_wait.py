@@ -41,21 +41,22 @@ def main() -> None:
     if not data_dir.exists():
         attach_data(tiny.data, tiny.model.vocab_size, tiny.train.seed, data_dir)
     blocks = TokenBlocks(next(data_dir.glob("**/train")), SEQUENCE)
-    order = GlobalOrder(len(blocks), Batching.of(GLOBAL, MICRO, WORLD), seed=0)
+    split = Batching.of(GLOBAL, MICRO, WORLD)
+    order = GlobalOrder(len(blocks), split, seed=0)
     loader = BlockLoader(blocks, order, rank=0, device=torch.device("cpu"))
     waits, reads = [], []
     for step in range(args.steps):
-        for micro_step in range(loader.accumulation):
+        for micro_step in range(split.accumulation):
             started = time.perf_counter()
             loader.micro_batch(step, micro_step)
             waits.append(time.perf_counter() - started)
             time.sleep(args.compute_s)
     for step in range(args.steps):  # after the loop above: its reader thread is idle
-        for micro_step in range(loader.accumulation):
+        for micro_step in range(split.accumulation):
             started = time.perf_counter()
             loader.read(step + args.steps, micro_step)
             reads.append(time.perf_counter() - started)
-    waits = waits[loader.accumulation :]  # the first step's first read has nothing ahead of it: a job's start-up
+    waits = waits[split.accumulation :]  # the first step's first read has nothing ahead of it: a job's start-up
     print(
         f"{len(waits)} micro-batches of {MICRO} × {SEQUENCE} tokens, {args.compute_s} s of compute each: wait per "
         f"micro-batch median {statistics.median(waits) * 1e6:.0f} µs, mean {statistics.mean(waits) * 1e6:.0f} µs, "

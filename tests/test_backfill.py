@@ -16,7 +16,7 @@ from orchestrator.core.checkpoints import committed_step
 from orchestrator.core.config import Profile
 from orchestrator.core.deadline import read_records
 from orchestrator.core.loading import load_profile, load_recipe
-from orchestrator.core.plan import Batching, granted, make_plan, shape_plans, shortest_limit_min
+from orchestrator.core.plan import Batching, batching, granted, make_plan, shape_plans, shortest_limit_min
 from orchestrator.core.rundir import TERMINAL_STATES, Run
 from orchestrator.core.runfiles import mix_phases
 from orchestrator.core.schedulers.slurm import ranges, slurm_minutes
@@ -242,6 +242,7 @@ def test_every_step_sees_the_samples_and_the_losses_of_the_undisturbed_run(backf
     assert max(steps) >= run.attempts[1].start_step + PAST_REQUEUE  # steps of both shapes
     assert [losses[s] for s in steps] == pytest.approx([expected[s] for s in steps], rel=2e-3)
     blocks, train = load_blocks(run.data_dir), run.recipe().train
-    one, two = (make_order(blocks, train, world, (), mix_phases({}, [])) for world in (2, 4))  # the shapes' ranks
+    splits = (batching(train, world) for world in (2, 4))  # the shapes' ranks
+    one, two = (make_order(blocks, split, train.seed, (), mix_phases({}, [])) for split in splits)
     for step in range(max(losses)):
         assert step_samples(one, step) == step_samples(two, step)
