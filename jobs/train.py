@@ -297,7 +297,7 @@ class Trainer:
         spec = recipe.train
         self.ranks, self.chaos_dir = ranks, data_dir.parent / "chaos"  # the run's chaos/ folder (jobs.chaos)
         self.host = node_name()
-        self.device, self.clip, self.grad_accum = ranks.device, spec.grad_clip, split.accumulation
+        self.device, self.clip = ranks.device, spec.grad_clip
         torch.manual_seed(spec.seed)
         blocks = load_blocks(data_dir)
         order = make_order(blocks, split, spec.seed, skipped, phases or mix_phases(recipe.data.weights, []))
@@ -318,6 +318,10 @@ class Trainer:
     @property
     def order(self) -> GlobalOrder:
         return self.loader.order
+
+    @property
+    def grad_accum(self) -> int:
+        return self.order.split.accumulation
 
     def reorder(self, skipped: Ranges) -> None:
         """Skip these data steps from now on (`skipped_data` of the run's skip list)."""
