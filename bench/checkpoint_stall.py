@@ -5,7 +5,8 @@ Usage: python -m bench.checkpoint_stall [--saves 4] [--steps-between 3] [--folde
 On the local profile's ranks (2, gloo, OMP_NUM_THREADS=1) and two models: the tiny recipe, and the tiny recipe with a
 larger model (hidden 512, 8 layers, vocabulary 32000: 56M parameters, 450 MB of fp32 weights and Lion state) where
 the write takes long enough to matter. Each model trains with one `jobs.checkpoint.Checkpointer` of each kind and
-saves alternately (async, sync, async, ...), a few training steps apart. Per save, on rank 0:
+saves alternately (async, sync, async, ...), a few training steps apart, with the set-up's objects out of the garbage
+collector's way as in a job (`jobs.train.frozen_heap`). Per save, on rank 0:
 - stall: from calling `save()` until it returns (the previous save is finished first; that wait is reported apart,
   as the part of an async write the steps in between did not hide);
 - commit: from calling `save()` until the checkpoint is committed (renamed, with its manifest);
@@ -29,7 +30,7 @@ from typing import Any
 
 from jobs.checkpoint import Checkpointer
 from jobs.distributed import Ranks, launch
-from jobs.train import Trainer
+from jobs.train import Trainer, frozen_heap
 from orchestrator.core.checkpoints import step_dir
 from orchestrator.core.config import CheckpointSpec, Recipe
 from orchestrator.core.estimate import parameter_count
@@ -83,6 +84,19 @@ def stall_rank(
     trainer = Trainer(recipe, batching(recipe.train, ranks.world), data_dir, ranks)
     specs = {kind: CheckpointSpec(every_steps=steps_between, async_save=kind == "async") for kind in ("async", "sync")}
     checkpointers = {kind: Checkpointer(folder / kind, spec) for kind, spec in specs.items()}
+    with frozen_heap():
+        records = save_alternately(trainer, checkpointers, saves, steps_between)
+    for checkpointer in checkpointers.values():
+        checkpointer.close()
+    if ranks.rank == 0:
+        sizes = {kind: folder_bytes(step_dir(folder / kind, c.committed)) for kind, c in checkpointers.items()}
+        output.write_text(json.dumps({"records": records, "bytes": sizes}))
+
+
+def save_alternately(
+    trainer: Trainer, checkpointers: dict[str, Checkpointer], saves: int, steps_between: int
+) -> dict[str, list[dict[str, float]]]:
+    """Each checkpointer saves in turn, `steps_between` training steps apart; per save its wait, stall and commit."""
     records: dict[str, list[dict[str, float]]] = {kind: [] for kind in checkpointers}
     step = 0
     for _ in range(saves):
@@ -94,7 +108,7 @@ def stall_rank(
             for each in checkpointers.values():
                 each.wait()
             called = time.perf_counter()
-            train_state = {"scheduler": trainer.scheduler.state_dict(), "world_size": ranks.world}
+            train_state = {"scheduler": trainer.scheduler.state_dict(), "world_size": trainer.ranks.world}
             checkpointer.save(step, trainer.model, trainer.optimizer, train_state)
             record = {"wait_s": called - started, "stall_s": time.perf_counter() - called, "called": called}
             if checkpointer.pending is None:
@@ -104,11 +118,7 @@ def stall_rank(
                     lambda _, record=record: record.update(commit_s=time.perf_counter() - record["called"])
                 )
             records[kind].append(record)
-    for checkpointer in checkpointers.values():
-        checkpointer.close()
-    if ranks.rank == 0:
-        sizes = {kind: folder_bytes(step_dir(folder / kind, c.committed)) for kind, c in checkpointers.items()}
-        output.write_text(json.dumps({"records": records, "bytes": sizes}))
+    return records
 
 
 def folder_bytes(folder: Path) -> int:

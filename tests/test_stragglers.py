@@ -94,6 +94,35 @@ def test_the_decision_is_keep_loss_against_leave_cost(excess_s: float, steps_lef
     assert found.leave <= decide(excess_s * 2, steps_left, allocation_left_s).leave  # a slower host is left sooner
 
 
+# --- a pause of a rank's own: the garbage collector -----------------------------------------------------------------
+
+
+def test_training_leaves_the_set_up_objects_out_of_full_collections_and_still_collects_its_own_garbage():
+    import gc
+    import weakref
+
+    from jobs.train import frozen_heap
+
+    class Node:
+        pass
+
+    def walked() -> set[int]:
+        """What a full collection walks: every object in the collector's three generations."""
+        return {id(each) for generation in range(3) for each in gc.get_objects(generation)}
+
+    made_before = Node()
+    assert id(made_before) in walked()
+    with frozen_heap():
+        assert id(made_before) not in walked()
+        cycle = Node()
+        cycle.itself = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert gone() is None
+    assert id(made_before) in walked()
+
+
 # --- chaos slowdowns and the refusals -----------------------------------------------------------------------------
 
 
