@@ -83,8 +83,11 @@ class StopFlag:
         return STOPS[int(flag.item())]
 
     def requeue(self) -> None:
-        """Rank 0, after the checkpoint is committed: submitit's handler requeues the job and exits."""
+        """Rank 0, after the checkpoint is committed: submitit's handler requeues the job and exits. Its `scontrol
+        requeue` makes Slurm end the job's tasks with SIGTERM, scontrol among them: with SIGTERM ignored here (and so in
+        scontrol, through exec) it answers before it ends, where it could die first and fail the requeue as a crash.
+        This process exits right after."""
         log.info("requeueing the job after a checkpoint")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, self.submitit_handler)
         signal.raise_signal(signal.SIGUSR2)
-
